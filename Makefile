@@ -1,0 +1,64 @@
+# fusion-celery developer entry points.
+#
+#   make venv     create .venv and install the package (editable, dev+flower extras)
+#   make up       start Kafka (KRaft) + Redis + ZooKeeper locally (stack/stack.sh)
+#   make down     stop them;  make status  show them
+#   make test     run pytest with the stack up (starts/stops it unless already up)
+#   make demo     run the demo against the running stack
+#   make docs     build the docs (mkdocs --strict)
+#   make clean    stop the stack and delete its state (.stack/)
+#
+# Variables: PYTEST_ARGS (default -ra), e.g. make test PYTEST_ARGS="-x -k smoke"
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON3     ?= python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+STACK       := bash stack/stack.sh
+WITH_STACK  := bash stack/with-stack.sh
+PYTEST_ARGS ?= -ra
+
+.PHONY: help venv up down status test demo bench soak docs clean
+
+help:
+	@sed -n '3,12p' Makefile | sed 's/^# \{0,1\}//'
+
+venv: $(VENV)/.installed
+
+$(PY):
+	$(PYTHON3) -m venv $(VENV)
+
+# reinstall only when pyproject.toml changes
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e ".[dev,flower]"
+	@touch $@
+
+up:
+	$(STACK) up
+
+down:
+	$(STACK) down
+
+status:
+	$(STACK) status
+
+test: venv
+	$(WITH_STACK) $(PY) -m pytest $(PYTEST_ARGS)
+
+demo: venv up
+	$(WITH_STACK) $(PY) examples/demo.py
+
+bench: venv
+	$(WITH_STACK) $(PY) -m bench
+
+soak: venv
+	$(WITH_STACK) $(PY) -m pytest -m soak $(PYTEST_ARGS)
+
+docs: venv
+	$(VENV)/bin/mkdocs build --strict
+
+clean:
+	-$(STACK) down
+	rm -rf .stack

@@ -1,0 +1,65 @@
+"""The fusion Celery app, and :func:`install` for users who bring their own app."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery
+from celery.signals import import_modules
+
+from .config import defaults, stack_env
+
+__all__ = ["app", "install", "create_app"]
+
+_CELERY_DEFAULTS: dict[str, Any] = {
+    # Flower needs events; fusion turns them on by default.
+    "worker_send_task_events": True,
+    "task_send_sent_event": True,
+    "result_extended": True,
+    "task_serializer": "json",
+    "result_serializer": "json",
+    "accept_content": ["json"],
+    # Waits may last hours: keep results and chord counters for a week.
+    "result_expires": timedelta(days=7),
+    "result_chord_expires": timedelta(days=7),
+    "broker_connection_retry_on_startup": True,
+}
+
+
+def install(app: Celery) -> Celery:
+    """Add fusion-celery to ``app``: its settings, its built-in tasks and its worker bootstep.
+
+    Settings the user already set win over fusion's defaults.
+    """
+    if getattr(app, "_fusion_installed", False):
+        return app
+    app.add_defaults(lambda: {**_CELERY_DEFAULTS, **defaults()})
+    from .dispatch import register_dispatch
+    from .pipeline import register_pipeline
+    from .worker import FusionStep
+    register_dispatch(app)
+    register_pipeline(app)
+    app.steps["worker"].add(FusionStep)
+
+    @import_modules.connect(weak=False)
+    def _import_reactors(sender: Any = None, **_: Any) -> None:
+        # Reactor modules must be imported before the pool forks its children.
+        if sender is None or sender is app:
+            from .worker import import_reactor_modules
+            import_reactor_modules(app)
+
+    from . import control  # noqa: F401  (remote control commands for `celery fusion status`)
+    app._fusion_installed = True  # type: ignore[attr-defined]
+    return app
+
+
+def create_app(main: str = "fusion_celery", **kwargs: Any) -> Celery:
+    """A new Celery app with fusion-celery installed; broker and backend default to the local stack."""
+    local = stack_env()
+    kwargs.setdefault("broker", local.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"))
+    kwargs.setdefault("backend", local.get("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/1"))
+    return install(Celery(main, **kwargs))
+
+
+app = create_app()

@@ -1,0 +1,1 @@
+"""Registry backends, one module per implementation (see :mod:`fusion_celery.registry`)."""

@@ -1,0 +1,171 @@
+"""The default registry: a compacted Kafka topic divided among waiters by a consumer group.
+
+Each wait is one record keyed by its task id; its removal is a tombstone.  A
+waiter joins the consumer group ``fusion.waiters`` on the registry topic; for
+each partition it is given it reads the partition from the beginning (the topic
+is compacted, so that is the set of pending waits) and keeps following it.  When
+a worker dies, the group gives its partitions, and so its waits, to the others.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from urllib.parse import urlparse
+
+from celery import Celery
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+from ..config import setting
+from ..errors import ConfigurationError, FusionError
+from ..kafka import clients
+from ..registry import Change, Registry, Wait, Watcher
+
+__all__ = ["KafkaRegistry", "KafkaWatcher"]
+
+logger = logging.getLogger(__name__)
+
+GROUP = "fusion.waiters"
+
+
+class KafkaRegistry(Registry):
+    """Pending waits in a compacted topic (``kafka://<topic>``)."""
+
+    def __init__(self, app: Celery, url: str) -> None:
+        parsed = urlparse(url)
+        self.app = app
+        self.topic = parsed.netloc or parsed.path.strip("/") or "fusion.waits"
+        self.partitions = int(setting(app, "fusion_registry_partitions"))
+        self._ready = False
+
+    def ensure_topic(self) -> None:
+        """Create the registry topic if it is missing (compacted, tombstones kept for a day)."""
+        if self._ready:
+            return
+        clients(self.app).create_topics([self.topic], partitions=self.partitions, config={
+            "cleanup.policy": "compact",
+            "segment.ms": str(3600 * 1000),
+            "min.cleanable.dirty.ratio": "0.1",
+            "delete.retention.ms": str(24 * 3600 * 1000),
+        })
+        self._ready = True
+
+    def register(self, wait: Wait) -> None:
+        self.ensure_topic()
+        try:
+            clients(self.app).produce(self.topic, wait.to_json(), key=wait.id, timeout=30)
+        except FusionError as exc:
+            raise FusionError(f"cannot register the wait for {wait.label}: {exc}") from None
+
+    def remove(self, wait: Wait) -> None:
+        producer = clients(self.app).producer
+        try:
+            producer.produce(self.topic, None, key=wait.id)
+        except BufferError:
+            producer.poll(1.0)
+            producer.produce(self.topic, None, key=wait.id)
+        producer.poll(0)
+
+    def watch(self, name: str) -> "KafkaWatcher":
+        self.ensure_topic()
+        return KafkaWatcher(self, name)
+
+    def pending(self) -> list[Wait]:
+        self.ensure_topic()
+        consumer = clients(self.app).consumer(**{"group.id": "fusion.registry-reader",
+                                                 "enable.auto.commit": False})
+        try:
+            md = consumer.list_topics(self.topic, timeout=10).topics[self.topic]
+            parts, ends = [], {}
+            for p in md.partitions:
+                low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)
+                if high > low:
+                    parts.append(TopicPartition(self.topic, p, OFFSET_BEGINNING))
+                    ends[p] = high
+            waits: dict[str, Wait] = {}
+            if not parts:
+                return []
+            consumer.assign(parts)
+            while ends:
+                for msg in consumer.consume(500, timeout=1.0):
+                    if msg.error():
+                        continue
+                    key = msg.key().decode()
+                    if msg.value() is None:
+                        waits.pop(key, None)
+                    else:
+                        waits[key] = Wait.from_json(msg.value())
+                    if msg.offset() >= ends.get(msg.partition(), 0) - 1:
+                        ends.pop(msg.partition(), None)
+            return list(waits.values())
+        finally:
+            consumer.close()
+
+
+class KafkaWatcher(Watcher):
+    """Follows the registry partitions the consumer group gives this worker."""
+
+    def __init__(self, registry: KafkaRegistry, name: str) -> None:
+        self.registry = registry
+        self._changes: list[Change] = []
+        self._owned: dict[int, set[str]] = {}
+        self.consumer: Consumer = clients(registry.app).consumer(**{
+            "group.id": GROUP,
+            "client.id": f"fusion-waiter-{name}",
+            "enable.auto.commit": False,
+            "session.timeout.ms": 10000,
+            "heartbeat.interval.ms": 1000,
+            "partition.assignment.strategy": "roundrobin",
+        })
+        self.consumer.subscribe([registry.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_revoke)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for p in partitions:
+            p.offset = OFFSET_BEGINNING
+            self._owned.setdefault(p.partition, set())
+        logger.info("waiter: owns registry partitions %s", sorted(p.partition for p in partitions))
+        consumer.assign(partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        ids: list[str] = []
+        for p in partitions:
+            ids.extend(self._owned.pop(p.partition, ()))
+        if ids:
+            self._changes.append(Change("drop", ids=tuple(ids)))
+        logger.info("waiter: released registry partitions %s", sorted(p.partition for p in partitions))
+        consumer.unassign()
+
+    def poll(self, timeout: float) -> list[Change]:
+        msgs = self.consumer.consume(1000, timeout=timeout)
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    logger.warning("waiter: registry read error: %s", err.str())
+                continue
+            key = msg.key().decode() if msg.key() else ""
+            owned = self._owned.setdefault(msg.partition(), set())
+            if msg.value() is None:
+                if key in owned:
+                    owned.discard(key)
+                    self._changes.append(Change("remove", ids=(key,)))
+                continue
+            try:
+                wait = Wait.from_json(msg.value())
+            except (ValueError, TypeError) as exc:
+                logger.error("waiter: unreadable registry record %s at %s[%d]@%d: %s",
+                             key, msg.topic(), msg.partition(), msg.offset(), exc)
+                continue
+            owned.add(wait.id)
+            self._changes.append(Change("add", wait=wait))
+        changes, self._changes = self._changes, []
+        return changes
+
+    def close(self) -> None:
+        try:
+            self.consumer.close()
+        except (RuntimeError, KafkaError) as exc:  # already closed
+            logger.debug("waiter: closing the registry consumer: %s", exc)
+
+

@@ -1,0 +1,48 @@
+"""Once-only markers in the result backend, so that duplicates do no harm.
+
+Deferred completion is at-least-once: a wait may be completed twice (a waiter
+died after completing but before removing the wait) and a Celery message may be
+delivered twice.  The receivers are therefore idempotent: the dispatching subtask
+claims its task id before it sends anything, and a reactor claims its task id
+before it replies.  Claims are ``SET NX`` keys in the Redis result backend.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from .errors import ConfigurationError
+
+__all__ = ["claim", "extend", "release", "is_claimed"]
+
+
+def _client(app: Celery):
+    client = getattr(app.backend, "client", None)
+    if client is None or not hasattr(client, "set"):
+        raise ConfigurationError(
+            f"fusion-celery needs the Redis result backend (result_backend=redis://...), "
+            f"got {type(app.backend).__name__}")
+    return client
+
+
+def _key(name: str) -> str:
+    return f"fusion-claim-{name}"
+
+
+def claim(app: Celery, name: str, ttl: float) -> bool:
+    """Take the marker ``name`` for ``ttl`` seconds; False if somebody holds it already."""
+    return bool(_client(app).set(_key(name), b"1", nx=True, ex=max(1, int(ttl))))
+
+
+def extend(app: Celery, name: str, ttl: float) -> None:
+    """Keep a taken marker for ``ttl`` seconds from now."""
+    _client(app).expire(_key(name), max(1, int(ttl)))
+
+
+def release(app: Celery, name: str) -> None:
+    """Drop the marker (the claimed work failed before it did anything visible)."""
+    _client(app).delete(_key(name))
+
+
+def is_claimed(app: Celery, name: str) -> bool:
+    return bool(_client(app).exists(_key(name)))

@@ -1,0 +1,133 @@
+"""Deferred completion: finishing a parked Celery task from outside the worker that ran it.
+
+A dispatching subtask saves its request context in its wait and raises
+``Ignore``: the worker then stores nothing, sends no event and runs no callback.
+When the reply arrives the waiter does what Celery's tracer would have done:
+
+1. ``backend.mark_as_done`` / ``mark_as_failure`` with the saved context, which
+   stores the result and counts the chord part (Redis counts a part once even if
+   it is completed twice, and fires the body once);
+2. sends the ``link`` callbacks and the rest of the ``chain`` (the receivers are
+   idempotent, see :mod:`fusion_celery.claims`);
+3. sends the ``task-succeeded`` / ``task-failed`` event the worker did not, with
+   the true runtime, so Flower shows the final state.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Any
+
+from celery import Celery, group, states
+from celery.app.task import Context
+from celery.canvas import maybe_signature
+
+from .errors import DependencyFailed
+from .registry import Wait
+from .reply import reply_once
+
+__all__ = ["save_request", "complete", "Events"]
+
+logger = logging.getLogger(__name__)
+
+_SAVED = ("id", "task", "group", "group_index", "chord", "callbacks", "errbacks", "chain", "root_id",
+          "parent_id", "hostname", "ignore_result", "reply_to", "correlation_id", "shadow")
+
+
+def save_request(request: Context) -> dict[str, Any]:
+    """The parts of a task's request context that completing it later needs (all JSON)."""
+    saved = {k: getattr(request, k, None) for k in _SAVED}
+    saved["delivery_info"] = {"priority": (request.delivery_info or {}).get("priority")}
+    return saved
+
+
+class Events:
+    """Sends the task events a parked task's worker did not send (for Flower)."""
+
+    def __init__(self, app: Celery, hostname: str | None = None) -> None:
+        self.app = app
+        self.enabled = bool(app.conf.worker_send_task_events)
+        self.hostname = hostname or f"fusion-waiter@{socket.gethostname()}"
+        self._conn = None
+        self._dispatcher = None
+
+    def _get(self):
+        if self._dispatcher is None:
+            self._conn = self.app.connection_for_write()
+            self._dispatcher = self.app.events.Dispatcher(self._conn, hostname=self.hostname, enabled=True)
+        return self._dispatcher
+
+    def send(self, type_: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        try:
+            self._get().send(type_, **fields)
+        except Exception as exc:  # events are best effort; never lose a completion over one
+            logger.warning("waiter: cannot send event %s: %s", type_, exc)
+            self.close()
+
+    def close(self) -> None:
+        if self._dispatcher is not None:
+            try:
+                self._dispatcher.close()
+            finally:
+                if self._conn is not None:
+                    self._conn.release()
+        self._dispatcher = self._conn = None
+
+
+def _send_callbacks_and_chain(app: Celery, value: Any, ctx: Context) -> None:
+    parent_id, root_id = ctx.id, ctx.root_id or ctx.id
+    priority = (ctx.delivery_info or {}).get("priority")
+    callbacks = ctx.callbacks or []
+    sigs = [maybe_signature(c, app=app) for c in callbacks]
+    for sig in sigs:
+        if isinstance(sig, group):
+            sig.apply_async((value,), parent_id=parent_id, root_id=root_id, priority=priority)
+    plain = [s for s in sigs if not isinstance(s, group)]
+    if len(plain) == 1:
+        plain[0].apply_async((value,), parent_id=parent_id, root_id=root_id, priority=priority)
+    elif plain:
+        group(plain, app=app).apply_async((value,), parent_id=parent_id, root_id=root_id, priority=priority)
+    chain = list(ctx.chain or [])
+    if chain:
+        nxt = maybe_signature(chain[-1], app=app)
+        nxt.apply_async((value,), chain=chain[:-1], parent_id=parent_id, root_id=root_id, priority=priority)
+
+
+def complete(app: Celery, wait: Wait, *, result: Any = None, exc: BaseException | None = None,
+             events: Events | None = None) -> None:
+    """Complete the parked task of ``wait`` with the reply ``result`` or the failure ``exc``.
+
+    A dependency's value is the dict of every result known so far (its ``carry``
+    plus its own), which is what the next level and the processing step receive.
+    A failure also answers the waiting reactor at once with an error naming the
+    dependency, instead of letting it wait for its other dependencies.
+    """
+    ctx = Context(wait.request)
+    ctx.args, ctx.kwargs = [], {}
+    backend = app.backend
+    runtime = max(0.0, time.time() - wait.created / 1000)
+    if exc is None:
+        value = {**(wait.carry or {}), wait.dep: result} if wait.dep else result
+        backend.mark_as_done(wait.id, value, request=ctx)
+        _send_callbacks_and_chain(app, value, ctx)
+        if events:
+            events.send("task-succeeded", uuid=wait.id, result=repr(value)[:1024], runtime=runtime)
+        return
+    backend.mark_as_failure(wait.id, exc, request=ctx)
+    if events:
+        events.send("task-failed", uuid=wait.id, exception=f"{type(exc).__name__}({str(exc)!r})",
+                    traceback="", runtime=runtime)
+    if wait.reactor:
+        fail_reactor(app, wait.reactor, exc)
+
+
+def fail_reactor(app: Celery, reactor: dict[str, Any], exc: BaseException) -> None:
+    """Answer a reactor run whose dependency failed: store the failure and send the error reply once."""
+    failure = exc if isinstance(exc, DependencyFailed) else DependencyFailed(str(exc))
+    message = reactor.get("message") or {}
+    if reply_once(app, reactor["id"], message, exc=failure):
+        app.backend.store_result(reactor["id"], failure, states.FAILURE)

@@ -1,0 +1,140 @@
+"""fusion-celery settings: names, defaults and environment overrides.
+
+Every setting lives in ``app.conf`` under a ``fusion_`` name, like Celery's own
+settings, so ``app.config_from_object(...)`` and ``app.conf.update(...)`` work
+as usual.  Each one can also be set from the environment (upper-case name, e.g.
+``FUSION_KAFKA_BOOTSTRAP_SERVERS``); the environment wins over the defaults but
+not over values set explicitly in code after :func:`apply_defaults` ran.
+
+When the local stack was started with ``make up``, ``.stack/env`` holds the
+endpoints; it is read as a last-resort default so that a fresh checkout finds
+its own services without any configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from celery import Celery
+
+__all__ = ["SETTINGS", "Setting", "defaults", "stack_env", "setting"]
+
+
+def _csv(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _json_object(value: str) -> dict[str, Any]:
+    parsed = json.loads(value)
+    if not isinstance(parsed, dict):
+        raise ValueError("expected a JSON object")
+    return parsed
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One documented setting: its ``app.conf`` name, default and how to parse the environment."""
+
+    name: str
+    default: Any
+    doc: str
+    parse: Callable[[str], Any] = str
+
+    @property
+    def env(self) -> str:
+        return self.name.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("fusion_kafka_bootstrap_servers", "127.0.0.1:9092",
+            "Kafka bootstrap servers (librdkafka `bootstrap.servers`)."),
+    Setting("fusion_kafka_config", {},
+            "librdkafka settings for every client (e.g. `security.protocol`, `sasl.mechanism`, "
+            "`sasl.username`, `sasl.password`, `ssl.ca.location`).", _json_object),
+    Setting("fusion_kafka_producer_config", {}, "Extra librdkafka settings for producers.", _json_object),
+    Setting("fusion_kafka_consumer_config", {}, "Extra librdkafka settings for consumers.", _json_object),
+    Setting("fusion_kafka_admin_config", {}, "Extra librdkafka settings for the admin client.", _json_object),
+    Setting("fusion_zookeeper_hosts", "127.0.0.1:2181", "ZooKeeper hosts, `host:port[,host:port]`."),
+    Setting("fusion_imports", [], "Modules that define reactors, imported by the worker at start "
+            "(comma-separated in the environment).", _csv),
+    Setting("fusion_registry_url", "kafka://fusion.waits",
+            "Where pending waits are kept: `kafka://<compacted topic>`, "
+            "`zookeeper://host:port/path` or `memory://` (tests only)."),
+    Setting("fusion_registry_partitions", 12,
+            "Partitions of the registry topic; the unit in which waits are divided among workers.", int),
+    Setting("fusion_return_topic_prefix", "fusion.rt.", "Prefix of the ephemeral return topics."),
+    Setting("fusion_return_topic_retention_ms", 7 * 24 * 3600 * 1000,
+            "`retention.ms` of return topics: a safety net should a topic outlive the reaper.", int),
+    Setting("fusion_reply_allowlist", [], "Regular expressions of extra topics a reactor may reply to "
+            "(besides return topics with the prefix above); comma-separated in the environment.", _csv),
+    Setting("fusion_dlq_suffix", ".dlq", "Dead-letter topic of a reactor: its topic plus this suffix."),
+    Setting("fusion_consumer_group_prefix", "fusion.reactor.",
+            "Consumer group of a reactor: this prefix plus its topic (override per reactor with `group=`)."),
+    Setting("fusion_reactor_partitions", 3, "Partitions of a reactor topic fusion-celery creates.", int),
+    Setting("fusion_create_topics", True, "Create missing reactor and dead-letter topics at worker start.", _bool),
+    Setting("fusion_max_in_flight", 100,
+            "Messages per reactor handed to Celery and not yet finished; past it, consumption pauses.", int),
+    Setting("fusion_max_message_bytes", 1_000_000, "Largest request or reply accepted, in bytes.", int),
+    Setting("fusion_default_timeout", 3600.0, "Seconds a dependency or pipeline waits for its reply.", float),
+    Setting("fusion_reaper_interval", 60.0, "Seconds between two runs of the orphan return-topic reaper.", float),
+    Setting("fusion_reaper_grace", 300.0,
+            "Age in seconds before an unregistered return topic counts as an orphan.", float),
+    Setting("fusion_startup_timeout", 15.0, "Seconds the worker gives Kafka to answer at start.", float),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def stack_env(path: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """Read ``.stack/env`` (written by ``make up``) into a dict; empty if absent."""
+    candidates = [Path(path)] if path else [Path(os.environ.get("FUSION_STACK_ENV", ".stack/env"))]
+    if not path:
+        candidates.append(Path(__file__).resolve().parent.parent / ".stack" / "env")
+    for candidate in candidates:
+        if candidate.is_file():
+            values = {}
+            for line in candidate.read_text().splitlines():
+                line = line.strip()
+                if not line or line.startswith("#") or "=" not in line:
+                    continue
+                key, _, value = line.removeprefix("export ").partition("=")
+                values[key.strip()] = value.strip().strip("'\"")
+            return values
+    return {}
+
+
+def defaults() -> dict[str, Any]:
+    """The ``fusion_*`` settings as a defaults layer for ``app.add_defaults``.
+
+    Order of precedence: a value the user set on ``app.conf`` (or through
+    ``config_from_object``), then the environment, then ``.stack/env``, then the
+    built-in default.
+    """
+    local = stack_env()
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        raw = os.environ.get(s.env, local.get(s.env))
+        if raw is None:
+            values[s.name] = s.default
+            continue
+        try:
+            values[s.name] = s.parse(raw)
+        except ValueError as exc:
+            raise ValueError(f"environment variable {s.env}={raw!r} is invalid: {exc}") from None
+    return values
+
+
+def setting(app: Celery, name: str) -> Any:
+    """Read one fusion setting from ``app.conf``, falling back to its default."""
+    value = app.conf.get(name)
+    if value is None:
+        return _BY_NAME[name].default
+    return value

@@ -1,0 +1,121 @@
+"""The Kafka-dispatching subtask: send one dependency its request, then park until its reply.
+
+``fusion.dispatch`` creates an ephemeral return topic, registers the wait in the
+durable registry (before anything is sent, so no reply can be missed), sends the
+request and raises ``Ignore``: the worker slot is free again at once.  The waiter
+completes the task when the reply arrives (see :mod:`fusion_celery.completion`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from celery import Celery, Task
+from celery.exceptions import Ignore
+
+from . import claims
+from .completion import fail_reactor, save_request
+from .config import setting
+from .errors import DependencyFailed, FusionError
+from .graph import Dep, inject
+from .kafka import clients
+from .protocol import check_size, encode_request
+from .registry import Wait, now_ms
+from .runtime import registry
+
+__all__ = ["DispatchTask", "merge_results", "open_wait", "new_return_topic"]
+
+logger = logging.getLogger(__name__)
+
+
+def merge_results(prior: Any) -> dict[str, Any]:
+    """Flatten what a canvas step received (a dict, or nested lists of dicts) into one dict."""
+    merged: dict[str, Any] = {}
+    if isinstance(prior, dict):
+        merged.update(prior)
+    elif isinstance(prior, (list, tuple)):
+        for item in prior:
+            merged.update(merge_results(item))
+    return merged
+
+
+def new_return_topic(app: Celery) -> str:
+    """A fresh return topic name: prefix, creation time in ms (the reaper reads it), random part."""
+    return f"{setting(app, 'fusion_return_topic_prefix')}{now_ms()}.{uuid.uuid4().hex}"
+
+
+def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | None = None,
+              carry: dict[str, Any] | None = None, reactor: dict[str, Any] | None = None,
+              deadline: int | None = None) -> None:
+    """Create a return topic, register the wait for ``task``, send the request, and park the task.
+
+    Never returns: raises ``Ignore`` once the request is on its way (the waiter
+    finishes the task), or a :class:`FusionError` naming what failed.
+    """
+    app = task.app
+    c = clients(app)
+    if not c.topic_exists(topic):
+        raise DependencyFailed(f"{'dep ' + repr(dep) + ': ' if dep else ''}topic {topic!r} does not exist")
+    wait_deadline = now_ms() + int(timeout * 1000)
+    if deadline is not None:
+        wait_deadline = min(wait_deadline, int(deadline))
+    body = encode_request(data, None, id=task.request.id, deadline=wait_deadline)
+    check_size(body, int(setting(app, "fusion_max_message_bytes")), f"the request to topic {topic!r}")
+
+    return_topic = new_return_topic(app)
+    c.create_topics([return_topic], partitions=1,
+                    config={"retention.ms": str(setting(app, "fusion_return_topic_retention_ms"))})
+    wait = Wait(id=task.request.id, return_topic=return_topic, topic=topic, deadline=wait_deadline,
+                request=save_request(task.request), task_name=task.request.shadow or task.name, dep=dep,
+                carry=carry, reactor=reactor, owner=task.request.hostname or "")
+    reg = registry(app)
+    try:
+        reg.register(wait)
+        c.produce(topic, encode_request(data, return_topic, id=task.request.id, deadline=wait_deadline),
+                  key=topic)
+    except FusionError:
+        reg.remove(wait)
+        c.delete_topics([return_topic])
+        raise
+    raise Ignore()
+
+
+class DispatchTask(Task):
+    """Base of ``fusion.dispatch``: a failure before the wait is parked answers the reactor at once."""
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo):  # noqa: D401 - Celery hook
+        reactor = (kwargs or {}).get("reactor")
+        if reactor:
+            fail_reactor(self.app, reactor, exc)
+
+
+def dispatch(self: Task, prior: Any = None, *, dep: dict[str, Any], reactor: dict[str, Any] | None = None,
+             deadline: int | None = None) -> Any:
+    """Send one dependency its request (args with the results it depends on injected) and park."""
+    d = Dep.from_dict(dep)
+    # A duplicate delivery of this task (at-least-once) must not send the request twice.
+    if not claims.claim(self.app, f"dispatch-{self.request.id}", ttl=300):
+        logger.info("dispatch %s for dep %r is a duplicate; ignored", self.request.id, d.name)
+        raise Ignore()
+    carry = merge_results(prior)
+    try:
+        args = inject(d, carry)
+        timeout = d.timeout or float(setting(self.app, "fusion_default_timeout"))
+        open_wait(self, topic=d.topic, data=args, timeout=timeout, dep=d.name, carry=carry, reactor=reactor,
+                  deadline=deadline)
+    except Ignore:
+        claims.extend(self.app, f"dispatch-{self.request.id}", ttl=7 * 24 * 3600)
+        raise
+    except Exception as exc:
+        claims.release(self.app, f"dispatch-{self.request.id}")
+        if isinstance(exc, DependencyFailed):
+            raise
+        raise DependencyFailed(f"dep {d.name!r} (topic {d.topic!r}): {exc}") from exc
+    return None  # unreachable: open_wait always raises
+
+
+def register_dispatch(app: Celery) -> Task:
+    return app.task(name="fusion.dispatch", bind=True, base=DispatchTask, shared=False)(dispatch)

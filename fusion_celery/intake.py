@@ -1,0 +1,223 @@
+"""Intake: consume each reactor's topic and turn every request into a run of its Celery task.
+
+One consumer (and one thread) per reactor, in the worker's main process, in the
+reactor's consumer group.  Delivery is at-least-once: a record's offset is
+stored for commit only after its task was handed to the Celery broker (or the
+record was dead-lettered).  Backpressure: at most ``fusion_max_in_flight`` runs
+per reactor are unfinished at a time; past that the consumer pauses its
+partitions and resumes when runs finish, so a backlog stays in Kafka instead of
+flooding the Celery broker.  Bad input goes to the dead-letter topic with its
+reason in the headers, and consumption goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+from celery import Celery
+from celery import states as celery_states
+from confluent_kafka import Consumer, KafkaError, Message as KafkaMessage, TopicPartition
+
+from .config import setting
+from .errors import ProtocolError
+from .kafka import clients
+from .protocol import decode_request
+
+__all__ = ["Intake", "dlq_topic", "consumer_group", "run_id"]
+
+logger = logging.getLogger(__name__)
+
+
+_RUN_NS = uuid.UUID("5f0c3a52-8d0e-4a8c-9a4e-6f7573696f6e")
+
+
+def run_id(topic: str, partition: int, offset: int, timestamp: int) -> str:
+    """The Celery task id of the run for one Kafka record.
+
+    Derived from the record's coordinates, so a record delivered twice (at-least-once)
+    maps to the same run, which then replies once; and so a caller without a return
+    topic can find its result: ``AsyncResult(run_id(topic, partition, offset, ts))``.
+    """
+    return str(uuid.uuid5(_RUN_NS, f"{topic}/{partition}/{offset}/{timestamp}"))
+
+
+def dlq_topic(app: Celery, topic: str) -> str:
+    return f"{topic}{setting(app, 'fusion_dlq_suffix')}"
+
+
+def consumer_group(app: Celery, task: Any) -> str:
+    return getattr(task, "group_id", None) or f"{setting(app, 'fusion_consumer_group_prefix')}{task.topic}"
+
+
+def _unfinished(app: Celery, ids: list[str]) -> set[str]:
+    """Which of ``ids`` have no final state in the result backend yet (one MGET on Redis)."""
+    backend = app.backend
+    if not ids:
+        return set()
+    client = getattr(backend, "client", None)
+    if client is not None and hasattr(backend, "get_key_for_task"):
+        raw = client.mget([backend.get_key_for_task(i) for i in ids])
+        out = set()
+        for task_id, value in zip(ids, raw):
+            if value is None or backend.decode_result(value)["status"] not in celery_states.READY_STATES:
+                out.add(task_id)
+        return out
+    return {i for i in ids if backend.get_state(i) not in celery_states.READY_STATES}
+
+
+class ReactorIntake(threading.Thread):
+    """Feeds one reactor's Celery task from its Kafka topic."""
+
+    def __init__(self, app: Celery, task: Any, stop: threading.Event) -> None:
+        super().__init__(name=f"fusion-intake-{task.topic}", daemon=True)
+        self.app, self.task, self.stop_event = app, task, stop
+        self.topic = task.topic
+        self.max_in_flight = int(setting(app, "fusion_max_in_flight"))
+        self.in_flight: set[str] = set()
+        self.paused = False
+        self.consumer: Consumer | None = None
+        self.counts = {"received": 0, "dead_lettered": 0, "started": 0}
+
+    def _decode(self, msg: KafkaMessage):
+        return decode_request(
+            msg.value(), topic=msg.topic(), headers=msg.headers(), key=msg.key(), partition=msg.partition(),
+            offset=msg.offset(), timestamp=msg.timestamp()[1],
+            max_bytes=int(setting(self.app, "fusion_max_message_bytes")),
+            prefix=setting(self.app, "fusion_return_topic_prefix"),
+            allowlist=setting(self.app, "fusion_reply_allowlist"))
+
+    def _dead_letter(self, msg: KafkaMessage, err: ProtocolError) -> None:
+        headers = list(msg.headers() or []) + [
+            ("fusion-dlq-reason", err.reason.encode()),
+            ("fusion-dlq-error", str(err)[:1000].encode()),
+            ("fusion-dlq-source", f"{msg.topic()}[{msg.partition()}]@{msg.offset()}".encode()),
+        ]
+        value = msg.value()
+        limit = int(setting(self.app, "fusion_max_message_bytes"))
+        if value is not None and limit and len(value) > limit:
+            value = value[:limit]  # keep what fits; the headers say it was cut
+            headers.append(("fusion-dlq-truncated", str(len(msg.value())).encode()))
+        clients(self.app).produce(dlq_topic(self.app, self.topic), value, key=msg.key(), headers=headers)
+        self.counts["dead_lettered"] += 1
+        logger.warning("reactor %s: dead-lettered %s[%d]@%d: %s", self.topic, msg.topic(), msg.partition(),
+                       msg.offset(), err)
+
+    def _start(self, msg: KafkaMessage) -> None:
+        try:
+            message = self._decode(msg)
+        except ProtocolError as err:
+            self._dead_letter(msg, err)
+            return
+        task_id = run_id(msg.topic(), msg.partition(), msg.offset(), msg.timestamp()[1])
+        self.task.apply_async(kwargs={"message": message.to_dict()}, task_id=task_id,
+                              shadow=f"{self.task.name}[{self.topic}]")
+        self.in_flight.add(task_id)
+        self.counts["started"] += 1
+
+    def _flow_control(self) -> None:
+        if not self.in_flight:
+            return
+        self.in_flight &= _unfinished(self.app, list(self.in_flight))
+        assignment = self.consumer.assignment()
+        if not self.paused and len(self.in_flight) >= self.max_in_flight:
+            self.consumer.pause(assignment)
+            self.paused = True
+            logger.info("reactor %s: %d runs in flight, pausing", self.topic, len(self.in_flight))
+        elif self.paused and len(self.in_flight) < max(1, self.max_in_flight // 2):
+            self.consumer.resume(assignment)
+            self.paused = False
+            logger.info("reactor %s: resuming", self.topic)
+
+    def run(self) -> None:
+        self.consumer = clients(self.app).consumer(**{
+            "group.id": consumer_group(self.app, self.task),
+            "client.id": f"fusion-intake-{self.topic}",
+            "enable.auto.commit": True,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "auto.commit.interval.ms": 1000,
+        })
+        self.consumer.subscribe([self.topic], on_revoke=lambda c, parts: self._commit())
+        last_check = 0.0
+        try:
+            while not self.stop_event.is_set():
+                msgs = self.consumer.consume(100, timeout=0.2)
+                for i, msg in enumerate(msgs):
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() != KafkaError._PARTITION_EOF:
+                            logger.warning("reactor %s: consume error: %s", self.topic, err.str())
+                        continue
+                    self.counts["received"] += 1
+                    try:
+                        self._start(msg)
+                    except Exception:
+                        # The broker or Kafka is unreachable: keep the offset, re-read from here later.
+                        logger.exception("reactor %s: cannot hand %s[%d]@%d to Celery; retrying", self.topic,
+                                         msg.topic(), msg.partition(), msg.offset())
+                        self._rewind(msgs[i:])
+                        self.stop_event.wait(1.0)
+                        break
+                    self.consumer.store_offsets(message=msg)
+                now = time.monotonic()
+                if now - last_check > 0.5 or len(self.in_flight) >= self.max_in_flight:
+                    last_check = now
+                    try:
+                        self._flow_control()
+                    except Exception:
+                        logger.exception("reactor %s: cannot read run states", self.topic)
+        finally:
+            self._commit()
+            self.consumer.close()
+            logger.info("reactor %s: intake stopped (%s)", self.topic, self.counts)
+
+    def _rewind(self, unhandled: list[KafkaMessage]) -> None:
+        """Seek every partition back to its first record not yet handed to Celery."""
+        first: dict[tuple[str, int], int] = {}
+        for m in unhandled:
+            if m.error() is None:
+                key = (m.topic(), m.partition())
+                first[key] = min(first.get(key, m.offset()), m.offset())
+        for (topic, partition), offset in first.items():
+            self.consumer.seek(TopicPartition(topic, partition, offset))
+
+    def _commit(self) -> None:
+        try:
+            self.consumer.commit(asynchronous=False)
+        except Exception as exc:  # nothing stored yet, or the group is rebalancing
+            if not (hasattr(exc, "args") and exc.args and getattr(exc.args[0], "code", lambda: None)()
+                    == KafkaError._NO_OFFSET):
+                logger.debug("reactor %s: commit: %s", self.topic, exc)
+
+
+class Intake:
+    """All reactor intakes of a worker."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self.stop_event = threading.Event()
+        self.threads: list[ReactorIntake] = []
+
+    def ensure_topics(self, tasks: list[Any]) -> None:
+        c = clients(self.app)
+        default = int(setting(self.app, "fusion_reactor_partitions"))
+        for task in tasks:
+            c.create_topics([task.topic], partitions=task.partitions or default)
+            c.create_topics([dlq_topic(self.app, task.topic)], partitions=1)
+
+    def start(self, tasks: list[Any]) -> None:
+        if setting(self.app, "fusion_create_topics"):
+            self.ensure_topics(tasks)
+        for task in tasks:
+            t = ReactorIntake(self.app, task, self.stop_event)
+            t.start()
+            self.threads.append(t)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(timeout)

@@ -1,0 +1,199 @@
+"""The waiter: one per worker, it completes parked tasks when their replies arrive.
+
+It follows the registry for the waits this worker owns (see
+:mod:`fusion_celery.registry`), and reads their return topics with a single
+consumer by explicit, incremental partition assignment (no consumer per wait, no
+regex subscription).  For each reply it completes the wait's task
+(:func:`fusion_celery.completion.complete`), then removes the wait from the
+registry, then deletes the return topic.  A wait whose deadline passes fails
+with :class:`~fusion_celery.errors.DependencyTimeout`.  If completing fails (the
+result backend is down) the wait stays and is retried; nothing is removed before
+its completion was stored.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from celery import Celery
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+
+from .completion import Events, complete
+from .errors import DependencyFailed, DependencyTimeout, ProtocolError, RemoteError
+from .kafka import clients
+from .protocol import decode_reply
+from .registry import Change, Wait, now_ms
+from .runtime import registry
+
+__all__ = ["Waiter"]
+
+logger = logging.getLogger(__name__)
+
+
+class Waiter(threading.Thread):
+    """Holds this worker's pending waits and completes them."""
+
+    def __init__(self, app: Celery, name: str) -> None:
+        super().__init__(name="fusion-waiter", daemon=True)
+        self.app, self.worker_name = app, name
+        self.stop_event = threading.Event()
+        self.ready = threading.Event()
+        self.waits: dict[str, Wait] = {}
+        self.by_topic: dict[str, str] = {}
+        self._deadlines: list[tuple[int, str]] = []
+        self._retry: dict[str, tuple[float, int, Any, BaseException | None]] = {}
+        self._to_delete: list[str] = []
+        self._last_delete = 0.0
+        self.completed = 0
+        self.failed = 0
+        self.events = Events(app, hostname=name)
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _add(self, wait: Wait) -> None:
+        if wait.id in self.waits:
+            return
+        self.waits[wait.id] = wait
+        self.by_topic[wait.return_topic] = wait.id
+        heapq.heappush(self._deadlines, (wait.deadline, wait.id))
+        self.replies.incremental_assign([TopicPartition(wait.return_topic, 0, OFFSET_BEGINNING)])
+
+    def _forget(self, wait_id: str) -> Wait | None:
+        wait = self.waits.pop(wait_id, None)
+        if wait is None:
+            return None
+        self.by_topic.pop(wait.return_topic, None)
+        self._retry.pop(wait_id, None)
+        try:
+            self.replies.incremental_unassign([TopicPartition(wait.return_topic, 0)])
+        except Exception as exc:  # not assigned (any more)
+            logger.debug("waiter: unassign %s: %s", wait.return_topic, exc)
+        return wait
+
+    def _apply(self, change: Change) -> None:
+        if change.kind == "add" and change.wait is not None:
+            self._add(change.wait)
+        else:
+            for wait_id in change.ids:
+                self._forget(wait_id)
+
+    # -- completion --------------------------------------------------------------------------
+    def _finish(self, wait: Wait, result: Any = None, exc: BaseException | None = None) -> None:
+        try:
+            complete(self.app, wait, result=result, exc=exc, events=self.events)
+        except Exception as err:
+            attempt = self._retry.get(wait.id, (0, 0, None, None))[1] + 1
+            delay = min(30.0, 0.5 * 2 ** min(attempt, 6))
+            self._retry[wait.id] = (time.monotonic() + delay, attempt, result, exc)
+            logger.warning("waiter: cannot complete %s (%s); retry %d in %.1fs", wait.label, err, attempt, delay)
+            return
+        if exc is None:
+            self.completed += 1
+        else:
+            self.failed += 1
+        self._forget(wait.id)
+        self.registry.remove(wait)
+        self._to_delete.append(wait.return_topic)
+
+    def _on_reply(self, msg: Any) -> None:
+        wait_id = self.by_topic.get(msg.topic())
+        wait = self.waits.get(wait_id) if wait_id else None
+        if wait is None or wait.id in self._retry:
+            return
+        try:
+            result = decode_reply(msg.value(), msg.headers())
+        except RemoteError as err:
+            self._finish(wait, exc=DependencyFailed(f"{wait.label} replied with an error: {err}"))
+        except ProtocolError as err:
+            self._finish(wait, exc=DependencyFailed(f"{wait.label} sent an unreadable reply: {err}"))
+        else:
+            self._finish(wait, result=result)
+
+    def _expire(self) -> None:
+        now = now_ms()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, wait_id = heapq.heappop(self._deadlines)
+            wait = self.waits.get(wait_id)
+            if wait is None or wait_id in self._retry:
+                continue
+            waited = (wait.deadline - wait.created) / 1000
+            self._finish(wait, exc=DependencyTimeout(
+                f"{wait.label} did not reply within {waited:g}s (return topic {wait.return_topic})"))
+
+    def _retry_due(self) -> None:
+        now = time.monotonic()
+        for wait_id, (due, _attempt, result, exc) in list(self._retry.items()):
+            wait = self.waits.get(wait_id)
+            if wait is not None and due <= now:
+                self._finish(wait, result, exc)
+
+    def _delete_topics(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._to_delete and (force or now - self._last_delete > 0.5):
+            names, self._to_delete = self._to_delete, []
+            self._last_delete = now
+            try:
+                clients(self.app).delete_topics(names, wait=force)
+            except Exception as exc:
+                logger.warning("waiter: cannot delete %d return topics now (%s); the reaper will", len(names),
+                               exc)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> None:
+        self.registry = registry(self.app)
+        self.replies = clients(self.app).consumer(**{
+            "group.id": "fusion.reply-readers",  # never joined nor committed: partitions are assigned
+            "client.id": f"fusion-waiter-{self.worker_name}",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 100,
+            "topic.metadata.refresh.interval.ms": 30000,
+        })
+        watcher = self.registry.watch(self.worker_name)
+        self.ready.set()
+        try:
+            while not self.stop_event.is_set():
+                for change in watcher.poll(0 if self.waits else 0.1):
+                    self._apply(change)
+                if self.waits:
+                    for msg in self.replies.consume(500, timeout=0.05):
+                        err = msg.error()
+                        if err is None:
+                            self._on_reply(msg)
+                        elif err.code() not in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
+                            logger.debug("waiter: %s", err.str())
+                self._expire()
+                self._retry_due()
+                self._delete_topics()
+                clients(self.app).producer.poll(0)
+        except Exception:
+            logger.exception("waiter: crashed; its waits go to the other workers")
+            raise
+        finally:
+            self._delete_topics(force=True)
+            watcher.close()
+            self.replies.close()
+            self.events.close()
+            logger.info("waiter: stopped (%d completed, %d failed, %d left to the others)", self.completed,
+                        self.failed, len(self.waits))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.stop_event.set()
+        self.join(timeout)
+
+    def status(self) -> dict[str, Any]:
+        """What this waiter holds: pending waits, the oldest, counts by topic."""
+        waits = list(self.waits.values())
+        oldest = min(waits, key=lambda w: w.created, default=None)
+        return {
+            "pending": len(waits),
+            "oldest_age_s": round((now_ms() - oldest.created) / 1000, 3) if oldest else None,
+            "oldest": {"id": oldest.id, "topic": oldest.topic, "dep": oldest.dep} if oldest else None,
+            "by_topic": dict(Counter(w.topic for w in waits)),
+            "completed": self.completed,
+            "failed": self.failed,
+            "retrying": len(self._retry),
+        }

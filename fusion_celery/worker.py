@@ -1,0 +1,102 @@
+"""The worker bootstep: intake, waiter and reaper live as long as the worker.
+
+It is a step of the ``worker`` blueprint (not the ``consumer`` one, which
+restarts on every broker reconnect), runs in the worker's main process after the
+pool started (so no Kafka handle exists before billiard forks its children), and
+on warm shutdown stops the intake first (commit), then the waiter (its waits go
+to the other workers), then closes every client.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+from celery import bootsteps
+
+from .config import setting
+from .errors import ConfigurationError
+from .intake import Intake
+from .kafka import clients, close_clients
+from .reaper import Reaper
+from .runtime import close_registry, reactors
+from .waiter import Waiter
+
+__all__ = ["FusionStep", "check_backend", "import_reactor_modules"]
+
+logger = logging.getLogger("fusion_celery")
+
+
+def import_reactor_modules(app: Any) -> None:
+    """Import the modules listed in ``fusion_imports`` (where the reactors are defined)."""
+    for name in setting(app, "fusion_imports") or []:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigurationError(f"fusion_imports: cannot import {name!r}: {exc}") from None
+
+
+def check_backend(app: Any) -> None:
+    """Raise :class:`ConfigurationError` unless the result backend can count deferred chord parts."""
+    from celery.backends.redis import RedisBackend
+    backend = app.backend
+    if not isinstance(backend, RedisBackend):
+        raise ConfigurationError(
+            f"result backend {app.conf.result_backend!r} ({type(backend).__name__}) cannot run fusion-celery's "
+            f"chords; set result_backend / CELERY_RESULT_BACKEND to a redis:// URL")
+    try:
+        backend.client.ping()
+    except Exception as exc:
+        raise ConfigurationError(f"result backend {backend.as_uri()} is unreachable: {exc}") from None
+
+
+class FusionStep(bootsteps.StartStopStep):
+    """Runs fusion-celery's intake, waiter and reaper inside ``celery worker``."""
+
+    requires = {"celery.worker.components:Pool"}
+    label = "fusion"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.intake: Intake | None = None
+        self.waiter: Waiter | None = None
+        self.reaper: Reaper | None = None
+
+    def start(self, worker: Any) -> None:
+        app = worker.app
+        try:
+            import_reactor_modules(app)
+            check_backend(app)
+            clients(app).check_reachable(float(setting(app, "fusion_startup_timeout")))
+            tasks = [app.tasks[name] for name in reactors(app).values()]
+            self.waiter = Waiter(app, worker.hostname)
+            self.waiter.start()
+            if not self.waiter.ready.wait(30):
+                raise ConfigurationError("the waiter did not start within 30s")
+            self.intake = Intake(app)
+            self.intake.start(tasks)
+            self.reaper = Reaper(app)
+            self.reaper.start()
+        except ConfigurationError as exc:
+            logger.critical("fusion-celery cannot start: %s", exc)
+            self.stop(worker)
+            raise SystemExit(1) from None
+        app._fusion_waiter = self.waiter
+        logger.info("fusion-celery: serving %s", ", ".join(sorted(reactors(app))) or "no reactor topics")
+
+    def stop(self, worker: Any) -> None:
+        if self.intake is not None:
+            self.intake.stop()
+        if self.reaper is not None:
+            self.reaper.stop()
+        if self.waiter is not None:
+            self.waiter.stop()
+        close_registry(worker.app)
+        close_clients(worker.app)
+        self.intake = self.waiter = self.reaper = None
+
+    def shutdown(self, worker: Any) -> None:
+        self.stop(worker)
+
+

@@ -1,0 +1,527 @@
+#!/usr/bin/env bash
+# Local service stack for fusion-celery: Kafka (KRaft, single node), Redis and
+# ZooKeeper as plain processes on 127.0.0.1 (no Docker).
+#
+#   stack/stack.sh up                  start whatever is not running, wait until ready
+#   stack/stack.sh down                stop everything (by PID from the pidfiles)
+#   stack/stack.sh status [SERVICE..] print state; exit 0 if all (given) are up, else 3
+#   stack/stack.sh stop SERVICE        stop one service (data is kept)
+#   stack/stack.sh start SERVICE       start one service on its existing data dirs
+#   stack/stack.sh restart SERVICE     stop + start
+#   SERVICE: kafka | redis | zookeeper
+#
+# State lives in <repo>/.stack/ (pids/, logs/, data/, conf/, env). The Java
+# services' jars are fetched once from Maven Central (stack/*-pom.xml) into
+# ${FUSION_STACK_CACHE:-$HOME/.cache/fusion-celery}, outside the repo.
+#
+# Environment knobs (defaults in brackets):
+#   FUSION_KAFKA_PORT [9092]  FUSION_KAFKA_CONTROLLER_PORT [9093]
+#   FUSION_REDIS_PORT [6379]  FUSION_ZOOKEEPER_PORT [2181]
+#   FUSION_STACK_CACHE [~/.cache/fusion-celery]  FUSION_STACK_TIMEOUT [90] (seconds per service)
+#   FUSION_REDIS_PERSIST [0]  1 = appendonly yes (redis data survives stop/start)
+#   FUSION_KAFKA_HEAP ["-Xms256m -Xmx512m"]
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STACK_SRC="$ROOT/stack"
+STATE="$ROOT/.stack"
+PID_DIR="$STATE/pids"
+LOG_DIR="$STATE/logs"
+DATA_DIR="$STATE/data"
+CONF_DIR="$STATE/conf"
+ENV_FILE="$STATE/env"
+CACHE="${FUSION_STACK_CACHE:-${HOME:-/root}/.cache/fusion-celery}"
+
+HOST=127.0.0.1
+KAFKA_PORT="${FUSION_KAFKA_PORT:-9092}"
+KAFKA_CONTROLLER_PORT="${FUSION_KAFKA_CONTROLLER_PORT:-9093}"
+REDIS_PORT="${FUSION_REDIS_PORT:-6379}"
+ZOOKEEPER_PORT="${FUSION_ZOOKEEPER_PORT:-2181}"
+READY_TIMEOUT="${FUSION_STACK_TIMEOUT:-90}"
+STOP_TIMEOUT=20
+KAFKA_HEAP="${FUSION_KAFKA_HEAP:--Xms256m -Xmx512m}"
+JAVA="${JAVA:-java}"
+
+SERVICES=(zookeeper redis kafka)
+
+# Python used for the Kafka readiness probe (needs confluent_kafka).
+if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON="python3"; fi
+
+# ----------------------------------------------------------------------------
+# helpers
+
+say() { printf '[stack] %s\n' "$*"; }
+err() { printf '[stack] ERROR: %s\n' "$*" >&2; }
+
+now() { printf '%s' "${EPOCHREALTIME/,/.}"; }          # seconds with µs
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1fs", b - a }'; }
+
+valid_service() {
+  case "${1:-}" in kafka|redis|zookeeper) return 0 ;; *) return 1 ;; esac
+}
+
+endpoint() {
+  case "$1" in
+    kafka) echo "$HOST:$KAFKA_PORT (controller $HOST:$KAFKA_CONTROLLER_PORT)" ;;
+    redis) echo "redis://$HOST:$REDIS_PORT" ;;
+    zookeeper) echo "$HOST:$ZOOKEEPER_PORT" ;;
+  esac
+}
+
+port_of() {
+  case "$1" in kafka) echo "$KAFKA_PORT" ;; redis) echo "$REDIS_PORT" ;; zookeeper) echo "$ZOOKEEPER_PORT" ;; esac
+}
+
+pidfile() { echo "$PID_DIR/$1.pid"; }
+logfile() { echo "$LOG_DIR/$1.log"; }
+
+# String that must appear in /proc/PID/cmdline for the pid to be "ours"
+# (guards against a recycled pid after a reboot / crash).
+cmd_marker() {
+  case "$1" in
+    kafka) echo "kafka.Kafka" ;;
+    zookeeper) echo "QuorumPeerMain" ;;
+    redis) echo "redis-server" ;;   # redis rewrites its title to "redis-server 127.0.0.1:PORT"
+  esac
+}
+
+pid_alive() {  # pid_alive SERVICE PID
+  local pid="$2"
+  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+  kill -0 "$pid" 2>/dev/null || return 1
+  [[ -r "/proc/$pid/cmdline" ]] || return 0   # no procfs: trust kill -0
+  local cmd
+  cmd="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)"
+  [[ -z "$cmd" ]] && return 1                  # zombie
+  [[ "$cmd" == *"$(cmd_marker "$1")"* ]]
+}
+
+# Echo the live pid of SERVICE (from its pidfile) or return 1.
+service_pid() {
+  local f pid
+  f="$(pidfile "$1")"
+  [[ -s "$f" ]] || return 1
+  pid="$(head -n1 "$f" 2>/dev/null || true)"
+  pid_alive "$1" "$pid" || return 1
+  echo "$pid"
+}
+
+port_open() {  # TCP connect probe on 127.0.0.1:PORT
+  timeout 2 bash -c "exec 3<>/dev/tcp/$HOST/$1" 2>/dev/null
+}
+
+# Readiness probes ------------------------------------------------------------
+
+redis_ready() {
+  [[ "$(timeout 3 redis-cli -h "$HOST" -p "$REDIS_PORT" ping 2>/dev/null || true)" == "PONG" ]]
+}
+
+zk_4lw() {  # zk_4lw WORD -> the server's answer
+  timeout 3 bash -c "exec 3<>/dev/tcp/$HOST/$ZOOKEEPER_PORT && printf $1 >&3 && cat <&3" 2>/dev/null || true
+}
+
+# `ruok` only says the process is alive (it answers imok even when the server
+# thread has died while loading data); `srvr` reports "Mode: standalone" only
+# once the server is actually serving requests.
+zookeeper_ready() {
+  [[ "$(zk_4lw ruok)" == "imok" ]] && [[ "$(zk_4lw srvr)" == *"Mode: "* ]]
+}
+
+have_confluent_kafka() {
+  [[ -n "${_HAVE_CK:-}" ]] || {
+    if "$PYTHON" -c 'import confluent_kafka' >/dev/null 2>&1; then _HAVE_CK=1; else _HAVE_CK=0; fi
+  }
+  [[ "$_HAVE_CK" == 1 ]]
+}
+
+kafka_ready() {
+  port_open "$KAFKA_PORT" || return 1
+  if have_confluent_kafka; then
+    timeout 15 "$PYTHON" - "$HOST:$KAFKA_PORT" >/dev/null 2>&1 <<'PY'
+import sys
+from confluent_kafka.admin import AdminClient
+md = AdminClient({"bootstrap.servers": sys.argv[1], "log_level": 0}).list_topics(timeout=5)
+sys.exit(0 if md.brokers else 1)
+PY
+  else
+    # No client library yet (fresh machine before `make venv`): fall back to the broker's own log.
+    grep -q "Kafka Server started" "$(logfile kafka)" 2>/dev/null
+  fi
+}
+
+service_ready() { "${1}_ready"; }
+
+# ----------------------------------------------------------------------------
+# jars from Maven Central (cached outside the repo)
+
+pom_property() {  # pom_property POM NAME
+  sed -n "s:.*<$2>[[:space:]]*\([^<[:space:]]*\)[[:space:]]*</$2>.*:\1:p" "$1" | head -n1
+}
+
+# ensure_libs NAME -> sets LIBS to the folder with all runtime jars.
+# A marker file holding the pom's checksum says the copy is complete; with it
+# present (and the pom unchanged) Maven is not run at all.
+ensure_libs() {
+  local name="$1" pom version dir marker sum tmp t0
+  pom="$STACK_SRC/$name-pom.xml"
+  version="$(pom_property "$pom" "$name.version")"
+  [[ -n "$version" ]] || { err "no <$name.version> in $pom"; return 1; }
+  dir="$CACHE/$name-$version"
+  marker="$dir/.complete"
+  sum="$(sha256sum "$pom" | cut -d' ' -f1)"
+  LIBS="$dir/libs"
+  if [[ -f "$marker" && "$(cat "$marker")" == "$sum" && -d "$LIBS" ]]; then
+    return 0
+  fi
+  command -v mvn >/dev/null || { err "mvn not found (needed once to fetch $name $version jars)"; return 1; }
+  say "fetching $name $version jars from Maven Central into $LIBS ..."
+  t0="$(now)"
+  mkdir -p "$dir" || return 1
+  tmp="$dir/libs.tmp.$$"
+  rm -rf "$tmp"
+  if ! mvn -q -B -f "$pom" dependency:copy-dependencies \
+        -DincludeScope=runtime -DoutputDirectory="$tmp" >"$dir/mvn.log" 2>&1; then
+    err "maven failed for $name $version; see $dir/mvn.log"
+    tail -n 30 "$dir/mvn.log" >&2 || true
+    rm -rf "$tmp"
+    return 1
+  fi
+  rm -rf "$LIBS" && mv "$tmp" "$LIBS" && echo "$sum" >"$marker" || return 1
+  say "fetched $name $version ($(find "$LIBS" -name "*.jar" | wc -l) jars) in $(since "$t0")"
+}
+
+# ----------------------------------------------------------------------------
+# process launching
+
+# launch SERVICE CMD... : run CMD detached (own session, no stdin, survives the
+# calling shell), appending stdout+stderr to .stack/logs/SERVICE.log. The
+# pidfile is written by the child itself right before it execs CMD, so the
+# pid is exactly the service's pid.
+launch() {
+  local svc="$1"; shift
+  local pf log i
+  pf="$(pidfile "$svc")"
+  log="$(logfile "$svc")"
+  rm -f "$pf"
+  printf '\n===== %s: starting %s =====\n' "$(date '+%F %T')" "$svc" >>"$log"
+  # The child closes every inherited fd above 2 (lock fd, pipes of whoever
+  # called us, e.g. a CI runner waiting for EOF) before exec'ing the service.
+  # shellcheck disable=SC2016
+  nohup setsid bash -c '
+    for fd in $(ls /proc/$$/fd 2>/dev/null); do [[ $fd -gt 2 ]] && eval "exec $fd>&-"; done
+    echo $$ >"$0"; exec "$@"' "$pf" "$@" </dev/null >>"$log" 2>&1 9>&- &
+  for ((i = 0; i < 100; i++)); do
+    [[ -s "$pf" ]] && return 0
+    sleep 0.05
+  done
+  err "$svc: pidfile $pf was not written"
+  return 1
+}
+
+# Refuse to start if somebody else already listens on our port.
+check_port_free() {
+  local svc="$1" port
+  for port in $(port_of "$svc") $([[ "$svc" == kafka ]] && echo "$KAFKA_CONTROLLER_PORT"); do
+    if port_open "$port"; then
+      err "$svc: port $HOST:$port is already in use by another process (not ours)."
+      err "      Stop it, or pick another port with FUSION_${svc^^}_PORT=..."
+      return 1
+    fi
+  done
+}
+
+start_redis() {
+  command -v redis-server >/dev/null || install_redis || return 1
+  mkdir -p "$DATA_DIR/redis" || return 1
+  local aof=no
+  [[ "${FUSION_REDIS_PERSIST:-0}" == 1 ]] && aof=yes
+  launch redis redis-server \
+    --port "$REDIS_PORT" --bind "$HOST" --protected-mode yes \
+    --dir "$DATA_DIR/redis" --daemonize no --save "" --appendonly "$aof" \
+    --logfile ""
+}
+
+install_redis() {
+  say "redis-server not found: installing it with apt-get (Debian package redis-server) ..."
+  local sudo=""
+  [[ "$(id -u)" == 0 ]] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq || return 1
+  $sudo apt-get install -y -qq redis-server >/dev/null || return 1
+  command -v redis-server >/dev/null || { err "redis-server still missing after apt-get"; return 1; }
+}
+
+start_zookeeper() {
+  ensure_libs zookeeper || return 1
+  mkdir -p "$DATA_DIR/zookeeper" "$CONF_DIR" || return 1
+  cat >"$CONF_DIR/zoo.cfg" <<EOF || return 1
+# generated by stack/stack.sh -- edits are overwritten on every start
+tickTime=2000
+initLimit=10
+syncLimit=5
+dataDir=$DATA_DIR/zookeeper
+clientPort=$ZOOKEEPER_PORT
+clientPortAddress=$HOST
+maxClientCnxns=0
+4lw.commands.whitelist=ruok,srvr,stat,mntr
+admin.enableServer=false
+autopurge.snapRetainCount=3
+autopurge.purgeInterval=1
+EOF
+  launch zookeeper "$JAVA" -Xms64m -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
+    -Djava.awt.headless=true \
+    -Dzookeeper.admin.enableServer=false \
+    -Dzookeeper.4lw.commands.whitelist=ruok,srvr,stat,mntr \
+    -Dorg.slf4j.simpleLogger.defaultLogLevel=info \
+    -Dorg.slf4j.simpleLogger.showDateTime=true \
+    -Dorg.slf4j.simpleLogger.dateTimeFormat="yyyy-MM-dd HH:mm:ss,SSS" \
+    -Dorg.slf4j.simpleLogger.showShortLogName=true \
+    -cp "$LIBS/*" org.apache.zookeeper.server.quorum.QuorumPeerMain "$CONF_DIR/zoo.cfg"
+}
+
+write_kafka_config() {
+  cat >"$CONF_DIR/kafka.properties" <<EOF
+# generated by stack/stack.sh -- edits are overwritten on every start
+process.roles=broker,controller
+node.id=1
+# static single-voter quorum (the endpoint is not baked into the formatted
+# storage, so the controller port may change between runs)
+controller.quorum.voters=1@$HOST:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+
+log.dirs=$DATA_DIR/kafka
+num.partitions=1
+default.replication.factor=1
+min.insync.replicas=1
+auto.create.topics.enable=false
+delete.topic.enable=true
+
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=8
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=8
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+
+group.initial.rebalance.delay.ms=0
+group.coordinator.rebalance.protocols=classic,consumer
+
+log.segment.bytes=16777216
+log.retention.hours=24
+log.retention.check.interval.ms=10000
+
+num.network.threads=2
+num.io.threads=4
+num.recovery.threads.per.data.dir=1
+EOF
+}
+
+# Kafka cluster ids are 16 random bytes, base64url without padding (22 chars),
+# and must not start with '-'.
+new_cluster_id() {
+  local id
+  while :; do
+    id="$(head -c16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
+    [[ "$id" != -* ]] && { echo "$id"; return; }
+  done
+}
+
+start_kafka() {
+  ensure_libs kafka || return 1
+  mkdir -p "$DATA_DIR/kafka" "$CONF_DIR" || return 1
+  write_kafka_config || return 1
+  local jvm=(-Djava.awt.headless=true
+             -Dlog4j2.configurationFile="$STACK_SRC/kafka-log4j2.properties"
+             -Dkafka.logs.dir="$LOG_DIR")
+  if [[ ! -f "$DATA_DIR/kafka/meta.properties" ]]; then
+    local t0 cid
+    t0="$(now)"
+    cid="$(new_cluster_id)"
+    say "kafka: formatting storage (cluster id $cid)"
+    if ! "$JAVA" -Xmx256m -XX:TieredStopAtLevel=1 "${jvm[@]}" -cp "$LIBS/*" kafka.tools.StorageTool \
+          format --cluster-id "$cid" --config "$CONF_DIR/kafka.properties" --ignore-formatted \
+          >>"$(logfile kafka)" 2>&1; then
+      err "kafka: storage format failed:"
+      tail -n 40 "$(logfile kafka)" >&2
+      return 1
+    fi
+    say "kafka: storage formatted in $(since "$t0")"
+  fi
+  # shellcheck disable=SC2086
+  launch kafka "$JAVA" $KAFKA_HEAP -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent \
+    -XX:+UseStringDeduplication \
+    "${jvm[@]}" -cp "$LIBS/*" kafka.Kafka "$CONF_DIR/kafka.properties"
+}
+
+# wait_ready SERVICE T0 : poll until ready; on death/timeout print log tail, fail.
+wait_ready() {
+  local svc="$1" t0="$2" deadline pid
+  deadline=$((SECONDS + READY_TIMEOUT))
+  while :; do
+    if ! pid="$(service_pid "$svc")"; then
+      err "$svc exited during startup; last 40 lines of $(logfile "$svc"):"
+      tail -n 40 "$(logfile "$svc")" >&2 || true
+      return 1
+    fi
+    if service_ready "$svc"; then
+      say "$svc ready (pid $pid, $(endpoint "$svc")) in $(since "$t0")"
+      return 0
+    fi
+    if ((SECONDS >= deadline)); then
+      err "$svc not ready after ${READY_TIMEOUT}s; last 40 lines of $(logfile "$svc"):"
+      tail -n 40 "$(logfile "$svc")" >&2 || true
+      return 1
+    fi
+    sleep 0.3
+  done
+}
+
+write_env() {
+  local tmp="$ENV_FILE.tmp.$$"
+  cat >"$tmp" <<EOF
+FUSION_KAFKA_BOOTSTRAP_SERVERS=$HOST:$KAFKA_PORT
+CELERY_BROKER_URL=redis://$HOST:$REDIS_PORT/0
+CELERY_RESULT_BACKEND=redis://$HOST:$REDIS_PORT/1
+FUSION_ZOOKEEPER_HOSTS=$HOST:$ZOOKEEPER_PORT
+EOF
+  mv "$tmp" "$ENV_FILE"
+}
+
+init_dirs() { mkdir -p "$PID_DIR" "$LOG_DIR" "$DATA_DIR" "$CONF_DIR"; }
+
+# Serialize up/down/start/stop (e.g. two `make test` at once). fd 9 is closed
+# for the launched services (see launch) so they never hold the lock.
+take_lock() {
+  init_dirs
+  if command -v flock >/dev/null; then
+    exec 9>"$STATE/.lock"
+    flock -w 300 9 || { err "could not take $STATE/.lock"; exit 1; }
+  fi
+}
+
+# start_services SERVICE... : start the ones not running (in parallel), wait for all.
+start_services() {
+  local svc pid t_all t0 failed=0
+  local -a started=() t_start=()
+  t_all="$(now)"
+  # Fetch jars first (sequential Maven runs; no-op when cached).
+  for svc in "$@"; do
+    case "$svc" in kafka|zookeeper) service_pid "$svc" >/dev/null || ensure_libs "$svc" ;; esac
+  done
+  for svc in "$@"; do
+    if pid="$(service_pid "$svc")"; then
+      if service_ready "$svc"; then
+        say "$svc already running (pid $pid, $(endpoint "$svc"))"
+      else
+        say "$svc running (pid $pid) but not answering yet; waiting"
+        started+=("$svc"); t_start+=("$(now)")
+      fi
+      continue
+    fi
+    rm -f "$(pidfile "$svc")"
+    check_port_free "$svc" || { failed=1; continue; }
+    t0="$(now)"
+    "start_$svc" || { err "$svc failed to start"; failed=1; continue; }
+    say "$svc started (pid $(head -n1 "$(pidfile "$svc")")), waiting until ready ..."
+    started+=("$svc"); t_start+=("$t0")
+  done
+  local i
+  for i in "${!started[@]}"; do
+    wait_ready "${started[$i]}" "${t_start[$i]}" || failed=1
+  done
+  write_env
+  if ((failed)); then
+    err "stack not fully up after $(since "$t_all")"
+    return 1
+  fi
+  say "ready in $(since "$t_all"); environment in ${ENV_FILE#"$ROOT"/}"
+}
+
+stop_service() {
+  local svc="$1" pid i
+  if ! pid="$(service_pid "$svc")"; then
+    rm -f "$(pidfile "$svc")"
+    say "$svc not running"
+    return 0
+  fi
+  say "stopping $svc (pid $pid) ..."
+  local t0
+  t0="$(now)"
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < STOP_TIMEOUT * 10; i++)); do
+    pid_alive "$svc" "$pid" || break
+    sleep 0.1
+  done
+  if pid_alive "$svc" "$pid"; then
+    say "$svc (pid $pid) still alive after ${STOP_TIMEOUT}s: SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do pid_alive "$svc" "$pid" || break; sleep 0.1; done
+  fi
+  rm -f "$(pidfile "$svc")"
+  say "$svc stopped in $(since "$t0")"
+}
+
+status() {
+  local svc pid all_up=0 state
+  local -a which=("$@")
+  ((${#which[@]})) || which=("${SERVICES[@]}")
+  for svc in "${which[@]}"; do
+    valid_service "$svc" || { err "unknown service '$svc' (kafka|redis|zookeeper)"; return 2; }
+    if pid="$(service_pid "$svc")"; then
+      if service_ready "$svc"; then state=running; else state=unhealthy; all_up=3; fi
+    else
+      state=stopped; pid=-; all_up=3
+    fi
+    printf '%-10s %-10s pid=%-8s %s\n' "$svc" "$state" "$pid" "$(endpoint "$svc")"
+  done
+  return "$all_up"
+}
+
+usage() {
+  sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+need_service() {
+  valid_service "${1:-}" || { err "expected a service name: kafka|redis|zookeeper"; usage >&2; exit 2; }
+}
+
+# ----------------------------------------------------------------------------
+
+main() {
+  local cmd="${1:-}"
+  shift || true
+  case "$cmd" in
+    up)
+      take_lock
+      start_services "${SERVICES[@]}"
+      ;;
+    down)
+      take_lock
+      local svc
+      # reverse order: kafka first (its clients), zookeeper last
+      for svc in kafka redis zookeeper; do stop_service "$svc"; done
+      ;;
+    status)
+      init_dirs
+      status "$@"
+      ;;
+    start)
+      need_service "${1:-}"; take_lock; start_services "$1" ;;
+    stop)
+      need_service "${1:-}"; take_lock; stop_service "$1" ;;
+    restart)
+      need_service "${1:-}"; take_lock; stop_service "$1"; start_services "$1" ;;
+    -h|--help|help)
+      usage ;;
+    *)
+      usage >&2; exit 2 ;;
+  esac
+}
+
+main "$@"

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# with-stack.sh CMD [ARGS...]
+#
+# Run CMD with the local service stack (Kafka, Redis, ZooKeeper) up and the
+# stack's connection settings (.stack/env) exported into its environment.
+#
+# Services that were already running are reused and left running; services
+# this script had to start are stopped again afterwards -- also when CMD fails
+# or the script is interrupted. The exit code is CMD's (or 1 if the stack
+# could not be brought up).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+STACK=("bash" "$HERE/stack.sh")
+SERVICES=(zookeeper redis kafka)
+
+if (($# == 0)); then
+  echo "usage: $0 CMD [ARGS...]" >&2
+  exit 2
+fi
+
+started=()
+
+# shellcheck disable=SC2317  # invoked from the EXIT trap
+teardown() {
+  if ((${#started[@]})); then
+    echo "[with-stack] stopping what this run started: ${started[*]}"
+    local i
+    # reverse start order: kafka before zookeeper
+    for ((i = ${#started[@]} - 1; i >= 0; i--)); do "${STACK[@]}" stop "${started[$i]}" || true; done
+  fi
+  started=()
+}
+
+if "${STACK[@]}" status >/dev/null 2>&1; then
+  echo "[with-stack] stack already up: reusing it (it stays up afterwards)"
+else
+  for svc in "${SERVICES[@]}"; do
+    "${STACK[@]}" status "$svc" >/dev/null 2>&1 || started+=("$svc")
+  done
+  echo "[with-stack] starting: ${started[*]}"
+  trap 'teardown' EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  if ! "${STACK[@]}" up; then
+    echo "[with-stack] the stack did not come up" >&2
+    exit 1
+  fi
+fi
+
+set -a
+# shellcheck disable=SC1091
+. "$ROOT/.stack/env"
+set +a
+
+rc=0
+"$@" || rc=$?
+exit "$rc"

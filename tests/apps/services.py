@@ -1,0 +1,90 @@
+"""Reactors the integration tests run in real workers (topics are prefixed with the test run id)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import redis
+
+from fusion_celery import Reactor, reactor, register_arg_in_fn
+
+RUN = os.environ["FUSION_TEST_RUN"]
+r = redis.Redis.from_url(os.environ.get("FUSION_TEST_REDIS") or os.environ["CELERY_RESULT_BACKEND"])
+
+
+def t(name: str) -> str:
+    return f"{RUN}.{name}"
+
+
+@reactor(t("add"))
+def add(message):
+    return sum(message.data)
+
+
+@reactor(t("subtract"))
+def subtract(message):
+    first, *rest = message.data
+    return first - sum(rest)
+
+
+def math_deps(message):
+    args = message.data or [1, 2, 3]
+    return {"one": {"topic": t("add"), "args": args},
+            "two": {"topic": t("subtract"), "args": [2], "arg_in_fn": "cons", "deps": ["one"]}}
+
+
+@reactor(t("math"), deps=math_deps)
+def math(message, results):
+    r.incr(f"bodyruns:{RUN}:{message.id}")
+    return results["two"]
+
+
+@reactor(t("boom"))
+def boom(message):
+    raise ValueError(f"boom: {message.data}")
+
+
+@reactor(t("record"))
+def record(message):
+    """Counts what it processed (for the at-least-once test)."""
+    r.sadd(f"record:{RUN}", str(message.data))
+    return message.data
+
+
+register_arg_in_fn("merge", lambda args, result: {**args, **result})
+
+
+class Generic(Reactor):
+    """deps-map comes inside the request: {"deps": {...}, "echo": ...}; answers with the results."""
+
+    topic = t("generic")
+
+    def deps(self, message):
+        return (message.data or {}).get("deps")
+
+    def process(self, message, results):
+        if message.id:
+            r.incr(f"bodyruns:{RUN}:{message.id}")
+        return {"results": results, "echo": (message.data or {}).get("echo")}
+
+
+@reactor(t("one-arg"))
+def one_arg(message):
+    return {"topic": message.topic, "key": message.key, "partition": message.partition,
+            "offset": message.offset, "data": message.data, "id": message.id}
+
+
+@reactor(t("slow"))
+def slow(message):
+    time.sleep(float(message.data))
+    return message.data
+
+
+from fusion_celery import app as _app  # noqa: E402
+
+
+@_app.task(name="tests.ping")
+def ping(x):
+    """A plain Celery task: proves the broker/backend round trip through a real worker."""
+    return {"pong": x, "pid": os.getpid()}

@@ -1,0 +1,104 @@
+"""Unit tests of the wire protocol (pure logic, no services)."""
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fusion_celery.errors import PayloadTooLarge, ProtocolError, RemoteError, ReplyNotAllowed
+from fusion_celery.protocol import (check_return_topic, decode_reply, decode_request, encode_error, encode_reply,
+                                    encode_request, reply_headers)
+
+
+def dec(value, **kw):
+    return decode_request(value, topic="in", **kw)
+
+
+@pytest.mark.parametrize("key", ["return-topic", "return_topic", "response-topic"])
+def test_all_three_return_topic_spellings(key):
+    msg = dec(json.dumps({"data": [1, 2], key: "fusion.rt.1.abc"}).encode())
+    assert msg.return_topic == "fusion.rt.1.abc"
+    assert msg.data == [1, 2]
+
+
+def test_metadata_and_unknown_keys():
+    msg = dec(b'{"data": {"a": 1}, "id": "c-1", "deadline": 1700000000000, "extra": true}',
+              key=b"k", partition=2, offset=7, headers=[("h", b"v")])
+    assert (msg.id, msg.deadline, msg.key, msg.partition, msg.offset) == ("c-1", 1700000000000, "k", 2, 7)
+    assert msg.headers == {"h": "v"} and msg.value["extra"] is True and msg.return_topic is None
+
+
+def test_metadata_from_headers():
+    msg = dec(b'{"data": 1}', headers=[("return-topic", b"fusion.rt.9.x"), ("fusion-id", b"h-1")])
+    assert msg.return_topic == "fusion.rt.9.x" and msg.id == "h-1"
+
+
+@pytest.mark.parametrize("value,reason", [
+    (b"", "empty"), (b"\xff\xfe", "not-utf8"), (b"{not json", "not-json"), (b"[1,2]", "not-object"),
+    (b'{"data": 1, "return-topic": 5}', "bad-field"), (b'{"data": 1, "deadline": "soon"}', "bad-field"),
+    (b'{"data": 1, "id": [1]}', "bad-field"),
+    (b'{"data": 1, "return-topic": "payments"}', "return-topic-not-allowed"),
+    (b'{"data": 1, "return-topic": "../etc"}', "return-topic-not-allowed"),
+])
+def test_malformed_requests_have_typed_reasons(value, reason):
+    with pytest.raises(ProtocolError) as exc:
+        dec(value)
+    assert exc.value.reason == reason
+
+
+def test_size_limit():
+    with pytest.raises(PayloadTooLarge):
+        dec(json.dumps({"data": "x" * 100}).encode(), max_bytes=50)
+
+
+def test_allowlist():
+    check_return_topic("replies.team-a", "fusion.rt.", [r"replies\..*"])
+    with pytest.raises(ReplyNotAllowed):
+        check_return_topic("replies.team-a", "fusion.rt.", [])
+
+
+def test_request_roundtrip_uses_readme_spelling():
+    body = json.loads(encode_request([1, 2, 3], "fusion.rt.1.a", id="x", deadline=5))
+    assert body == {"data": [1, 2, 3], "return-topic": "fusion.rt.1.a", "id": "x", "deadline": 5}
+
+
+def test_replies():
+    assert decode_reply(encode_reply({"a": 1}), reply_headers("ok", "1")) == {"a": 1}
+    assert decode_reply(b"6") == 6  # a plain service's reply: just the JSON of the result
+    with pytest.raises(RemoteError, match="ValueError: bad"):
+        decode_reply(encode_error("ValueError", "bad"), reply_headers("error", "1"))
+    with pytest.raises(RemoteError):
+        decode_reply(encode_error("E", "m"))  # a plain service's error body, no header
+    assert decode_reply(b'{"error": "not the error shape"}') == {"error": "not the error shape"}
+    with pytest.raises(ProtocolError):
+        decode_reply(b"\x00garbage")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300) | st.from_regex(r'\{.*\}', fullmatch=True).map(str.encode))
+def test_decoder_never_raises_anything_but_protocol_error(value):
+    try:
+        msg = dec(value, max_bytes=200)
+    except ProtocolError as exc:
+        assert exc.reason
+    else:
+        assert msg.topic == "in"
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                      max_size=4), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["data", "return-topic", "id", "deadline", "x"]), json_values))
+def test_any_json_object_is_a_request_or_a_typed_error(body):
+    try:
+        msg = dec(json.dumps(body).encode())
+    except ProtocolError as exc:
+        assert exc.reason in {"bad-field", "return-topic-not-allowed"}
+    else:
+        assert msg.data == body.get("data")
+        if msg.return_topic:
+            assert msg.return_topic.startswith("fusion.rt.")  # the allow-list holds
