@@ -59,7 +59,8 @@ def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | N
     c = clients(app)
     if not c.topic_exists(topic):
         raise DependencyFailed(f"{'dep ' + repr(dep) + ': ' if dep else ''}topic {topic!r} does not exist")
-    wait_deadline = now_ms() + int(timeout * 1000)
+    created = now_ms()
+    wait_deadline = created + int(timeout * 1000)
     if deadline is not None:
         wait_deadline = min(wait_deadline, int(deadline))
     body = encode_request(data, None, id=task.request.id, deadline=wait_deadline)
@@ -70,7 +71,7 @@ def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | N
                     config={"retention.ms": str(setting(app, "fusion_return_topic_retention_ms"))})
     wait = Wait(id=task.request.id, return_topic=return_topic, topic=topic, deadline=wait_deadline,
                 request=save_request(task.request), task_name=task.request.shadow or task.name, dep=dep,
-                carry=carry, reactor=reactor, owner=task.request.hostname or "")
+                carry=carry, reactor=reactor, owner=task.request.hostname or "", created=created)
     reg = registry(app)
     try:
         reg.register(wait)

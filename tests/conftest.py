@@ -304,3 +304,27 @@ def app(stack):
 def topic_name(base: str) -> str:
     """The topic a test reactor in tests/apps serves in this run."""
     return f"{RUN_ID}.{base}"
+
+
+def isolated_env() -> dict[str, str]:
+    """Settings for workers that must not share work with the session worker.
+
+    Their own Celery broker and backend databases, their own registry topic (so
+    their own waiter group) and their own reactor topics (another run id).
+    """
+    base = BROKER.rsplit("/", 1)[0]
+    tag = uuid.uuid4().hex[:6]
+    return {"CELERY_BROKER_URL": f"{base}/2", "CELERY_RESULT_BACKEND": f"{base}/3",
+            "FUSION_TEST_REDIS": BACKEND, "FUSION_REGISTRY_URL": f"kafka://fusion.waits.{tag}",
+            "FUSION_TEST_RUN": f"{RUN_ID}{tag}"}
+
+
+def committed_total(servers: str, group: str, topic: str, partitions: int) -> int:
+    """Sum of the committed offsets of ``group`` on ``topic``."""
+    from confluent_kafka import Consumer, TopicPartition
+    c = Consumer({"bootstrap.servers": servers, "group.id": group, "enable.auto.commit": False})
+    try:
+        parts = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return sum(max(0, p.offset) for p in parts)
+    finally:
+        c.close()

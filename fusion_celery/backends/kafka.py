@@ -25,7 +25,7 @@ __all__ = ["KafkaRegistry", "KafkaWatcher"]
 
 logger = logging.getLogger(__name__)
 
-GROUP = "fusion.waiters"
+GROUP_PREFIX = "fusion.waiters."
 
 
 class KafkaRegistry(Registry):
@@ -110,7 +110,7 @@ class KafkaWatcher(Watcher):
         self._changes: list[Change] = []
         self._owned: dict[int, set[str]] = {}
         self.consumer: Consumer = clients(registry.app).consumer(**{
-            "group.id": GROUP,
+            "group.id": f"{GROUP_PREFIX}{registry.topic}",
             "client.id": f"fusion-waiter-{name}",
             "enable.auto.commit": False,
             "session.timeout.ms": 10000,

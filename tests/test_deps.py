@@ -1,0 +1,147 @@
+"""Deps-maps through chords of dispatching subtasks and the durable waiter (real stack, real workers)."""
+
+import json
+import time
+import uuid
+
+import pytest
+
+from conftest import RUN_ID, topic_name, wait_for
+
+
+def rt(kit):
+    return kit.topic(f"fusion.rt.{uuid.uuid4().hex}")
+
+
+def call(kit, topic, data, timeout=90, **extra):
+    back = rt(kit)
+    kit.send(topic, {"data": data, "return-topic": back, **extra})
+    [msg] = kit.read(back, 1, timeout=timeout)
+    return json.loads(msg.value()), dict(msg.headers() or [])
+
+
+def return_topics(kit):
+    return kit.topics("fusion.rt.")
+
+
+def test_seed_math_example_returns_4(kit, services_worker):
+    body, headers = call(kit, topic_name("math"), [1, 2, 3], id="m-1")
+    assert body == 4 and headers["fusion-status"] == b"ok"
+
+
+def test_diamond_injects_right_args(kit, services_worker, service):
+    t = {n: kit.topic() for n in "abcd"}
+    svcs = {n: service(t[n], (lambda n: lambda data: {"svc": n, "got": data})(n)) for n in "abcd"}
+    deps = {"a": {"topic": t["a"], "args": [1]},
+            "b": {"topic": t["b"], "args": ["b0"], "deps": ["a"]},
+            "c": {"topic": t["c"], "args": ["c0"], "arg_in_fn": "cons", "deps": ["a"]},
+            "d": {"topic": t["d"], "args": [], "deps": ["c", "b"]}}
+    body, _ = call(kit, topic_name("generic"), {"deps": deps})
+    ra = {"svc": "a", "got": [1]}
+    rb = {"svc": "b", "got": ["b0", ra]}
+    rc = {"svc": "c", "got": [ra, "c0"]}
+    assert body["results"] == {"a": ra, "b": rb, "c": rc, "d": {"svc": "d", "got": [rc, rb]}}
+    assert [len(s.received) for s in svcs.values()] == [1, 1, 1, 1]
+
+
+def test_independent_deps_overlap_in_time(kit, services_worker, service):
+    spans = {}
+
+    def slow(name):
+        def fn(data):
+            start = time.time()
+            time.sleep(1.5)
+            spans[name] = (start, time.time())
+            return name
+        return fn
+
+    ta, tb = kit.topic(), kit.topic()
+    service(ta, slow("a"))
+    service(tb, slow("b"))
+    body, _ = call(kit, topic_name("generic"), {"deps": {"a": {"topic": ta}, "b": {"topic": tb}}})
+    assert body["results"] == {"a": "a", "b": "b"}
+    (a0, a1), (b0, b1) = spans["a"], spans["b"]
+    assert a0 < b1 and b0 < a1, f"intervals do not overlap: {spans}"
+
+
+def test_isolated_dep_runs_too(kit, services_worker, service):
+    ta, tb = kit.topic(), kit.topic()
+    sa = service(ta, lambda d: "A")
+    sb = service(tb, lambda d: "B")
+    deps = {"a": {"topic": ta}, "b": {"topic": tb, "deps": ["a"]}, "lonely": {"topic": topic_name("add"),
+                                                                             "args": [20, 22]}}
+    body, _ = call(kit, topic_name("generic"), {"deps": deps})
+    assert body["results"] == {"a": "A", "b": "B", "lonely": 42}
+    assert len(sa.received) == len(sb.received) == 1
+
+
+def test_concurrency_one_prefork_worker_serves_reactor_and_its_deps(kit, worker_factory):
+    worker_factory(name="c1", concurrency=1, pool="prefork")
+    body, _ = call(kit, topic_name("math"), [4, 5, 6])
+    assert body == 13  # one = add([4, 5, 6]) = 15; two = subtract([15, 2]) = 13
+
+
+def test_error_reply_fails_fast_naming_the_dep(kit, services_worker):
+    t0 = time.monotonic()
+    deps = {"ok": {"topic": topic_name("add"), "args": [1]},
+            "bad": {"topic": topic_name("boom"), "args": ["x"]},
+            "after": {"topic": topic_name("add"), "args": [1], "deps": ["bad"]}}
+    body, headers = call(kit, topic_name("generic"), {"deps": deps})
+    assert headers["fusion-status"] == b"error"
+    assert body["error"]["type"] == "DependencyFailed"
+    assert "dep 'bad'" in body["error"]["message"] and "boom" in body["error"]["message"]
+    assert time.monotonic() - t0 < 30
+
+
+def test_timeout_fails_naming_dep_and_topic(kit, services_worker):
+    silent = kit.topic()
+    deps = {"mute": {"topic": silent, "timeout": 2}}
+    body, headers = call(kit, topic_name("generic"), {"deps": deps})
+    assert headers["fusion-status"] == b"error"
+    assert body["error"]["type"] == "DependencyTimeout"
+    assert f"dep 'mute' (topic '{silent}') did not reply within 2s" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("deps,match", [
+    ({"a": {"topic": "x", "deps": ["ghost"]}}, "unknown dep 'ghost'"),
+    ({"a": {"topic": "x", "deps": ["b"]}, "b": {"topic": "x", "deps": ["a"]}}, "cycle"),
+    ({"a": {"args": [1]}}, "missing 'topic'"),
+])
+def test_invalid_deps_map_replies_with_an_error(kit, services_worker, deps, match):
+    body, headers = call(kit, topic_name("generic"), {"deps": deps})
+    assert headers["fusion-status"] == b"error"
+    assert body["error"]["type"] == "DepsMapError" and match in body["error"]["message"]
+
+
+def test_missing_dep_topic_is_a_clear_error(kit, services_worker):
+    body, headers = call(kit, topic_name("generic"), {"deps": {"a": {"topic": f"nowhere.{uuid.uuid4().hex}"}}})
+    assert headers["fusion-status"] == b"error"
+    assert "does not exist" in body["error"]["message"] and "dep 'a'" in body["error"]["message"]
+
+
+def test_200_at_once_all_correct_and_no_return_topic_left(kit, services_worker, redis_client):
+    before = return_topics(kit)
+    n = 200
+    backs = [f"fusion.rt.{uuid.uuid4().hex}" for _ in range(n)]
+    from confluent_kafka.admin import NewTopic
+    for f in kit.admin.create_topics([NewTopic(b, 1, 1) for b in backs]).values():
+        f.result(60)
+    for i, back in enumerate(backs):
+        kit.producer.produce(topic_name("math"), json.dumps({"data": [i, 1], "return-topic": back, "id": f"b{i}"}))
+    kit.producer.flush(30)
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+    c = Consumer({"bootstrap.servers": kit.servers, "group.id": "x", "enable.auto.commit": False})
+    c.assign([TopicPartition(b, 0, OFFSET_BEGINNING) for b in backs])
+    got = {}
+    deadline = time.monotonic() + 240
+    while len(got) < n and time.monotonic() < deadline:
+        for m in c.consume(200, timeout=0.5):
+            if m.error() is None:
+                got[m.topic()] = json.loads(m.value())
+    c.close()
+    kit.admin.delete_topics(backs)
+    assert len(got) == n, f"{len(got)} of {n} answered"
+    for i, back in enumerate(backs):
+        assert got[back] == i + 1 - 2, (i, got[back])  # one = i + 1; two = (i + 1) - 2
+    ours = lambda: {t for t in return_topics(kit) - before if t not in backs}  # noqa: E731
+    wait_for(lambda: not ours(), 60, "every return topic fusion-celery created to be deleted")
