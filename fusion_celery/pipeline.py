@@ -23,7 +23,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from celery import Celery, Task
+from dataclasses import replace
+
+from celery import Celery, Signature, Task
 from celery.result import AsyncResult
 
 from .canvas import compile_deps
@@ -58,8 +60,19 @@ def call_topic(task: Task, topic: str, data: Any = None, timeout: float | None =
     open_wait(task, topic=topic, data=data, timeout=float(timeout or setting(app, "fusion_default_timeout")))
 
 
-def _pipeline(self: Task, topic: str, data: Any = None, timeout: float | None = None, wait: bool = True) -> Any:
-    """Send ``data`` to the reactor or service on ``topic`` and wait for its answer (or not)."""
+def _pipeline(self: Task, *args: Any, topic: str | None = None, data: Any = None, timeout: float | None = None,
+              wait: bool = True) -> Any:
+    """Send ``data`` to the reactor or service on ``topic`` and wait for its answer (or not).
+
+    Called by name as ``fusion.pipeline(topic, data)``; in a chain, the previous
+    task's result becomes ``data`` when the signature has none.
+    """
+    if topic is None:
+        if not args:
+            raise TypeError("fusion.pipeline needs a topic: send_task('fusion.pipeline', args=[topic, data])")
+        topic, args = args[0], args[1:]
+    if data is None and args:
+        data = args[0]
     return call_topic(self, topic, data, timeout, wait)
 
 
@@ -68,30 +81,27 @@ def register_pipeline(app: Celery) -> Task:
 
 
 class PipelineTask(Task):
-    """A named pipeline: a root topic, or a deps-map plus a combining step."""
+    """A named pipeline over a deps-map, with a combining step."""
 
-    root_topic: str | None = None
     deps_fn: Any = None
     combine_fn: Callable[..., Any] | None = None
     default_timeout: float | None = None
 
-    def run(self, prior: Any = None, *, data: Any = None, timeout: float | None = None, wait: bool = True,
-            stage: str = "start") -> Any:
+    def run(self, *args: Any, data: Any = None, timeout: float | None = None, stage: str = "start") -> Any:
+        from .dispatch import merge_results
         if stage == "combine":
-            from .dispatch import merge_results
-            results = merge_results(prior)
+            results = merge_results(args[0] if args else None)
             return self.combine_fn(data, results) if self.combine_fn else results
+        if data is None and args:
+            data = args[0]  # in a chain: the previous task's result
         timeout = timeout or self.default_timeout
-        if self.root_topic:
-            return call_topic(self, self.root_topic, data, timeout, wait)
         deps_map = self.deps_fn(data) if callable(self.deps_fn) else self.deps_fn
         from .reactor import chord_lifetime
         graph = DepsGraph(deps_map or {}, max_timeout=chord_lifetime(self.app))
         if timeout:
-            for dep in graph.deps.values():
+            for dep in list(graph.deps.values()):
                 if dep.timeout is None:
-                    graph.deps[dep.name] = type(dep)(dep.name, dep.topic, dep.args, dep.deps, dep.arg_in_fn,
-                                                     float(timeout))
+                    graph.deps[dep.name] = replace(dep, timeout=float(timeout))
         if not graph.deps:
             return self.run(None, data=data, stage="combine")
         body = self.signature(kwargs={"data": data, "stage": "combine"}).set(shadow=f"{self.name}[combine]")
@@ -102,11 +112,15 @@ class PipelineTask(Task):
 class Pipeline:
     """A gatekeeper for requests into the system, usable from any Celery client.
 
-    ``Pipeline("math")`` calls the reactor on topic ``math``.
+    ``Pipeline("math")`` calls the reactor on topic ``math`` through the
+    ``fusion.pipeline`` task, so the workers need nothing registered for it.
     ``Pipeline(deps=..., combine=..., name="enrich")`` fans out to several
-    services and combines their results.  ``delay(data)`` / ``apply_async`` return
-    an :class:`~celery.result.AsyncResult` whose ``.get()`` is the answer;
-    ``s(data)`` gives a signature for chains, groups and chords.
+    services and combines their results; it registers the task
+    ``fusion.pipeline.<name>``, so its module must be imported by the workers
+    (``fusion_imports``).  ``delay(data)`` / ``apply_async`` return an
+    :class:`~celery.result.AsyncResult` whose ``.get()`` is the answer; ``s(data)``
+    gives a signature for chains, groups and chords (in a chain, a signature
+    without data takes the previous task's result as its data).
     """
 
     def __init__(self, topic: str | None = None, *, deps: Any = None,
@@ -125,32 +139,47 @@ class Pipeline:
         from . import app as default_app
         self.app = app or default_app
         self.topic = topic
-        self.name = f"fusion.pipeline.{name or topic}"
-        self.task: PipelineTask = self.app.task(
-            name=self.name, base=PipelineTask, bind=True, shared=False, lazy=False, root_topic=topic,
-            deps_fn=staticmethod(deps) if callable(deps) else deps,
-            combine_fn=staticmethod(combine) if combine else None, default_timeout=timeout,
-            **task_options)(PipelineTask.run)
+        self.timeout = timeout
+        if topic is not None:
+            self.name = PIPELINE_TASK
+            self.task = self.app.tasks[PIPELINE_TASK] if PIPELINE_TASK in self.app.tasks else None
+            self._options = {"shadow": f"{PIPELINE_TASK}[{topic}]", **task_options}
+        else:
+            self.name = f"{PIPELINE_TASK}.{name}"
+            self._options = {}
+            self.task = self.app.task(
+                name=self.name, base=PipelineTask, bind=True, shared=False, lazy=False,
+                deps_fn=staticmethod(deps) if callable(deps) else deps,
+                combine_fn=staticmethod(combine) if combine else None, default_timeout=timeout,
+                **task_options)(PipelineTask.run)
 
-    def s(self, data: Any = None, *, timeout: float | None = None, wait: bool = True):
+    def _kwargs(self, data: Any, timeout: float | None, wait: bool) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"data": data, "timeout": timeout or self.timeout}
+        if self.topic is not None:
+            kwargs.update(topic=self.topic, wait=wait)
+        elif not wait:
+            raise ValueError("a deps-map pipeline always waits for its services")
+        return kwargs
+
+    def s(self, data: Any = None, *, timeout: float | None = None, wait: bool = True) -> Signature:
         """A signature of this pipeline for ``data`` (for canvas composition)."""
-        return self.task.s(data=data, timeout=timeout, wait=wait)
+        return self.app.signature(self.name, kwargs=self._kwargs(data, timeout, wait), **self._options)
 
-    def si(self, data: Any = None, *, timeout: float | None = None, wait: bool = True):
-        """An immutable signature (ignores the parent's result in a chain)."""
-        return self.task.si(data=data, timeout=timeout, wait=wait)
+    def si(self, data: Any = None, *, timeout: float | None = None, wait: bool = True) -> Signature:
+        """An immutable signature (ignores the previous task's result in a chain)."""
+        return self.s(data, timeout=timeout, wait=wait).set(immutable=True)
 
     def delay(self, data: Any = None, *, timeout: float | None = None, wait: bool = True) -> AsyncResult:
         """Start the pipeline for ``data``; ``.get()`` on the result gives the answer."""
-        return self.task.apply_async(kwargs={"data": data, "timeout": timeout, "wait": wait})
+        return self.s(data, timeout=timeout, wait=wait).apply_async()
 
     def apply_async(self, args: tuple = (), kwargs: dict[str, Any] | None = None, **options: Any) -> AsyncResult:
         """Like :meth:`celery.Task.apply_async`: ``args`` may hold the data, ``kwargs`` timeout/wait."""
         kwargs = dict(kwargs or {})
-        if args:
-            kwargs.setdefault("data", args[0])
-        return self.task.apply_async(kwargs=kwargs, **options)
+        sig = self.s(args[0] if args else kwargs.pop("data", None), timeout=kwargs.pop("timeout", None),
+                     wait=kwargs.pop("wait", True))
+        return sig.apply_async(**options)
 
     def __call__(self, data: Any = None, *, timeout: float | None = None) -> Any:
         """Start the pipeline and wait for its answer (from outside any task)."""
-        return self.delay(data, timeout=timeout).get(timeout=(timeout or 3600) + 30)
+        return self.delay(data, timeout=timeout).get(timeout=(timeout or self.timeout or 3600) + 30)

@@ -88,3 +88,12 @@ from fusion_celery import app as _app  # noqa: E402
 def ping(x):
     """A plain Celery task: proves the broker/backend round trip through a real worker."""
     return {"pong": x, "pid": os.getpid()}
+
+
+from fusion_celery import Pipeline  # noqa: E402
+
+fanout = Pipeline(
+    deps=lambda data: {"sum": {"topic": t("add"), "args": data}, "diff": {"topic": t("subtract"), "args": data}},
+    combine=lambda data, results: {"input": data, **results},
+    name=t("fanout"),
+)
