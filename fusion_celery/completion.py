@@ -24,6 +24,7 @@ from celery import Celery, group, states
 from celery.app.task import Context
 from celery.canvas import maybe_signature
 
+from . import progress
 from .errors import DependencyFailed
 from .registry import Wait
 from .reply import reply_once
@@ -113,6 +114,8 @@ def complete(app: Celery, wait: Wait, *, result: Any = None, exc: BaseException 
     if exc is None:
         value = {**(wait.carry or {}), wait.dep: result} if wait.dep else result
         backend.mark_as_done(wait.id, value, request=ctx)
+        if wait.reactor:
+            progress.advance(app, wait.reactor["id"])
         _send_callbacks_and_chain(app, value, ctx)
         if events:
             events.send("task-succeeded", uuid=wait.id, result=repr(value)[:1024], runtime=runtime)

@@ -24,6 +24,8 @@ from .errors import ConfigurationError, FusionError
 __all__ = ["Clients", "clients", "close_clients", "client_config"]
 
 logger = logging.getLogger(__name__)
+#: librdkafka's own log lines go here instead of straight to stderr.
+rdkafka_logger = logging.getLogger("fusion_celery.rdkafka")
 
 _SECRET_WORDS = ("password", "secret", "token", "key")
 
@@ -40,6 +42,7 @@ def client_config(app: Celery, kind: str, **extra: Any) -> dict[str, Any]:
     config.update(setting(app, "fusion_kafka_config") or {})
     config.update(setting(app, f"fusion_kafka_{kind}_config") or {})
     config.update(extra)
+    config.setdefault("logger", rdkafka_logger)
     return config
 
 

@@ -28,6 +28,7 @@ from dataclasses import replace
 from celery import Celery, Signature, Task
 from celery.result import AsyncResult
 
+from . import progress
 from .canvas import compile_deps
 from .config import setting
 from .graph import DepsGraph
@@ -106,6 +107,7 @@ class PipelineTask(Task):
             return self.run(None, data=data, stage="combine")
         body = self.signature(kwargs={"data": data, "stage": "combine"}).set(shadow=f"{self.name}[combine]")
         reactor = {"id": self.request.id, "topic": None, "message": {}}
+        progress.start(self.app, self.request.id, len(graph))
         return self.replace(compile_deps(self.app, graph, body, reactor=reactor))
 
 

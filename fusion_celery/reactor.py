@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping
 
 from celery import Celery, Task
 
+from . import progress
 from .canvas import compile_deps
 from .config import setting
 from .errors import DepsMapError, RequestExpired
@@ -83,7 +84,8 @@ class ReactorTask(Task):
         reactor_info = {"id": self.request.id, "topic": self.topic,
                         "message": {"return_topic": msg.return_topic, "id": msg.id, "topic": msg.topic}}
         body = self.signature(kwargs={"message": message, "stage": "process"}).set(
-            shadow=f"{self.name}[process]")
+            shadow=f"{self.name}[{self.topic}:process]")
+        progress.start(self.app, self.request.id, len(graph))
         return self.replace(compile_deps(self.app, graph, body, reactor=reactor_info, deadline=msg.deadline))
 
     def _process(self, msg: Message, results: dict[str, Any]) -> Any:

@@ -5,7 +5,8 @@ leave one behind: a crash between removing the wait and deleting the topic, a
 dispatch that failed after creating its topic, a client that gave up.  The
 reaper lists the topics with the return-topic prefix, reads their creation time
 from their name, and deletes those older than ``fusion_reaper_grace`` that no
-pending wait names.  It runs in every worker every ``fusion_reaper_interval``
+pending wait names (a topic whose name carries no creation time is never
+deleted automatically: it was not made by fusion-celery).  It runs in every worker every ``fusion_reaper_interval``
 seconds (deleting twice is harmless), and on demand with ``celery fusion reap``.
 """
 
@@ -59,7 +60,7 @@ def reap(app: Celery, grace: float | None = None) -> list[str]:
     """Delete orphan return topics now; return their names."""
     grace = float(setting(app, "fusion_reaper_grace") if grace is None else grace)
     orphans = [t.name for t in return_topics(app)
-               if t.wait_id is None and (t.age_s is None or t.age_s >= grace)]
+               if t.wait_id is None and t.age_s is not None and t.age_s >= grace]
     if orphans:
         clients(app).delete_topics(orphans, wait=True)
         logger.info("reaper: deleted %d orphan return topic(s)", len(orphans))

@@ -1,0 +1,131 @@
+"""The `celery fusion` commands against the real stack."""
+
+import json
+import os
+import pty
+import subprocess
+import sys
+import time
+import uuid
+
+from conftest import ROOT, topic_name, wait_for
+
+
+def fusion(*args, timeout=120, env=None):
+    e = {**os.environ, "FUSION_IMPORTS": "tests.apps.services", "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "celery", "-A", "fusion_celery", "fusion", *args], env=e,
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def one_line_error(out, text):
+    assert out.returncode != 0
+    assert text in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert len([line for line in out.stderr.splitlines() if line.strip()]) <= 3, out.stderr
+
+
+def test_call_wait_prints_the_answer(services_worker):
+    out = fusion("call", topic_name("math"), "[1, 2, 3]", "--wait", "--timeout", "60")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "4"
+
+
+def test_call_without_wait_prints_the_delivery_record(services_worker, kit):
+    topic = kit.topic()
+    out = fusion("call", topic, '{"a": 1}')
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"topic": topic, "partition": 0, "offset": 0}
+
+
+def test_call_errors_are_one_line(services_worker):
+    one_line_error(fusion("call", topic_name("math"), "[1, 2"), "not valid JSON")
+    one_line_error(fusion("call", f"missing.{uuid.uuid4().hex}", "1"), "does not exist")
+    one_line_error(fusion("call", "bad topic!", "1"), "not a legal Kafka topic name")
+    one_line_error(fusion("call", topic_name("boom"), "3", "--wait"), "replied with an error: ValueError: boom: 3")
+    one_line_error(fusion("call", topic_name("add"), "1", "--wait",
+                          env={"FUSION_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"}), "did not answer")
+
+
+def test_call_shows_progress_on_a_terminal(services_worker, service, kit):
+    gate_topic = kit.topic()
+    gate = service(gate_topic, lambda data: "late")
+    gate.hold = True
+    data = json.dumps({"deps": {"fast": {"topic": topic_name("add"), "args": [1]}, "slow": {"topic": gate_topic}}})
+    master, slave = pty.openpty()
+    e = {**os.environ, "FUSION_IMPORTS": "tests.apps.services", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "fusion_celery", "fusion", "call",
+                             topic_name("generic"), data, "--wait"], env=e, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=slave, text=True)
+    os.close(slave)
+    seen = b""
+
+    def progress_shown():
+        nonlocal seen
+        import select
+        while select.select([master], [], [], 0.1)[0]:
+            seen += os.read(master, 1024)
+        return b"deps done: 1/2" in seen
+
+    wait_for(progress_shown, 60, "the progress line 'deps done: 1/2'")
+    gate.release()
+    out, _ = proc.communicate(timeout=60)
+    os.close(master)
+    assert proc.returncode == 0
+    assert json.loads(out) == {"results": {"fast": 1, "slow": "late"}, "echo": None}
+
+
+def test_topics_and_reap(services_worker, service, kit):
+    gate_topic = kit.topic()
+    gate = service(gate_topic, lambda data: "ok")
+    gate.hold = True
+    back = kit.topic(f"fusion.rt.{uuid.uuid4().hex}")
+    kit.send(topic_name("generic"), {"data": {"deps": {"g": {"topic": gate_topic}}}, "return-topic": back})
+    wait_for(lambda: gate.received, 60, "the dependency request")
+    orphan = kit.topic(f"fusion.rt.1000.{uuid.uuid4().hex}")  # made in 1970 by nobody
+    out = fusion("topics", "--json")
+    assert out.returncode == 0, out.stderr
+    listed = {t["topic"]: t for t in json.loads(out.stdout)}
+    pending_rt = gate.received[0]["return-topic"]
+    assert listed[pending_rt]["owner"] == services_worker.name and listed[pending_rt]["target"] == gate_topic
+    assert listed[orphan]["owner"] is None and listed[orphan]["age_s"] > 1e9
+    table = fusion("topics")
+    assert pending_rt in table.stdout and "(orphan)" in table.stdout
+
+    out = fusion("reap", "--grace", "3600")
+    assert out.returncode == 0, out.stderr
+    assert f"deleted {orphan}" in out.stdout and pending_rt not in out.stdout
+    kit.created.remove(orphan)
+    gate.release()
+    kit.read(back, 1, timeout=60)
+
+
+def test_graph_mermaid_and_dot(services_worker):
+    out = fusion("graph", topic_name("math"), "[1, 2, 3]")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("flowchart LR") and "d_one --> d_two" in out.stdout
+    out = fusion("graph", topic_name("fanout"), "[1, 2]", "--format", "dot")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("digraph deps {") and '"sum" -> "proc_fn";' in out.stdout
+    one_line_error(fusion("graph", "nothing-here", "1"), "no reactor serves topic 'nothing-here'")
+    one_line_error(fusion("graph", topic_name("add"), "1"), "has no deps")
+
+
+def test_status_shows_pending_waits(services_worker, service, kit):
+    gate_topic = kit.topic()
+    gate = service(gate_topic, lambda data: "ok")
+    gate.hold = True
+    back = kit.topic(f"fusion.rt.{uuid.uuid4().hex}")
+    kit.send(topic_name("generic"), {"data": {"deps": {"g": {"topic": gate_topic}}}, "return-topic": back})
+    wait_for(lambda: gate.received, 60, "the dependency request")
+
+    def shown():
+        out = fusion("status", "--json")
+        return out.returncode == 0 and json.loads(out.stdout).get(services_worker.name, {}).get("by_topic", {})\
+            .get(gate_topic) == 1 and out
+
+    out = wait_for(shown, 60, "the waiter to report the pending wait")
+    st = json.loads(out.stdout)[services_worker.name]
+    assert st["pending"] >= 1 and st["oldest_age_s"] >= 0
+    assert gate_topic in fusion("status").stdout
+    gate.release()
+    kit.read(back, 1, timeout=60)
