@@ -15,7 +15,10 @@ __all__ = ["app", "install", "create_app"]
 _CELERY_DEFAULTS: dict[str, Any] = {
     # Flower needs events; fusion turns them on by default.
     "worker_send_task_events": True,
-    "task_send_sent_event": True,
+    # Off (Celery's default): Celery's task-sent event carries the task's real name,
+    # not its shadow name, and when it reaches Flower after task-received it would
+    # rename e.g. "fusion.dispatch[add]" back to "fusion.dispatch".
+    "task_send_sent_event": False,
     "result_extended": True,
     "task_serializer": "json",
     "result_serializer": "json",

@@ -22,7 +22,7 @@ from .config import setting
 from .errors import DependencyFailed, FusionError
 from .graph import Dep, inject
 from .kafka import clients
-from .protocol import check_size, encode_request
+from .protocol import PARENT_HEADER, ROOT_HEADER, check_size, encode_request
 from .registry import Wait, now_ms
 from .runtime import registry
 
@@ -45,6 +45,16 @@ def merge_results(prior: Any) -> dict[str, Any]:
 def new_return_topic(app: Celery) -> str:
     """A fresh return topic name: prefix, creation time in ms (the reaper reads it), random part."""
     return f"{setting(app, 'fusion_return_topic_prefix')}{now_ms()}.{uuid.uuid4().hex}"
+
+
+def lineage_headers(task: Task) -> list[tuple[str, bytes]]:
+    """Headers that let a fusion reactor on the other side join this task's tree (root and parent ids).
+
+    Optional for other services: they may ignore them.  With them, Flower shows
+    a pipeline call and every reactor run and dependency it caused as one tree.
+    """
+    return [(ROOT_HEADER, (task.request.root_id or task.request.id).encode()),
+            (PARENT_HEADER, task.request.id.encode())]
 
 
 def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | None = None,
@@ -76,7 +86,7 @@ def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | N
     try:
         reg.register(wait)
         c.produce(topic, encode_request(data, return_topic, id=task.request.id, deadline=wait_deadline),
-                  key=topic)
+                  key=topic, headers=lineage_headers(task))
     except FusionError:
         reg.remove(wait)
         c.delete_topics([return_topic])

@@ -25,7 +25,7 @@ from confluent_kafka import Consumer, KafkaError, Message as KafkaMessage, Topic
 from .config import setting
 from .errors import ProtocolError
 from .kafka import clients
-from .protocol import decode_request
+from .protocol import PARENT_HEADER, ROOT_HEADER, decode_request
 
 __all__ = ["Intake", "dlq_topic", "consumer_group", "run_id"]
 
@@ -114,7 +114,9 @@ class ReactorIntake(threading.Thread):
             return
         task_id = run_id(msg.topic(), msg.partition(), msg.offset(), msg.timestamp()[1])
         self.task.apply_async(kwargs={"message": message.to_dict()}, task_id=task_id,
-                              shadow=f"{self.task.name}[{self.topic}]")
+                              shadow=f"{self.task.name}[{self.topic}]",
+                              root_id=message.headers.get(ROOT_HEADER) or None,
+                              parent_id=message.headers.get(PARENT_HEADER) or None)
         self.in_flight.add(task_id)
         self.counts["started"] += 1
 

@@ -42,7 +42,7 @@ PIPELINE_TASK = "fusion.pipeline"
 
 def call_topic(task: Task, topic: str, data: Any = None, timeout: float | None = None, wait: bool = True) -> Any:
     """Send ``data`` to ``topic``; park until the reply (``wait``) or return the delivery record."""
-    from .dispatch import open_wait
+    from .dispatch import lineage_headers, open_wait
     from .errors import DependencyFailed
     app = task.app
     if not valid_topic_name(topic):
@@ -56,7 +56,7 @@ def call_topic(task: Task, topic: str, data: Any = None, timeout: float | None =
             raise DependencyFailed(f"topic {topic!r} does not exist")
         body = encode_request(data, None, id=task.request.id)
         check_size(body, int(setting(app, "fusion_max_message_bytes")), f"the request to topic {topic!r}")
-        msg = c.produce(topic, body, key=topic)
+        msg = c.produce(topic, body, key=topic, headers=lineage_headers(task))
         return {"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()}
     open_wait(task, topic=topic, data=data, timeout=float(timeout or setting(app, "fusion_default_timeout")))
 

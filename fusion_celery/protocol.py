@@ -43,6 +43,8 @@ RETURN_TOPIC_KEYS = ("return-topic", "return_topic", "response-topic")
 STATUS_HEADER = "fusion-status"
 ID_HEADER = "fusion-id"
 DEADLINE_HEADER = "fusion-deadline"
+ROOT_HEADER = "fusion-root-id"
+PARENT_HEADER = "fusion-parent-id"
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 Headers = Sequence[tuple[str, bytes | str | None]] | dict[str, Any] | None
