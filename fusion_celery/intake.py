@@ -120,19 +120,21 @@ class ReactorIntake(threading.Thread):
         self.in_flight.add(task_id)
         self.counts["started"] += 1
 
-    def _flow_control(self) -> None:
-        if not self.in_flight:
+    def _refresh_in_flight(self) -> None:
+        if self.in_flight:
+            self.in_flight &= _unfinished(self.app, list(self.in_flight))
+
+    def _set_paused(self, paused: bool) -> None:
+        if paused == self.paused:
             return
-        self.in_flight &= _unfinished(self.app, list(self.in_flight))
         assignment = self.consumer.assignment()
-        if not self.paused and len(self.in_flight) >= self.max_in_flight:
+        if paused:
             self.consumer.pause(assignment)
-            self.paused = True
             logger.info("reactor %s: %d runs in flight, pausing", self.topic, len(self.in_flight))
-        elif self.paused and len(self.in_flight) < max(1, self.max_in_flight // 2):
+        else:
             self.consumer.resume(assignment)
-            self.paused = False
-            logger.info("reactor %s: resuming", self.topic)
+            logger.info("reactor %s: %d runs in flight, resuming", self.topic, len(self.in_flight))
+        self.paused = paused
 
     def run(self) -> None:
         self.consumer = clients(self.app).consumer(**{
@@ -147,7 +149,16 @@ class ReactorIntake(threading.Thread):
         last_check = 0.0
         try:
             while not self.stop_event.is_set():
-                msgs = self.consumer.consume(100, timeout=0.2)
+                capacity = self.max_in_flight - len(self.in_flight)
+                if capacity <= 0:
+                    self._set_paused(True)
+                elif self.paused and len(self.in_flight) <= self.max_in_flight // 2:
+                    self._set_paused(False)
+                # Never take more records than may be in flight: the bound holds within a batch too.
+                msgs = self.consumer.consume(min(100, max(1, capacity)), timeout=0.2)
+                if self.paused and msgs:
+                    self._rewind(msgs)  # fetched just before the pause: read them again later
+                    msgs = []
                 for i, msg in enumerate(msgs):
                     err = msg.error()
                     if err is not None:
@@ -166,12 +177,13 @@ class ReactorIntake(threading.Thread):
                         break
                     self.consumer.store_offsets(message=msg)
                 now = time.monotonic()
-                if now - last_check > 0.5 or len(self.in_flight) >= self.max_in_flight:
+                if now - last_check > 0.25 or len(self.in_flight) >= self.max_in_flight:
                     last_check = now
                     try:
-                        self._flow_control()
+                        self._refresh_in_flight()
                     except Exception:
                         logger.exception("reactor %s: cannot read run states", self.topic)
+                        self.stop_event.wait(1.0)
         finally:
             self._commit()
             self.consumer.close()

@@ -201,3 +201,12 @@ def close_clients(app: Celery) -> None:
         found = _clients.pop((id(app), os.getpid()), None)
     if found is not None:
         found.close()
+
+
+def close_all_clients() -> None:
+    """Flush and drop every client this process made (a pool child on its way out)."""
+    with _clients_lock:
+        mine = [k for k in _clients if k[1] == os.getpid()]
+        found = [_clients.pop(k) for k in mine]
+    for c in found:
+        c.close()

@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from celery import bootsteps
+from celery.signals import worker_process_shutdown
 
 from .config import setting
 from .errors import ConfigurationError
@@ -100,3 +101,10 @@ class FusionStep(bootsteps.StartStopStep):
         self.stop(worker)
 
 
+
+
+@worker_process_shutdown.connect
+def _close_child_clients(**_: Any) -> None:
+    """A pool child is exiting: flush and close the Kafka clients it made for its tasks."""
+    from .kafka import close_all_clients
+    close_all_clients()

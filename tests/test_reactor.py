@@ -97,3 +97,40 @@ def test_sigterm_mid_stream_loses_nothing(kit, worker_factory, redis_client):
     wait_for(lambda: redis_client.scard(key) == n, 120, f"all {n} messages processed")
     assert {int(x) for x in redis_client.smembers(key)} == set(range(n))
     assert done_before < n or True  # informative: how many were done before the restart
+
+
+def test_result_hook_sees_every_result(kit, services_worker, redis_client):
+    import conftest
+    rec = kit.send(topic_name("add"), {"data": [2, 2]})
+    rid = run_id(rec.topic(), rec.partition(), rec.offset(), rec.timestamp()[1])
+    raw = wait_for(lambda: redis_client.hget(f"seen:{conftest.RUN_ID}", rid), 60, "the hook to see the result")
+    assert json.loads(raw) == {"topic": topic_name("add"), "result": 4, "error": None}
+    rec = kit.send(topic_name("boom"), {"data": 1})
+    rid = run_id(rec.topic(), rec.partition(), rec.offset(), rec.timestamp()[1])
+    raw = wait_for(lambda: redis_client.hget(f"seen:{conftest.RUN_ID}", rid), 60, "the hook to see the error")
+    assert json.loads(raw)["error"] == "boom: 1"
+
+
+def test_backpressure_bounds_what_reaches_the_celery_broker(kit, worker_factory, redis_client):
+    import redis as redis_lib
+
+    from conftest import isolated_env
+    env = {**isolated_env(), "FUSION_MAX_IN_FLIGHT": "4"}
+    topic = f"{env['FUSION_TEST_RUN']}.slow"
+    broker = redis_lib.Redis.from_url(env["CELERY_BROKER_URL"])
+    broker.delete("celery")
+    w = worker_factory(name="bp", env=env, concurrency=1)
+    n = 30
+    records = [kit.send(topic, {"data": 0.05}) for _ in range(n)]
+    results = redis_lib.Redis.from_url(env["CELERY_RESULT_BACKEND"])
+    keys = [f"celery-task-meta-{run_id(r.topic(), r.partition(), r.offset(), r.timestamp()[1])}" for r in records]
+    peak = 0
+
+    def all_done():
+        nonlocal peak
+        peak = max(peak, broker.llen("celery"))
+        return results.exists(*keys) == n
+
+    wait_for(all_done, 180, f"{n} slow runs to finish")
+    assert peak <= 4, f"{peak} tasks waited in the Celery queue with fusion_max_in_flight=4"
+    assert "in flight, pausing" in w.log() and "resuming" in w.log()

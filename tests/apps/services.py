@@ -97,3 +97,16 @@ fanout = Pipeline(
     combine=lambda data, results: {"input": data, **results},
     name=t("fanout"),
 )
+
+
+import json  # noqa: E402
+
+from fusion_celery.signals import reactor_result  # noqa: E402
+
+
+@reactor_result.connect
+def _observe(sender=None, task_id=None, message=None, result=None, exception=None, **_):
+    """The in-process result hook: record what was produced (read by test_reactor)."""
+    r.hset(f"seen:{RUN}", task_id, json.dumps({"topic": message.get("topic"), "result": result,
+                                                "error": None if exception is None else str(exception)}))
+    r.expire(f"seen:{RUN}", 3600)
