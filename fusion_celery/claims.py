@@ -9,11 +9,18 @@ before it replies.  Claims are ``SET NX`` keys in the Redis result backend.
 
 from __future__ import annotations
 
-from celery import Celery
+import logging
+from contextlib import contextmanager
+from typing import Iterator
+
+from celery import Celery, Task
+from celery.exceptions import Ignore
 
 from .errors import ConfigurationError
 
-__all__ = ["claim", "extend", "release", "is_claimed"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["claim", "extend", "release", "is_claimed", "once"]
 
 
 def _client(app: Celery):
@@ -46,3 +53,26 @@ def release(app: Celery, name: str) -> None:
 
 def is_claimed(app: Celery, name: str) -> bool:
     return bool(_client(app).exists(_key(name)))
+
+
+@contextmanager
+def once(task: Task, step: str, lease: float | None = None) -> Iterator[None]:
+    """Run the body once per delivery attempt of ``task`` (a duplicate message is ignored).
+
+    The marker is keyed by task id and retry count, so Celery retries still run.
+    It is a lease while the body runs (``lease`` seconds, default the task's hard
+    time limit or 10 minutes: a worker that died mid-way does not block a
+    redelivery for ever), kept for a week on success and dropped on failure.
+    """
+    app = task.app
+    name = f"{step}-{task.request.id}-{task.request.retries or 0}"
+    lease = lease or float(task.time_limit or app.conf.task_time_limit or 600)
+    if not claim(app, name, lease):
+        logger.info("%s %s: duplicate delivery ignored", step, task.request.id)
+        raise Ignore()
+    try:
+        yield
+    except BaseException:
+        release(app, name)
+        raise
+    extend(app, name, 7 * 24 * 3600)

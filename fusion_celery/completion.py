@@ -110,6 +110,11 @@ def complete(app: Celery, wait: Wait, *, result: Any = None, exc: BaseException 
     ctx = Context(wait.request)
     ctx.args, ctx.kwargs = [], {}
     backend = app.backend
+    if backend.get_state(wait.id) in states.READY_STATES:
+        # Completed before (a waiter died between completing and removing the wait):
+        # completing again could only overwrite the outcome or resend callbacks.
+        logger.info("waiter: %s (task %s) was already completed", wait.label, wait.id)
+        return
     runtime = max(0.0, time.time() - wait.created / 1000)
     if exc is None:
         value = {**(wait.carry or {}), wait.dep: result} if wait.dep else result

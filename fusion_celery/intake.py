@@ -124,6 +124,11 @@ class ReactorIntake(threading.Thread):
         if self.in_flight:
             self.in_flight &= _unfinished(self.app, list(self.in_flight))
 
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        consumer.assign(partitions)
+        if self.paused:
+            consumer.pause(partitions)  # newly assigned partitions obey a pause in force
+
     def _set_paused(self, paused: bool) -> None:
         if paused == self.paused:
             return
@@ -145,7 +150,7 @@ class ReactorIntake(threading.Thread):
             "auto.offset.reset": "earliest",
             "auto.commit.interval.ms": 1000,
         })
-        self.consumer.subscribe([self.topic], on_revoke=lambda c, parts: self._commit())
+        self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=lambda c, parts: self._commit())
         last_check = 0.0
         try:
             while not self.stop_event.is_set():

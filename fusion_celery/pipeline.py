@@ -29,6 +29,7 @@ from celery import Celery, Signature, Task
 from celery.result import AsyncResult
 
 from . import progress
+from .claims import once
 from .canvas import compile_deps
 from .config import setting
 from .graph import DepsGraph
@@ -92,7 +93,8 @@ class PipelineTask(Task):
         from .dispatch import merge_results
         if stage == "combine":
             results = merge_results(args[0] if args else None)
-            return self.combine_fn(data, results) if self.combine_fn else results
+            with once(self, "combine"):
+                return self.combine_fn(data, results) if self.combine_fn else results
         if data is None and args:
             data = args[0]  # in a chain: the previous task's result
         timeout = timeout or self.default_timeout

@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping
 from celery import Celery, Task
 
 from . import progress
+from .claims import once
 from .canvas import compile_deps
 from .config import setting
 from .errors import DepsMapError, RequestExpired
@@ -74,7 +75,8 @@ class ReactorTask(Task):
         msg = Message.from_dict(message)
         if stage == "process":
             from .dispatch import merge_results
-            return self._process(msg, merge_results(prior))
+            with once(self, "process"):
+                return self._process(msg, merge_results(prior))
         if msg.expired:
             raise RequestExpired(f"request to {self.topic!r} arrived after its deadline {msg.deadline}")
         deps_map = self.deps_fn(msg) if callable(self.deps_fn) else self.deps_fn
