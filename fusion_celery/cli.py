@@ -97,7 +97,7 @@ def call(ctx: click.Context, topic: str, data: str, wait: bool, timeout: float, 
         return
 
     return_topic = new_return_topic(app)
-    c.create_topics([return_topic], partitions=1,
+    c.create_topics([return_topic], partitions=1, visible=True,
                     config={"retention.ms": str(setting(app, "fusion_return_topic_retention_ms"))})
     consumer = c.consumer(**{"group.id": "fusion.cli", "enable.auto.commit": False})
     tty = sys.stderr.isatty()

@@ -77,7 +77,7 @@ def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | N
     check_size(body, int(setting(app, "fusion_max_message_bytes")), f"the request to topic {topic!r}")
 
     return_topic = new_return_topic(app)
-    c.create_topics([return_topic], partitions=1,
+    c.create_topics([return_topic], partitions=1, visible=True,
                     config={"retention.ms": str(setting(app, "fusion_return_topic_retention_ms"))})
     wait = Wait(id=task.request.id, return_topic=return_topic, topic=topic, deadline=wait_deadline,
                 request=save_request(task.request), task_name=task.request.shadow or task.name, dep=dep,

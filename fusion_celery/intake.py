@@ -149,6 +149,7 @@ class ReactorIntake(threading.Thread):
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
             "auto.commit.interval.ms": 1000,
+            "topic.metadata.refresh.interval.ms": 10000,
         })
         self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=lambda c, parts: self._commit())
         last_check = 0.0
@@ -225,7 +226,7 @@ class Intake:
         c = clients(self.app)
         default = int(setting(self.app, "fusion_reactor_partitions"))
         for task in tasks:
-            c.create_topics([task.topic], partitions=task.partitions or default)
+            c.create_topics([task.topic], partitions=task.partitions or default, visible=True)
             c.create_topics([dlq_topic(self.app, task.topic)], partitions=1)
 
     def start(self, tasks: list[Any]) -> None:

@@ -116,21 +116,34 @@ class Clients:
             raise FusionError(f"cannot send to Kafka topic {topic!r}: {outcome['err'].str()}")
         return outcome["msg"]
 
-    def topic_exists(self, topic: str, ttl: float = 60.0) -> bool:
-        """Whether ``topic`` exists (positive answers are cached for ``ttl`` seconds)."""
+    def topic_exists(self, topic: str, ttl: float = 60.0, wait: float = 2.0) -> bool:
+        """Whether ``topic`` exists (positive answers are cached for ``ttl`` seconds).
+
+        A topic created a moment ago may not be in the broker's metadata yet, so a
+        negative answer is only given after looking again for ``wait`` seconds.
+        """
         now = time.monotonic()
         if self._known_topics.get(topic, 0) > now:
             return True
-        md = self.producer.list_topics(topic, timeout=10)
-        tmd = md.topics.get(topic)
-        exists = tmd is not None and tmd.error is None
-        if exists:
-            self._known_topics[topic] = now + ttl
-        return exists
+        deadline = now + wait
+        while True:
+            tmd = self.producer.list_topics(topic, timeout=10).topics.get(topic)
+            if tmd is not None and tmd.error is None and tmd.partitions:
+                self._known_topics[topic] = time.monotonic() + ttl
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
     def create_topics(self, names: Iterable[str], partitions: int = 1, config: dict[str, str] | None = None,
-                      timeout: float = 30.0, exist_ok: bool = True) -> None:
-        """Create topics and wait for the controller's answer."""
+                      timeout: float = 30.0, exist_ok: bool = True, visible: bool = False) -> None:
+        """Create topics and wait for the controller's answer.
+
+        With ``visible``, also wait until the broker's metadata lists every
+        partition with a leader: a consumer that *subscribes* to a topic it does
+        not see yet only looks again at its next metadata refresh (minutes).
+        """
+        names = list(names)
         new = [NewTopic(n, num_partitions=partitions, replication_factor=-1, config=config or {}) for n in names]
         if not new:
             return
@@ -143,6 +156,25 @@ class Clients:
                 if exist_ok and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                     continue
                 raise FusionError(f"cannot create Kafka topic {name!r}: {err.str()}") from None
+        if visible:
+            self.wait_visible(names, timeout)
+
+    def wait_visible(self, names: Iterable[str], timeout: float = 30.0) -> None:
+        """Wait until the metadata shows every partition of ``names`` with a leader."""
+        pending = set(names)
+        deadline = time.monotonic() + timeout
+        while pending:
+            for name in list(pending):
+                md = self.admin.list_topics(topic=name, timeout=max(1.0, deadline - time.monotonic()))
+                tmd = md.topics.get(name)
+                if tmd is not None and tmd.error is None and tmd.partitions and \
+                        all(p.leader >= 0 for p in tmd.partitions.values()):
+                    pending.discard(name)
+            if pending:
+                if time.monotonic() > deadline:
+                    raise FusionError(f"Kafka topics {sorted(pending)} were created but have no leader after "
+                                      f"{timeout:.0f}s")
+                time.sleep(0.02)
 
     def delete_topics(self, names: Iterable[str], wait: bool = False, timeout: float = 30.0) -> None:
         """Delete topics; missing ones are fine.  With ``wait`` block until the controller answered."""

@@ -45,7 +45,7 @@ def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: A
         status = "error"
         body = encode_error(*_error_text(exc))[:limit] if limit else encode_error(*_error_text(exc))
     c = clients(app)
-    if not c.topic_exists(return_topic, ttl=0):
+    if not c.topic_exists(return_topic, ttl=0, wait=5.0):
         logger.warning("return topic %s no longer exists (the caller gave up?); reply dropped", return_topic)
         return None
     return c.produce(return_topic, body, key=corr_id, headers=reply_headers(status, corr_id))

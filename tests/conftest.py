@@ -117,6 +117,13 @@ class KafkaKit:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise
         self.created.append(name)
+
+        def visible():
+            tmd = self.admin.list_topics(topic=name, timeout=10).topics.get(name)
+            return tmd is not None and tmd.error is None and tmd.partitions and \
+                all(p.leader >= 0 for p in tmd.partitions.values())
+
+        wait_for(visible, 30, f"topic {name} to have a leader")
         return name
 
     def topics(self, prefix: str = "") -> set[str]:

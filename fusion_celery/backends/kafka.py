@@ -47,7 +47,7 @@ class KafkaRegistry(Registry):
             "segment.ms": str(3600 * 1000),
             "min.cleanable.dirty.ratio": "0.1",
             "delete.retention.ms": str(24 * 3600 * 1000),
-        })
+        }, visible=True)
         self._ready = True
 
     def register(self, wait: Wait) -> None:
@@ -116,6 +116,7 @@ class KafkaWatcher(Watcher):
             "session.timeout.ms": 10000,
             "heartbeat.interval.ms": 1000,
             "partition.assignment.strategy": "roundrobin",
+            "topic.metadata.refresh.interval.ms": 10000,
         })
         self.consumer.subscribe([registry.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_revoke)
