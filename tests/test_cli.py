@@ -74,13 +74,19 @@ def test_call_shows_progress_on_a_terminal(services_worker, service, kit):
     assert json.loads(out) == {"results": {"fast": 1, "slow": "late"}, "echo": None}
 
 
-def test_topics_and_reap(services_worker, service, kit):
+def pending_wait(kit, service):
+    """A reactor run parked on a dependency that holds its reply: (dep topic, dep service, return topic)."""
     gate_topic = kit.topic()
     gate = service(gate_topic, lambda data: "ok")
     gate.hold = True
     back = kit.topic(f"fusion.rt.{uuid.uuid4().hex}")
     kit.send(topic_name("generic"), {"data": {"deps": {"g": {"topic": gate_topic}}}, "return-topic": back})
     wait_for(lambda: gate.received, 60, "the dependency request")
+    return gate_topic, gate, back
+
+
+def test_topics_and_reap(services_worker, service, kit):
+    gate_topic, gate, back = pending_wait(kit, service)
     orphan = kit.topic(f"fusion.rt.1000.{uuid.uuid4().hex}")  # made in 1970 by nobody
     out = fusion("topics", "--json")
     assert out.returncode == 0, out.stderr
@@ -111,12 +117,7 @@ def test_graph_mermaid_and_dot(services_worker):
 
 
 def test_status_shows_pending_waits(services_worker, service, kit):
-    gate_topic = kit.topic()
-    gate = service(gate_topic, lambda data: "ok")
-    gate.hold = True
-    back = kit.topic(f"fusion.rt.{uuid.uuid4().hex}")
-    kit.send(topic_name("generic"), {"data": {"deps": {"g": {"topic": gate_topic}}}, "return-topic": back})
-    wait_for(lambda: gate.received, 60, "the dependency request")
+    gate_topic, gate, back = pending_wait(kit, service)
 
     def shown():
         out = fusion("status", "--json")
