@@ -9,12 +9,20 @@ modules listed in ``fusion_imports`` (``FUSION_IMPORTS``).
 """
 
 from .application import app, create_app, install
-from .errors import (ConfigurationError, DependencyFailed, DependencyTimeout, DepsMapError, FusionError,
-                     ProtocolError, RemoteError, RequestExpired)
+from .errors import (
+                     ConfigurationError,
+                     DependencyFailed,
+                     DependencyTimeout,
+                     DepsMapError,
+                     FusionError,
+                     ProtocolError,
+                     RemoteError,
+                     RequestExpired,
+)
 from .graph import DepsGraph, register_arg_in_fn
+from .intake import run_id
 from .message import Message
 from .pipeline import Pipeline
-from .intake import run_id
 from .reactor import Reactor, reactor
 
 __version__ = "0.1.0"

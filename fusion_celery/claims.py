@@ -10,8 +10,8 @@ before it replies.  Claims are ``SET NX`` keys in the Redis result backend.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from celery import Celery, Task
 from celery.exceptions import Ignore

@@ -9,7 +9,6 @@ completes the task when the reply arrives (see :mod:`fusion_celery.completion`).
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from typing import Any
 

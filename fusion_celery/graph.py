@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 try:
     from graphlib import CycleError, TopologicalSorter
@@ -81,7 +82,7 @@ class Dep:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Dep":
+    def from_dict(cls, d: Mapping[str, Any]) -> Dep:
         return cls(d["name"], d["topic"], d.get("args", []), tuple(d.get("deps", ())),
                    d.get("arg_in_fn", "conj"), d.get("timeout"))
 
@@ -208,7 +209,7 @@ class DepsGraph:
         for n in self.order:
             for m in self.deps[n].deps:
                 lines.append(f"    {_ident(m)} --> {_ident(n)}")
-        lines.append(f'    proc(["proc_fn"])')
+        lines.append('    proc(["proc_fn"])')
         for n in self.order:
             if not any(n in d.deps for d in self.deps.values()):
                 lines.append(f"    {_ident(n)} --> proc")

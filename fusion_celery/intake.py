@@ -20,7 +20,8 @@ from typing import Any
 
 from celery import Celery
 from celery import states as celery_states
-from confluent_kafka import Consumer, KafkaError, Message as KafkaMessage, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Message as KafkaMessage
 
 from .config import setting
 from .errors import ProtocolError
@@ -62,7 +63,7 @@ def _unfinished(app: Celery, ids: list[str]) -> set[str]:
     if client is not None and hasattr(backend, "get_key_for_task"):
         raw = client.mget([backend.get_key_for_task(i) for i in ids])
         out = set()
-        for task_id, value in zip(ids, raw):
+        for task_id, value in zip(ids, raw, strict=True):
             if value is None or backend.decode_result(value)["status"] not in celery_states.READY_STATES:
                 out.add(task_id)
         return out

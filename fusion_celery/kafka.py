@@ -12,7 +12,8 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from celery import Celery
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer

@@ -38,7 +38,7 @@ class Message:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Message":
+    def from_dict(cls, d: dict[str, Any]) -> Message:
         """Rebuild a message from :meth:`to_dict`'s output (unknown keys are ignored)."""
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         return cls(**known)

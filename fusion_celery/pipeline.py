@@ -21,16 +21,16 @@ delivery record ``{"topic", "partition", "offset"}``, as fusion-clj did.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
-
+from collections.abc import Callable, Mapping
 from dataclasses import replace
+from typing import Any
 
 from celery import Celery, Signature, Task
 from celery.result import AsyncResult
 
 from . import progress
-from .claims import once
 from .canvas import compile_deps
+from .claims import once
 from .config import setting
 from .graph import DepsGraph
 from .kafka import clients

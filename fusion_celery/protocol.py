@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from .errors import PayloadTooLarge, ProtocolError, RemoteError, ReplyNotAllowed
 from .message import Message

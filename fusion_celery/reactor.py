@@ -25,15 +25,15 @@ Class form, for larger reactors::
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from celery import Celery, Task
 
 from . import progress
-from .claims import once
 from .canvas import compile_deps
-from .config import setting
-from .errors import DepsMapError, RequestExpired
+from .claims import once
+from .errors import RequestExpired
 from .graph import DepsGraph
 from .message import Message
 from .protocol import valid_topic_name

@@ -56,7 +56,7 @@ class Wait:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes | str) -> "Wait":
+    def from_json(cls, raw: bytes | str) -> Wait:
         d = json.loads(raw)
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
@@ -105,7 +105,7 @@ class Registry(abc.ABC):
     def pending(self) -> list[Wait]:
         """Every pending wait, whoever owns it (for the reaper and the CLI)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release the registry's clients."""
 
 

@@ -14,8 +14,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -246,7 +247,7 @@ class Worker:
                     "-P", pool, "-c", str(concurrency), "-l", "info", "--without-mingle", "--without-gossip"]
         self.proc: subprocess.Popen | None = None
 
-    def start(self, ready_timeout: float = 60.0) -> "Worker":
+    def start(self, ready_timeout: float = 60.0) -> Worker:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)

@@ -5,7 +5,6 @@ import os
 import pty
 import subprocess
 import sys
-import time
 import uuid
 
 from conftest import ROOT, topic_name, wait_for

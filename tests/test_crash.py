@@ -5,7 +5,6 @@ import uuid
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import NewTopic
-
 from conftest import committed_total, isolated_env, wait_for
 
 
@@ -38,8 +37,12 @@ def test_kill_9_with_50_pending_waits(kit, service, worker_factory, redis_client
     c = Consumer({"bootstrap.servers": kit.servers, "group.id": "crash-reader", "enable.auto.commit": False})
     c.assign([TopicPartition(b, 0, OFFSET_BEGINNING) for b in backs])
     got = {}
-    wait_for(lambda: [got.update({m.topic(): json.loads(m.value())}) for m in c.consume(100, timeout=0.5)
-                      if m.error() is None] is None or len(got) == n, 180, f"all {n} answers after the restart")
+
+    def all_answered():
+        got.update({m.topic(): json.loads(m.value()) for m in c.consume(100, timeout=0.5) if m.error() is None})
+        return len(got) == n
+
+    wait_for(all_answered, 180, f"all {n} answers after the restart")
     c.close()
     kit.admin.delete_topics(backs)
     for i, back in enumerate(backs):

@@ -5,8 +5,7 @@ import time
 import uuid
 
 import pytest
-
-from conftest import RUN_ID, topic_name, wait_for
+from conftest import topic_name, wait_for
 
 
 def rt(kit):
@@ -31,7 +30,10 @@ def test_seed_math_example_returns_4(kit, services_worker):
 
 def test_diamond_injects_right_args(kit, services_worker, service):
     t = {n: kit.topic() for n in "abcd"}
-    svcs = {n: service(t[n], (lambda n: lambda data: {"svc": n, "got": data})(n)) for n in "abcd"}
+    def echo(name):
+        return lambda data: {"svc": name, "got": data}
+
+    svcs = {n: service(t[n], echo(n)) for n in "abcd"}
     deps = {"a": {"topic": t["a"], "args": [1]},
             "b": {"topic": t["b"], "args": ["b0"], "deps": ["a"]},
             "c": {"topic": t["c"], "args": ["c0"], "arg_in_fn": "cons", "deps": ["a"]},

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import requests
-
 from conftest import ROOT, topic_name, wait_for
+
 from fusion_celery import Pipeline
 
 

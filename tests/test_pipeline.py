@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 from celery import chain, chord, group
+from conftest import BACKEND, BROKER, topic_name
 
-from conftest import BACKEND, BROKER, ROOT, topic_name
 from fusion_celery import DependencyFailed, DependencyTimeout, Pipeline
 
 

@@ -7,8 +7,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fusion_celery.errors import PayloadTooLarge, ProtocolError, RemoteError, ReplyNotAllowed
-from fusion_celery.protocol import (check_return_topic, decode_reply, decode_request, encode_error, encode_reply,
-                                    encode_request, reply_headers)
+from fusion_celery.protocol import (
+    check_return_topic,
+    decode_reply,
+    decode_request,
+    encode_error,
+    encode_reply,
+    encode_request,
+    reply_headers,
+)
 
 
 def dec(value, **kw):

@@ -4,8 +4,8 @@ import json
 import uuid
 
 from celery.result import AsyncResult
-
 from conftest import topic_name, wait_for
+
 from fusion_celery import run_id
 
 
@@ -113,7 +113,6 @@ def test_result_hook_sees_every_result(kit, services_worker, redis_client):
 
 def test_backpressure_bounds_what_reaches_the_celery_broker(kit, worker_factory, redis_client):
     import redis as redis_lib
-
     from conftest import isolated_env
     env = {**isolated_env(), "FUSION_MAX_IN_FLIGHT": "4"}
     topic = f"{env['FUSION_TEST_RUN']}.slow"

@@ -4,7 +4,6 @@ import signal
 import uuid
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
 from conftest import KAFKA, wait_for
 
 

@@ -10,14 +10,13 @@ a worker dies, the group gives its partitions, and so its waits, to the others.
 from __future__ import annotations
 
 import logging
-from typing import Any
 from urllib.parse import urlparse
 
 from celery import Celery
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from ..config import setting
-from ..errors import ConfigurationError, FusionError
+from ..errors import FusionError
 from ..kafka import clients
 from ..registry import Change, Registry, Wait, Watcher
 
@@ -66,7 +65,7 @@ class KafkaRegistry(Registry):
             producer.produce(self.topic, None, key=wait.id)
         producer.poll(0)
 
-    def watch(self, name: str) -> "KafkaWatcher":
+    def watch(self, name: str) -> KafkaWatcher:
         self.ensure_topic()
         return KafkaWatcher(self, name)
 

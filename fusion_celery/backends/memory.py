@@ -14,15 +14,15 @@ __all__ = ["MemoryRegistry"]
 class MemoryRegistry(Registry):
     """Pending waits in a dict; every watcher sees every change (no division of work)."""
 
-    _shared: ClassVar[dict[str, "MemoryRegistry"]] = {}
+    _shared: ClassVar[dict[str, MemoryRegistry]] = {}
 
     def __init__(self) -> None:
         self._waits: dict[str, Wait] = {}
-        self._watchers: list["MemoryWatcher"] = []
+        self._watchers: list[MemoryWatcher] = []
         self._lock = threading.Lock()
 
     @classmethod
-    def shared(cls, url: str) -> "MemoryRegistry":
+    def shared(cls, url: str) -> MemoryRegistry:
         """The registry for ``url`` in this process (so producers and the waiter meet)."""
         return cls._shared.setdefault(url, cls())
 
@@ -38,7 +38,7 @@ class MemoryRegistry(Registry):
                 for w in self._watchers:
                     w.q.put(Change("remove", ids=(wait.id,)))
 
-    def watch(self, name: str) -> "MemoryWatcher":
+    def watch(self, name: str) -> MemoryWatcher:
         with self._lock:
             watcher = MemoryWatcher(self)
             for wait in self._waits.values():
@@ -54,7 +54,7 @@ class MemoryRegistry(Registry):
 class MemoryWatcher(Watcher):
     def __init__(self, registry: MemoryRegistry) -> None:
         self.registry = registry
-        self.q: "queue.Queue[Change]" = queue.Queue()
+        self.q: queue.Queue[Change] = queue.Queue()
 
     def poll(self, timeout: float) -> list[Change]:
         changes = []
