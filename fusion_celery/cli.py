@@ -71,7 +71,7 @@ def fusion() -> None:
 @click.option("--id", "corr_id", default=None, help="Correlation id to send (echoed in the reply headers).")
 @click.pass_context
 def call(ctx: click.Context, topic: str, data: str, wait: bool, timeout: float, corr_id: str | None) -> None:
-    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+    from confluent_kafka import TopicPartition
 
     from . import progress
     from .config import setting
@@ -99,10 +99,10 @@ def call(ctx: click.Context, topic: str, data: str, wait: bool, timeout: float, 
     return_topic = new_return_topic(app)
     c.create_topics([return_topic], partitions=1, visible=True,
                     config={"retention.ms": str(setting(app, "fusion_return_topic_retention_ms"))})
-    consumer = c.consumer(**{"group.id": "fusion.cli", "enable.auto.commit": False})
+    consumer = c.consumer(**{"group.id": "fusion.cli", "enable.auto.commit": False, "auto.offset.reset": "earliest"})
     tty = sys.stderr.isatty()
     try:
-        consumer.assign([TopicPartition(return_topic, 0, OFFSET_BEGINNING)])
+        consumer.assign([TopicPartition(return_topic, 0, 0)])  # see waiter.py: offset 0 avoids a lookup
         deadline = time.monotonic() + timeout
         rec = c.produce(topic, encode_request(payload, return_topic, id=corr_id,
                                               deadline=now_ms() + int(timeout * 1000)), key=topic)

@@ -21,7 +21,7 @@ from collections import Counter
 from typing import Any
 
 from celery import Celery
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+from confluent_kafka import KafkaError, TopicPartition
 
 from .completion import Events, complete
 from .errors import DependencyFailed, DependencyTimeout, ProtocolError, RemoteError
@@ -60,7 +60,9 @@ class Waiter(threading.Thread):
         self.waits[wait.id] = wait
         self.by_topic[wait.return_topic] = wait.id
         heapq.heappush(self._deadlines, (wait.deadline, wait.id))
-        self.replies.incremental_assign([TopicPartition(wait.return_topic, 0, OFFSET_BEGINNING)])
+        # Offset 0, not OFFSET_BEGINNING: a logical offset costs an offset lookup that librdkafka
+        # answers ~0.5 s later; a fresh return topic starts at 0 (auto.offset.reset covers the rest).
+        self.replies.incremental_assign([TopicPartition(wait.return_topic, 0, 0)])
 
     def _forget(self, wait_id: str) -> Wait | None:
         wait = self.waits.pop(wait_id, None)
@@ -149,6 +151,7 @@ class Waiter(threading.Thread):
             "group.id": "fusion.reply-readers",  # never joined nor committed: partitions are assigned
             "client.id": f"fusion-waiter-{self.worker_name}",
             "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
             "fetch.wait.max.ms": 100,
             "topic.metadata.refresh.interval.ms": 30000,
         })
