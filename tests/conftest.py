@@ -238,13 +238,14 @@ class Worker:
     """A real `celery -A fusion_celery worker` process."""
 
     def __init__(self, name: str, imports: str, pool: str = "prefork", concurrency: int = 2,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, extra_args: tuple[str, ...] = ()) -> None:
         self.name = f"{name}-{uuid.uuid4().hex[:6]}@localhost"
         self.log_path = ROOT / ".stack" / "logs" / f"worker-{self.name.split('@')[0]}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "FUSION_IMPORTS": imports, "PYTHONPATH": str(ROOT), **(env or {})}
         self.cmd = [sys.executable, "-m", "celery", "-A", "fusion_celery", "worker", "-n", self.name,
-                    "-P", pool, "-c", str(concurrency), "-l", "info", "--without-mingle", "--without-gossip"]
+                    "-P", pool, "-c", str(concurrency), "-l", "info", "--without-mingle", "--without-gossip",
+                    *extra_args]
         self.proc: subprocess.Popen | None = None
 
     def start(self, ready_timeout: float = 60.0) -> Worker:

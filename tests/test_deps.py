@@ -147,3 +147,49 @@ def test_200_at_once_all_correct_and_no_return_topic_left(kit, services_worker, 
         assert got[back] == i + 1 - 2, (i, got[back])  # one = i + 1; two = (i + 1) - 2
     ours = lambda: {t for t in return_topics(kit) - before if t not in backs}  # noqa: E731
     wait_for(lambda: not ours(), 60, "every return topic fusion-celery created to be deleted")
+
+
+def test_pool_children_replaced_after_every_task_still_work(kit, worker_factory):
+    """Kafka handles never cross a fork: children forked later (max-tasks-per-child=1) make their own."""
+    from conftest import isolated_env
+    env = isolated_env()
+    worker_factory(name="fork", env=env, concurrency=2, extra_args=("--max-tasks-per-child=1",))
+    for data, want in (([1, 2, 3], 4), ([4, 5, 6], 13), ([10], 8)):
+        assert call(kit, f"{env['FUSION_TEST_RUN']}.math", data)[0] == want
+
+
+def test_concurrency_one_worker_holds_many_waits_and_keeps_working(kit, worker_factory, service):
+    """Parked waits hold no worker slot: with one slot and 120 waits pending, other requests are served."""
+    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka.admin import NewTopic
+
+    from conftest import isolated_env
+    env = isolated_env()
+    run = env["FUSION_TEST_RUN"]
+    worker_factory(name="one", env=env, concurrency=1)
+    gate_topic = kit.topic()
+    gate = service(gate_topic, lambda data: data)
+    gate.hold = True
+    n = 120
+    backs = [f"fusion.rt.{uuid.uuid4().hex}" for _ in range(n)]
+    for f in kit.admin.create_topics([NewTopic(b, 1, 1) for b in backs]).values():
+        f.result(60)
+    for i, back in enumerate(backs):
+        kit.producer.produce(f"{run}.generic", json.dumps({"data": {"deps": {"g": {"topic": gate_topic, "args": i}}},
+                                                           "return-topic": back}))
+    kit.producer.flush(30)
+    wait_for(lambda: len(gate.received) == n, 400, f"{n} parked dependency requests")
+    assert call(kit, f"{run}.add", [40, 2])[0] == 42  # the single slot is free
+    gate.release()
+    c = Consumer({"bootstrap.servers": kit.servers, "group.id": "one-reader", "enable.auto.commit": False})
+    c.assign([TopicPartition(b, 0, 0) for b in backs])
+    got = {}
+
+    def all_answered():
+        got.update({m.topic(): json.loads(m.value()) for m in c.consume(500, timeout=0.5) if m.error() is None})
+        return len(got) == n
+
+    wait_for(all_answered, 240, f"all {n} answers")
+    c.close()
+    kit.admin.delete_topics(backs)
+    assert all(got[b]["results"]["g"] == i for i, b in enumerate(backs))
