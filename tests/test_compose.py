@@ -11,7 +11,6 @@ import re
 
 import pytest
 import yaml
-
 from conftest import ROOT
 
 

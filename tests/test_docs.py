@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 MKDOCS = Path(sys.executable).with_name("mkdocs")

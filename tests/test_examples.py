@@ -16,13 +16,12 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import psutil
 import pytest
-
 from conftest import ROOT, RUN_ID, isolated_env, wait_for
 
 
@@ -177,7 +176,7 @@ def test_demo_once_prints_the_answer_and_flower_address_and_stops_cleanly(exampl
     env = {**example_env, "FUSION_DEMO_ONCE": "1", "FUSION_DEMO_FLOWER_PORT": str(port)}
     out = run("examples.demo", env=env, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert re.search(r"^answer: 4 ", out.stdout, re.M), out.stdout
+    assert re.search(r"^answer: 4 ", out.stdout, re.MULTILINE), out.stdout
     assert f"Flower: http://127.0.0.1:{port}" in out.stdout
     pids = [int(p) for p in re.findall(r"\(pid (\d+)", out.stdout)]
     assert len(set(pids)) == 2, out.stdout  # the worker and Flower ...

@@ -14,7 +14,7 @@ from typing import Any
 import griffe
 
 _ROLE = re.compile(r":(?:class|func|meth|data|mod|attr|exc|obj):`~?([^`]+)`")
-_LITERAL = re.compile(r"(\S)::$", re.M)
+_LITERAL = re.compile(r"(\S)::$", re.MULTILINE)
 
 
 def to_markdown(text: str) -> str:
