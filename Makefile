@@ -4,7 +4,7 @@
 #   make up       start Kafka (KRaft) + Redis + ZooKeeper locally (stack/stack.sh)
 #   make down     stop them;  make status  show them
 #   make test     run pytest with the stack up (starts/stops it unless already up)
-#   make demo     run the demo against the running stack
+#   make demo     venv + stack, then a worker with the math example, Flower and one pipeline call (Ctrl-C stops)
 #   make docs     build the docs (mkdocs --strict)
 #   make clean    stop the stack and delete its state (.stack/)
 #
@@ -48,7 +48,7 @@ test: venv
 	$(WITH_STACK) $(PY) -m pytest $(PYTEST_ARGS)
 
 demo: venv up
-	$(WITH_STACK) $(PY) examples/demo.py
+	$(WITH_STACK) $(PY) -m examples.demo
 
 bench: venv
 	$(WITH_STACK) $(PY) -m bench

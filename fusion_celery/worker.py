@@ -9,7 +9,6 @@ to the other workers), then closes every client.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from typing import Any
 
@@ -30,10 +29,14 @@ logger = logging.getLogger("fusion_celery")
 
 
 def import_reactor_modules(app: Any) -> None:
-    """Import the modules listed in ``fusion_imports`` (where the reactors are defined)."""
+    """Import the modules listed in ``fusion_imports`` (where the reactors are defined).
+
+    Like Celery's own ``imports`` setting, modules in the current directory are
+    found even when the ``celery`` console script does not put it on ``sys.path``.
+    """
     for name in setting(app, "fusion_imports") or []:
         try:
-            importlib.import_module(name)
+            app.loader.import_from_cwd(name)
         except ImportError as exc:
             raise ConfigurationError(f"fusion_imports: cannot import {name!r}: {exc}") from None
 

@@ -1,7 +1,7 @@
 """The default registry: a compacted Kafka topic divided among waiters by a consumer group.
 
 Each wait is one record keyed by its task id; its removal is a tombstone.  A
-waiter joins the consumer group ``fusion.waiters`` on the registry topic; for
+waiter joins the consumer group ``fusion.waiters.<topic>`` on the registry topic; for
 each partition it is given it reads the partition from the beginning (the topic
 is compacted, so that is the set of pending waits) and keeps following it.  When
 a worker dies, the group gives its partitions, and so its waits, to the others.

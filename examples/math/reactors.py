@@ -1,0 +1,45 @@
+"""The fusion-clj README's example: ``add``, ``subtract``, and ``math`` whose deps-map chains them.
+
+Serve them with a worker::
+
+    FUSION_IMPORTS=examples.math.reactors celery -A fusion_celery worker -l info
+
+``math`` asks ``add`` for the sum of ``[1, 2, 3]`` (or of the numbers it was
+sent), then ``subtract`` for ``[sum, 2]`` (the sum is put first: ``cons``), and
+answers with that difference: ``[1, 2, 3] -> 6``, then ``[6, 2] -> 4``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from examples import topic
+from fusion_celery import Message, reactor
+
+
+@reactor(topic("add"))
+def add(message: Message) -> Any:
+    """The sum of the numbers in the request's data."""
+    return sum(message.data)
+
+
+@reactor(topic("subtract"))
+def subtract(message: Message) -> Any:
+    """The first number minus all the others."""
+    first, *rest = message.data
+    return first - sum(rest)
+
+
+def math_deps(message: Message) -> dict[str, Any]:
+    """The deps-map of the fusion-clj README, for the numbers in the request (default ``[1, 2, 3]``)."""
+    numbers = message.data if message.data is not None else [1, 2, 3]
+    return {
+        "one": {"topic": topic("add"), "args": numbers},
+        "two": {"topic": topic("subtract"), "args": [2], "arg_in_fn": "cons", "deps": ["one"]},
+    }
+
+
+@reactor(topic("math"), deps=math_deps)
+def math(message: Message, results: dict[str, Any]) -> Any:
+    """The answer of ``two``: ``subtract([add(numbers), 2])``."""
+    return results["two"]

@@ -1,0 +1,1 @@
+"""A dependency service written with confluent-kafka alone (no fusion-celery, no Celery)."""

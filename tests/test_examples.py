@@ -1,0 +1,184 @@
+"""Every example in examples/ runs here against the real stack, so none of them can rot.
+
+Each test gets its own topic prefix (``FUSION_EXAMPLES_PREFIX``), Celery broker
+and backend databases and registry topic (``isolated_env()``), so the examples'
+workers never take work from the session worker or from each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import ROOT, RUN_ID, isolated_env, wait_for
+
+
+def run(module: str, *args: str, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` from the repository root, as a person would."""
+    return subprocess.run([sys.executable, "-m", module, *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def example_env(kit) -> Iterator[dict[str, str]]:
+    """Environment for an example: isolated Celery databases and registry, a fresh topic prefix."""
+    tag = uuid.uuid4().hex[:6]
+    prefix = f"ex.{RUN_ID}.{tag}."
+    env = {**os.environ, **isolated_env(), "FUSION_EXAMPLES_PREFIX": prefix, "PYTHONPATH": str(ROOT)}
+    yield env
+    registry = env["FUSION_REGISTRY_URL"].removeprefix("kafka://")
+    leftovers = [t for t in kit.topics() if t.startswith(prefix) or t == registry]
+    if leftovers:
+        kit.admin.delete_topics(leftovers)
+
+
+@contextmanager
+def plain_service(env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """``python -m examples.plain_service.language`` as its own process, stopped with SIGTERM afterwards."""
+    log_path = ROOT / ".stack" / "logs" / f"plain-service-{uuid.uuid4().hex[:6]}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "examples.plain_service.language"], env=env, cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(lambda: proc.poll() is not None or b"serving topic" in log_path.read_bytes(), 60,
+                     f"the language service to start (log {log_path})", interval=0.1)
+            assert proc.poll() is None, log_path.read_text()
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(10)
+                    pytest.fail(f"the language service ignored SIGTERM (log {log_path})")
+    assert b"language service: stopped" in log_path.read_bytes(), log_path.read_text()
+
+
+# -- examples/math --------------------------------------------------------------------------------
+def test_math_example_client_prints_the_seed_answer(example_env, worker_factory):
+    worker_factory("examples.math.reactors", name="math", env=example_env)
+    out = run("examples.math.client", env=example_env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "4"  # add([1, 2, 3]) = 6, then subtract([6, 2]) = 4
+    out = run("examples.math.client", "[10, 20]", env=example_env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "28"
+
+
+def test_math_example_client_reports_a_failing_reactor_in_one_line(example_env, worker_factory):
+    worker_factory("examples.math.reactors", name="math", env=example_env)
+    out = run("examples.math.client", '"not numbers"', env=example_env)
+    assert out.returncode == 1
+    assert out.stderr.startswith("math pipeline failed: DependencyFailed:"), out.stderr
+    assert "dep 'one'" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+# -- examples/plain_service -----------------------------------------------------------------------
+def test_plain_service_imports_neither_celery_nor_fusion_celery():
+    probe = ("import sys, examples.plain_service.language; "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'celery', 'kombu', 'fusion_celery'}))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_plain_service_follows_the_wire_protocol(example_env, kit):
+    topic = example_env["FUSION_EXAMPLES_PREFIX"] + "language"
+    with plain_service(example_env):
+        back = kit.topic(f"fusion.rt.{int(time.time() * 1000)}.{uuid.uuid4().hex}")
+        expired = int(time.time() * 1000) - 1000
+        # Same key, so the same partition: the service sees them in this order.
+        kit.send(topic, {"data": "the cat sat on the mat", "return-topic": back, "id": "late", "deadline": expired},
+                 key="k")
+        kit.send(topic, {"data": "the cat sat on the mat", "return-topic": back, "id": "c-1"}, key="k")
+        kit.send(topic, {"data": {"text": "le chat et la souris"}, "response-topic": back, "id": 2}, key="k")
+        kit.send(topic, {"data": 42, "return_topic": back}, key="k")
+        ok, spelled, error = kit.read(back, 3, timeout=60)
+    assert json.loads(ok.value()) == {"language": "en", "confidence": 1.0}
+    assert dict(ok.headers()) == {"fusion-status": b"ok", "fusion-id": b"c-1"}  # the expired one got no reply
+    assert json.loads(spelled.value())["language"] == "fr" and dict(spelled.headers())["fusion-id"] == b"2"
+    assert dict(error.headers()) == {"fusion-status": b"error"}
+    assert json.loads(error.value()) == {"error": {"type": "ValueError",
+                                                   "message": "expected a text or {'text': ...}, got int"}}
+
+
+# -- examples/enrich ------------------------------------------------------------------------------
+def test_enrich_example_fans_out_injects_and_combines(example_env, worker_factory):
+    with plain_service(example_env):
+        worker_factory("examples.enrich.services,examples.enrich.pipelines", name="enrich", env=example_env)
+        out = run("examples.enrich.client", "harbour", env=example_env)
+        assert out.returncode == 0, out.stderr
+        report = json.loads(out.stdout)
+        assert report["id"] == "harbour" and report["language"] == "en"
+        assert report["sentiment"] == {"score": 1.0, "label": "positive"}
+        assert report["stats"] == {"words": 49, "sentences": 3, "reading_minutes": 0.2}
+        assert report["keywords"] == ["fishermen", "cheerful", "reopened", "saturday", "welcomed"]
+        assert report["summary"] == ("'The harbour reopens': positive (+1.00), en, 49 words, "
+                                     "about fishermen, cheerful, reopened")
+
+        out = run("examples.enrich.client", "outage", "marche", "harbour", env=example_env)
+        assert out.returncode == 0, out.stderr
+        digest = json.loads(out.stdout)
+        assert digest["most_positive_first"] == ["harbour", "marche", "outage"]
+        assert [s.split(":")[0] for s in digest["summaries"]] == [
+            "'Payment outage'", "'Le marché du samedi'", "'The harbour reopens'"]
+        assert ", fr, " in digest["summaries"][1]
+
+        out = run("examples.enrich.client", "nope", env=example_env)
+        assert out.returncode == 1
+        assert "dep 'fetch'" in out.stderr and "no document 'nope'" in out.stderr, out.stderr
+
+
+# -- examples/other_languages ---------------------------------------------------------------------
+def kafka_client_jars() -> str:
+    """The classpath of the kafka-clients jar that stack/stack.sh fetched from Maven Central."""
+    cache = Path(os.environ.get("FUSION_STACK_CACHE") or Path.home() / ".cache" / "fusion-celery")
+    found = sorted(cache.glob("kafka-*/libs/kafka-clients-*.jar"))
+    if not found:
+        pytest.fail(f"no kafka-clients jar under {cache}; `make up` fetches it", pytrace=False)
+    return os.pathsep.join(str(p.parent / "*") for p in found[-1:])
+
+
+def test_java_caller_gets_the_math_answer(example_env, worker_factory):
+    worker_factory("examples.math.reactors", name="math", env=example_env)
+    source = ROOT / "examples" / "other_languages" / "java" / "CallReactor.java"
+    out = subprocess.run(["java", "-cp", kafka_client_jars(), str(source), example_env["FUSION_KAFKA_BOOTSTRAP_SERVERS"],
+                          example_env["FUSION_EXAMPLES_PREFIX"] + "math", "[1, 2, 3]"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "4"
+
+
+# -- examples/demo --------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_demo_once_prints_the_answer_and_flower_address_and_stops_cleanly(example_env):
+    port = free_port()
+    env = {**example_env, "FUSION_DEMO_ONCE": "1", "FUSION_DEMO_FLOWER_PORT": str(port)}
+    out = run("examples.demo", env=env, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert re.search(r"^answer: 4 ", out.stdout, re.MULTILINE), out.stdout
+    assert f"Flower: http://127.0.0.1:{port}" in out.stdout
+    pids = [int(p) for p in re.findall(r"\(pid (\d+)", out.stdout)]
+    assert len(set(pids)) == 2, out.stdout  # the worker and Flower ...
+    assert not [p for p in set(pids) if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]  # ... gone
+    assert "waiter: stopped" in (ROOT / ".stack" / "logs" / "demo-worker.log").read_text()  # a warm shutdown
