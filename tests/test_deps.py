@@ -162,7 +162,6 @@ def test_concurrency_one_worker_holds_many_waits_and_keeps_working(kit, worker_f
     """Parked waits hold no worker slot: with one slot and 120 waits pending, other requests are served."""
     from confluent_kafka import Consumer, TopicPartition
     from confluent_kafka.admin import NewTopic
-
     from conftest import isolated_env
     env = isolated_env()
     run = env["FUSION_TEST_RUN"]

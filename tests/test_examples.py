@@ -157,7 +157,8 @@ def kafka_client_jars() -> str:
 def test_java_caller_gets_the_math_answer(example_env, worker_factory):
     worker_factory("examples.math.reactors", name="math", env=example_env)
     source = ROOT / "examples" / "other_languages" / "java" / "CallReactor.java"
-    out = subprocess.run(["java", "-cp", kafka_client_jars(), str(source), example_env["FUSION_KAFKA_BOOTSTRAP_SERVERS"],
+    servers = example_env["FUSION_KAFKA_BOOTSTRAP_SERVERS"]
+    out = subprocess.run(["java", "-cp", kafka_client_jars(), str(source), servers,
                           example_env["FUSION_EXAMPLES_PREFIX"] + "math", "[1, 2, 3]"],
                          cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
