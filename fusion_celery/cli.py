@@ -78,6 +78,7 @@ def call(ctx: click.Context, topic: str, data: str, wait: bool, timeout: float, 
     from .dispatch import new_return_topic
     from .errors import FusionError, ProtocolError, RemoteError
     from .intake import run_id
+    from .pipeline import delivery_record
     from .protocol import decode_reply, encode_request, valid_topic_name
     from .registry import now_ms
 
@@ -93,7 +94,7 @@ def call(ctx: click.Context, topic: str, data: str, wait: bool, timeout: float, 
             rec = c.produce(topic, encode_request(payload, None, id=corr_id), key=topic)
         except FusionError as exc:
             _fail(str(exc))
-        click.echo(json.dumps({"topic": rec.topic(), "partition": rec.partition(), "offset": rec.offset()}))
+        click.echo(json.dumps(delivery_record(rec)))
         return
 
     return_topic = new_return_topic(app)

@@ -127,15 +127,32 @@ def complete(app: Celery, wait: Wait, *, result: Any = None, exc: BaseException 
         return
     backend.mark_as_failure(wait.id, exc, request=ctx)
     if events:
-        events.send("task-failed", uuid=wait.id, exception=f"{type(exc).__name__}({str(exc)!r})",
-                    traceback="", runtime=runtime)
+        events.send("task-failed", uuid=wait.id, exception=_repr(exc), traceback="", runtime=runtime)
     if wait.reactor:
-        fail_reactor(app, wait.reactor, exc)
+        fail_reactor(app, wait.reactor, exc, events=events)
 
 
-def fail_reactor(app: Celery, reactor: dict[str, Any], exc: BaseException) -> None:
-    """Answer a reactor run whose dependency failed: store the failure and send the error reply once."""
+def _repr(exc: BaseException) -> str:
+    return f"{type(exc).__name__}({str(exc)!r})"
+
+
+def fail_reactor(app: Celery, reactor: dict[str, Any], exc: BaseException, events: Events | None = None) -> None:
+    """Answer a reactor run whose dependency failed: store the failure and send the error reply once.
+
+    Also sends the run's ``task-failed`` event, since no worker will (its final
+    step never runs), so that Flower does not show it STARTED for ever.
+    """
     failure = exc if isinstance(exc, DependencyFailed) else DependencyFailed(str(exc))
     message = reactor.get("message") or {}
-    if reply_once(app, reactor["id"], message, exc=failure):
-        app.backend.store_result(reactor["id"], failure, states.FAILURE)
+    if not reply_once(app, reactor["id"], message, exc=failure):
+        return
+    app.backend.store_result(reactor["id"], failure, states.FAILURE)
+    fields = {"uuid": reactor["id"], "exception": _repr(failure), "traceback": ""}
+    if events is not None:
+        events.send("task-failed", **fields)
+    elif app.conf.worker_send_task_events:
+        try:
+            with app.events.default_dispatcher() as dispatcher:
+                dispatcher.send("task-failed", **fields)
+        except Exception as err:  # events are best effort
+            logger.warning("cannot send task-failed for %s: %s", reactor["id"], err)

@@ -26,6 +26,12 @@ __all__ = ["SETTINGS", "Setting", "defaults", "stack_env", "setting"]
 
 
 def _csv(value: str) -> list[str]:
+    """A JSON list (``["a{1,3}", "b"]``, for items with commas) or comma-separated items."""
+    if value.lstrip().startswith("["):
+        parsed = json.loads(value)
+        if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
+            raise ValueError("expected a JSON list of strings")
+        return parsed
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
@@ -75,7 +81,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fusion_return_topic_retention_ms", 7 * 24 * 3600 * 1000,
             "`retention.ms` of return topics: a safety net should a topic outlive the reaper.", int),
     Setting("fusion_reply_allowlist", [], "Regular expressions of extra topics a reactor may reply to "
-            "(besides return topics with the prefix above); comma-separated in the environment.", _csv),
+            "(besides return topics with the prefix above); in the environment comma-separated or a JSON list.", _csv),
     Setting("fusion_dlq_suffix", ".dlq", "Dead-letter topic of a reactor: its topic plus this suffix."),
     Setting("fusion_consumer_group_prefix", "fusion.reactor.",
             "Consumer group of a reactor: this prefix plus its topic (override per reactor with `group=`)."),

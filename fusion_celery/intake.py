@@ -143,15 +143,12 @@ class ReactorIntake(threading.Thread):
         self.paused = paused
 
     def run(self) -> None:
-        self.consumer = clients(self.app).consumer(**{
-            "group.id": consumer_group(self.app, self.task),
-            "client.id": f"fusion-intake-{self.topic}",
-            "enable.auto.commit": True,
-            "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
-            "auto.commit.interval.ms": 1000,
-            "topic.metadata.refresh.interval.ms": 10000,
-        })
+        self.consumer = clients(self.app).consumer(
+            defaults={"auto.offset.reset": "earliest", "auto.commit.interval.ms": 1000,
+                      "topic.metadata.refresh.interval.ms": 10000, "client.id": f"fusion-intake-{self.topic}"},
+            **{"group.id": consumer_group(self.app, self.task),
+               "enable.auto.commit": True,
+               "enable.auto.offset.store": False})
         self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=lambda c, parts: self._commit())
         last_check = 0.0
         try:

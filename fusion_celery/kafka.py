@@ -37,9 +37,14 @@ def redact(config: dict[str, Any]) -> dict[str, Any]:
             for k, v in config.items()}
 
 
-def client_config(app: Celery, kind: str, **extra: Any) -> dict[str, Any]:
-    """librdkafka settings for a client of ``kind`` (``producer``, ``consumer`` or ``admin``)."""
+def client_config(app: Celery, kind: str, defaults: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """librdkafka settings for a client of ``kind`` (``producer``, ``consumer`` or ``admin``).
+
+    Precedence: ``extra`` (what fusion-celery needs to work) over the user's
+    ``fusion_kafka_<kind>_config`` over ``fusion_kafka_config`` over ``defaults``.
+    """
     config: dict[str, Any] = {"bootstrap.servers": setting(app, "fusion_kafka_bootstrap_servers")}
+    config.update(defaults or {})
     config.update(setting(app, "fusion_kafka_config") or {})
     config.update(setting(app, f"fusion_kafka_{kind}_config") or {})
     config.update(extra)
@@ -80,10 +85,10 @@ class Clients:
                 self._admin = AdminClient(client_config(self.app, "admin", error_cb=_error_logger))
             return self._admin
 
-    def consumer(self, **extra: Any) -> Consumer:
-        """A new consumer (the caller owns and closes it)."""
+    def consumer(self, defaults: dict[str, Any] | None = None, **extra: Any) -> Consumer:
+        """A new consumer (the caller owns and closes it); the user's settings override ``defaults``."""
         extra.setdefault("error_cb", _error_logger)
-        return Consumer(client_config(self.app, "consumer", **extra))
+        return Consumer(client_config(self.app, "consumer", defaults, **extra))
 
     def produce(self, topic: str, value: bytes | None, *, key: bytes | str | None = None,
                 headers: list[tuple[str, bytes]] | None = None, timeout: float = 30.0) -> Any:

@@ -41,6 +41,16 @@ __all__ = ["Pipeline", "register_pipeline", "PIPELINE_TASK"]
 PIPELINE_TASK = "fusion.pipeline"
 
 
+def delivery_record(msg: Any) -> dict[str, Any]:
+    """fusion-clj's ``{topic, partition, offset}``, plus the record's timestamp (ms).
+
+    With all four, ``run_id(topic, partition, offset, timestamp)`` names the run a
+    fusion reactor made of the record, so its result can be looked up later.
+    """
+    return {"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset(),
+            "timestamp": msg.timestamp()[1]}
+
+
 def call_topic(task: Task, topic: str, data: Any = None, timeout: float | None = None, wait: bool = True) -> Any:
     """Send ``data`` to ``topic``; park until the reply (``wait``) or return the delivery record."""
     from .dispatch import lineage_headers, open_wait
@@ -58,7 +68,7 @@ def call_topic(task: Task, topic: str, data: Any = None, timeout: float | None =
         body = encode_request(data, None, id=task.request.id)
         check_size(body, int(setting(app, "fusion_max_message_bytes")), f"the request to topic {topic!r}")
         msg = c.produce(topic, body, key=topic, headers=lineage_headers(task))
-        return {"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()}
+        return delivery_record(msg)
     open_wait(task, topic=topic, data=data, timeout=float(timeout or setting(app, "fusion_default_timeout")))
 
 

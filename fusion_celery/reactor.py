@@ -29,6 +29,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from celery import Celery, Task
+from celery.exceptions import WorkerLostError
+from celery.signals import task_failure
 
 from . import progress
 from .canvas import compile_deps
@@ -171,3 +173,17 @@ class Reactor:
     def process(self, message: Message, results: dict[str, Any]) -> Any:
         """The reactor's answer to ``message`` given its deps' ``results``."""
         raise NotImplementedError
+
+
+@task_failure.connect
+def _worker_lost(sender: Any = None, task_id: str | None = None, exception: BaseException | None = None,
+                 kwargs: dict[str, Any] | None = None, **_: Any) -> None:
+    """A pool child died mid-run: Celery fails the task from the parent without calling
+    ``on_failure``, so answer the caller here instead of letting it time out."""
+    if not isinstance(exception, WorkerLostError) or task_id is None:
+        return
+    if isinstance(sender, ReactorTask):
+        reply_once(sender.app, task_id, (kwargs or {}).get("message") or {}, exc=exception, sender=sender)
+    elif getattr(sender, "name", None) == "fusion.dispatch" and (kwargs or {}).get("reactor"):
+        from .completion import fail_reactor
+        fail_reactor(sender.app, kwargs["reactor"], exception)

@@ -34,6 +34,8 @@ __all__ = ["Waiter"]
 
 logger = logging.getLogger(__name__)
 
+TAKEOVER_GRACE_MS = 5000
+
 
 class Waiter(threading.Thread):
     """Holds this worker's pending waits and completes them."""
@@ -59,7 +61,11 @@ class Waiter(threading.Thread):
             return
         self.waits[wait.id] = wait
         self.by_topic[wait.return_topic] = wait.id
-        heapq.heappush(self._deadlines, (wait.deadline, wait.id))
+        # A wait taken over from a dead worker may be past its deadline with its reply already
+        # on the topic: read the topic for a moment before calling it a timeout.
+        now = now_ms()
+        due = wait.deadline if wait.deadline > now else now + TAKEOVER_GRACE_MS
+        heapq.heappush(self._deadlines, (due, wait.id))
         # Offset 0, not OFFSET_BEGINNING: a logical offset costs an offset lookup that librdkafka
         # answers ~0.5 s later; a fresh return topic starts at 0 (auto.offset.reset covers the rest).
         self.replies.incremental_assign([TopicPartition(wait.return_topic, 0, 0)])
@@ -153,6 +159,7 @@ class Waiter(threading.Thread):
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "fetch.wait.max.ms": 100,
+            "log_level": 4,  # no per-topic info lines for every return topic assigned and deleted
             "topic.metadata.refresh.interval.ms": 30000,
         })
         watcher = self.registry.watch(self.worker_name)

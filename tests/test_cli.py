@@ -33,7 +33,9 @@ def test_call_without_wait_prints_the_delivery_record(services_worker, kit):
     topic = kit.topic()
     out = fusion("call", topic, '{"a": 1}')
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == {"topic": topic, "partition": 0, "offset": 0}
+    record = json.loads(out.stdout)
+    assert {k: record[k] for k in ("topic", "partition", "offset")} == {"topic": topic, "partition": 0, "offset": 0}
+    assert record["timestamp"] > 0
 
 
 def test_call_errors_are_one_line(services_worker):

@@ -192,3 +192,32 @@ def test_concurrency_one_worker_holds_many_waits_and_keeps_working(kit, worker_f
     c.close()
     kit.admin.delete_topics(backs)
     assert all(got[b]["results"]["g"] == i for i, b in enumerate(backs))
+
+
+def test_failed_dependency_leaves_no_run_started_in_flower_events(kit, services_worker, app):
+    """The fail-fast path sends the run's task-failed event (no worker would: its final step never runs)."""
+    import threading
+
+    seen = {}
+    ready = threading.Event()
+
+    def capture():
+        with app.connection_for_read() as conn:
+            recv = app.events.Receiver(conn, handlers={"task-failed": lambda e: seen.setdefault(e["uuid"], e),
+                                                       "*": lambda e: ready.set()})
+            try:
+                recv.capture(limit=None, timeout=30, wakeup=True)
+            except Exception:
+                pass
+
+    t = threading.Thread(target=capture, daemon=True)
+    t.start()
+    ready.wait(30)
+    back = rt(kit)
+    rec = kit.send(topic_name("generic"), {"data": {"deps": {"bad": {"topic": topic_name("boom"), "args": 1}}},
+                                           "return-topic": back})
+    kit.read(back, 1, timeout=60)
+    from fusion_celery import run_id
+    run = run_id(rec.topic(), rec.partition(), rec.offset(), rec.timestamp()[1])
+    failed = wait_for(lambda: seen.get(run), 30, "the reactor run's task-failed event")
+    assert "DependencyFailed" in failed["exception"] and "dep 'bad'" in failed["exception"]

@@ -45,6 +45,15 @@ def test_fire_and_forget_returns_the_delivery_record(services_worker, kit):
     assert body["data"] == {"x": 1} and "return-topic" not in body
 
 
+def test_fire_and_forget_record_names_the_reactor_run(services_worker, app):
+    from celery.result import AsyncResult
+
+    from fusion_celery import run_id
+    record = Pipeline(topic_name("add")).delay([1, 2], wait=False).get(timeout=60)
+    run = AsyncResult(run_id(record["topic"], record["partition"], record["offset"], record["timestamp"]), app=app)
+    assert run.get(timeout=60) == 3
+
+
 def test_timeout_raises_from_get(services_worker, kit):
     silent = kit.topic()
     with pytest.raises(DependencyTimeout, match=f"request to topic '{silent}' did not reply within 2s"):
