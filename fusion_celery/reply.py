@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery import Celery
@@ -21,6 +22,28 @@ logger = logging.getLogger(__name__)
 
 def _error_text(exc: BaseException) -> tuple[str, str]:
     return type(exc).__name__, str(exc)
+
+
+#: Seconds a missing return topic is looked for again before the reply is dropped.
+NEW_TOPIC_PATIENCE = 10.0
+
+
+def _exists_soon(c: Any, topic: str, patience: float = NEW_TOPIC_PATIENCE) -> bool:
+    """Whether ``topic`` exists, allowing for a topic created a moment ago.
+
+    The controller confirms a creation before the brokers' metadata lists the
+    topic; a fast service would otherwise drop its reply to a return topic its
+    caller just made (librdkafka's ``topic.metadata.propagation.max.ms`` makes
+    the same allowance for produce).
+    """
+    deadline = time.monotonic() + patience
+    delay = 0.05
+    while not c.topic_exists(topic, ttl=0):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(1.0, delay * 2)
+    return True
 
 
 def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: Any = None,
@@ -45,7 +68,7 @@ def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: A
         status = "error"
         body = encode_error(*_error_text(exc))[:limit] if limit else encode_error(*_error_text(exc))
     c = clients(app)
-    if not c.topic_exists(return_topic, ttl=0):
+    if not _exists_soon(c, return_topic):
         logger.warning("return topic %s no longer exists (the caller gave up?); reply dropped", return_topic)
         return None
     return c.produce(return_topic, body, key=corr_id, headers=reply_headers(status, corr_id))
