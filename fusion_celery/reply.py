@@ -24,19 +24,25 @@ def _error_text(exc: BaseException) -> tuple[str, str]:
     return type(exc).__name__, str(exc)
 
 
-#: Seconds a missing return topic is looked for again before the reply is dropped.
+#: Seconds a missing return topic is looked for again before the reply is dropped: long for a
+#: topic whose name says it was created within the last minute, short for any other.
 NEW_TOPIC_PATIENCE = 10.0
+OTHER_TOPIC_PATIENCE = 1.0
 
 
-def _exists_soon(c: Any, topic: str, patience: float = NEW_TOPIC_PATIENCE) -> bool:
+def _exists_soon(app: Celery, c: Any, topic: str) -> bool:
     """Whether ``topic`` exists, allowing for a topic created a moment ago.
 
     The controller confirms a creation before the brokers' metadata lists the
     topic; a fast service would otherwise drop its reply to a return topic its
     caller just made (librdkafka's ``topic.metadata.propagation.max.ms`` makes
-    the same allowance for produce).
+    the same allowance for produce).  Return topics carry their creation time in
+    their name (``<prefix><ms>.<uuid>``), so only young ones get the long wait
+    and a reply to a topic its caller deleted does not hold a worker slot long.
     """
-    deadline = time.monotonic() + patience
+    stamp = topic[len(setting(app, "fusion_return_topic_prefix")):].split(".", 1)[0]
+    young = stamp.isdigit() and abs(time.time() * 1000 - int(stamp)) < 60_000
+    deadline = time.monotonic() + (NEW_TOPIC_PATIENCE if young else OTHER_TOPIC_PATIENCE)
     delay = 0.05
     while not c.topic_exists(topic, ttl=0):
         if time.monotonic() >= deadline:
@@ -68,7 +74,7 @@ def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: A
         status = "error"
         body = encode_error(*_error_text(exc))[:limit] if limit else encode_error(*_error_text(exc))
     c = clients(app)
-    if not _exists_soon(c, return_topic):
+    if not _exists_soon(app, c, return_topic):
         logger.warning("return topic %s no longer exists (the caller gave up?); reply dropped", return_topic)
         return None
     return c.produce(return_topic, body, key=corr_id, headers=reply_headers(status, corr_id))

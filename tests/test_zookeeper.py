@@ -17,7 +17,7 @@ from urllib.parse import unquote
 import pytest
 from celery import Celery
 
-from conftest import ROOT, RUN_ID, isolated_env, wait_for
+from conftest import ROOT, RUN_ID, isolated_env, return_topic_name, wait_for
 from fusion_celery.backends.memory import MemoryRegistry
 from fusion_celery.backends.zookeeper import (
     ZooKeeperRegistry,
@@ -258,7 +258,7 @@ def test_zookeeper_restart_mid_run_loses_no_wait(kit, service, worker_factory, r
     gate = service(gate_topic, lambda data: {"echo": data})
     gate.hold = True
     n = 30
-    backs = [kit.topic(f"fusion.rt.{uuid.uuid4().hex}") for _ in range(n)]
+    backs = [kit.topic(return_topic_name()) for _ in range(n)]
     for i, back in enumerate(backs):
         kit.producer.produce(f"{run}.generic", json.dumps({
             "data": {"deps": {"g": {"topic": gate_topic, "args": [i]}}, "echo": i},
@@ -269,7 +269,7 @@ def test_zookeeper_restart_mid_run_loses_no_wait(kit, service, worker_factory, r
     stack("stop", "zookeeper")
     try:
         # While ZooKeeper is down a new wait cannot be stored: the caller gets an error naming it.
-        late = kit.topic(f"fusion.rt.{uuid.uuid4().hex}")
+        late = kit.topic(return_topic_name())
         kit.send(f"{run}.generic", {"data": {"deps": {"g": {"topic": gate_topic, "args": ["late"]}}},
                                     "return-topic": late, "id": "late"})
         [msg] = kit.read(late, 1, timeout=120)
