@@ -69,14 +69,23 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fusion_kafka_producer_config", {}, "Extra librdkafka settings for producers.", _json_object),
     Setting("fusion_kafka_consumer_config", {}, "Extra librdkafka settings for consumers.", _json_object),
     Setting("fusion_kafka_admin_config", {}, "Extra librdkafka settings for the admin client.", _json_object),
-    Setting("fusion_zookeeper_hosts", "127.0.0.1:2181", "ZooKeeper hosts, `host:port[,host:port]`."),
+    Setting("fusion_zookeeper_hosts", "127.0.0.1:2181",
+            "ZooKeeper hosts, `host:port[,host:port]` (used when a `zookeeper://` registry URL names none)."),
+    Setting("fusion_zookeeper_session_timeout", 10.0,
+            "ZooKeeper session timeout in seconds: how long a dead worker keeps its buckets of waits.", float),
+    Setting("fusion_zookeeper_connect_timeout", 5.0,
+            "Seconds a ZooKeeper registry call waits for a connection before failing.", float),
+    Setting("fusion_zookeeper_time_boundary", 1.0,
+            "Seconds the set of live waiters must stay unchanged before the ZooKeeper buckets are divided "
+            "again (kazoo `SetPartitioner` `time_boundary`).", float),
     Setting("fusion_imports", [], "Modules that define reactors, imported by the worker at start "
             "(comma-separated in the environment).", _csv),
     Setting("fusion_registry_url", "kafka://fusion.waits",
             "Where pending waits are kept: `kafka://<compacted topic>`, "
             "`zookeeper://host:port/path` or `memory://` (tests only)."),
     Setting("fusion_registry_partitions", 12,
-            "Partitions of the registry topic; the unit in which waits are divided among workers.", int),
+            "Partitions of the Kafka registry topic, or buckets of the ZooKeeper registry: the unit in which "
+            "waits are divided among workers (the same value in every process).", int),
     Setting("fusion_return_topic_prefix", "fusion.rt.", "Prefix of the ephemeral return topics."),
     Setting("fusion_return_topic_retention_ms", 7 * 24 * 3600 * 1000,
             "`retention.ms` of return topics: a safety net should a topic outlive the reaper.", int),

@@ -6,8 +6,11 @@ dispatch that failed after creating its topic, a client that gave up.  The
 reaper lists the topics with the return-topic prefix, reads their creation time
 from their name, and deletes those older than ``fusion_reaper_grace`` that no
 pending wait names (a topic whose name carries no creation time is never
-deleted automatically: it was not made by fusion-celery).  It runs in every worker every ``fusion_reaper_interval``
-seconds (deleting twice is harmless), and on demand with ``celery fusion reap``.
+deleted automatically: it was not made by fusion-celery).  It runs every
+``fusion_reaper_interval`` seconds in every
+worker, one at a time when the registry can coordinate (ZooKeeper: a lock, see
+:meth:`~fusion_celery.registry.Registry.exclusive`; elsewhere deleting twice is
+harmless), and on demand with ``celery fusion reap``.
 """
 
 from __future__ import annotations
@@ -79,7 +82,11 @@ class Reaper(threading.Thread):
         interval = float(setting(self.app, "fusion_reaper_interval"))
         while not self.stop_event.wait(interval):
             try:
-                reap(self.app)
+                with registry(self.app).exclusive("reaper") as mine:
+                    if mine:
+                        reap(self.app)
+                    else:
+                        logger.debug("reaper: another worker is reaping; skipped this round")
             except Exception as exc:
                 logger.warning("reaper: %s", exc)
 

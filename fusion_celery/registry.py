@@ -17,8 +17,10 @@ Backends (one module each under :mod:`fusion_celery.backends`):
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -104,6 +106,17 @@ class Registry(abc.ABC):
     @abc.abstractmethod
     def pending(self) -> list[Wait]:
         """Every pending wait, whoever owns it (for the reaper and the CLI)."""
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str) -> Iterator[bool]:
+        """Run a periodic job (e.g. the reaper) in one place at a time.
+
+        Yields ``True`` when this process may run the job ``name`` now, ``False``
+        when another one is running it (skip this round).  The default, for
+        backends that cannot coordinate, always yields ``True``: the job must
+        then be harmless to run in several places at once.
+        """
+        yield True
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release the registry's clients."""

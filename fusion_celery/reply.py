@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery import Celery
@@ -21,6 +22,27 @@ logger = logging.getLogger(__name__)
 
 def _error_text(exc: BaseException) -> tuple[str, str]:
     return type(exc).__name__, str(exc)
+
+
+#: Seconds a missing return topic is looked for again before the reply is dropped: long for a
+#: topic whose name says it was created within the last minute, short for any other.
+NEW_TOPIC_PATIENCE = 10.0
+OTHER_TOPIC_PATIENCE = 1.0
+
+
+def _patience(app: Celery, topic: str) -> float:
+    """Seconds to look again for a missing return topic before the reply is dropped.
+
+    The controller confirms a creation before the brokers' metadata lists the
+    topic; a fast service would otherwise drop its reply to a return topic its
+    caller just made (librdkafka's ``topic.metadata.propagation.max.ms`` makes
+    the same allowance for produce).  Return topics carry their creation time in
+    their name (``<prefix><ms>.<uuid>``), so only young ones get the long wait
+    and a reply to a topic its caller deleted does not hold a worker slot long.
+    """
+    stamp = topic[len(setting(app, "fusion_return_topic_prefix")):].split(".", 1)[0]
+    young = stamp.isdigit() and abs(time.time() * 1000 - int(stamp)) < 60_000
+    return NEW_TOPIC_PATIENCE if young else OTHER_TOPIC_PATIENCE
 
 
 def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: Any = None,
@@ -45,7 +67,7 @@ def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: A
         status = "error"
         body = encode_error(*_error_text(exc))[:limit] if limit else encode_error(*_error_text(exc))
     c = clients(app)
-    if not c.topic_exists(return_topic, ttl=0, wait=5.0):
+    if not c.topic_exists(return_topic, ttl=0, wait=_patience(app, return_topic)):
         logger.warning("return topic %s no longer exists (the caller gave up?); reply dropped", return_topic)
         return None
     return c.produce(return_topic, body, key=corr_id, headers=reply_headers(status, corr_id))

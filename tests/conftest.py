@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,14 @@ def zookeeper() -> Iterator[str]:
     zk.stop()
     zk.close()
     yield ZOOKEEPER
+    # Remove the registries this run made (workers using them are stopped by now).
+    zk = KazooClient(hosts=ZOOKEEPER, timeout=5)
+    zk.start(timeout=30)
+    for child in zk.get_children("/"):
+        if child.startswith((f"fusion-{RUN_ID}", f"fusion-test-{RUN_ID}")):
+            zk.delete(f"/{child}", recursive=True)
+    zk.stop()
+    zk.close()
 
 
 @pytest.fixture(scope="session")
@@ -118,17 +127,16 @@ class KafkaKit:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise
         self.created.append(name)
-
-        def visible():
-            tmd = self.admin.list_topics(topic=name, timeout=10).topics.get(name)
-            return tmd is not None and tmd.error is None and tmd.partitions and \
-                all(p.leader >= 0 for p in tmd.partitions.values())
-
-        wait_for(visible, 30, f"topic {name} to have a leader")
+        self.wait_visible([name])
         return name
 
     def topics(self, prefix: str = "") -> set[str]:
         return {t for t in self.admin.list_topics(timeout=10).topics if t.startswith(prefix)}
+
+    def wait_visible(self, names: list[str], timeout: float = 60.0) -> None:
+        """Wait until the broker's metadata lists ``names``: the controller answers a creation before
+        the broker knows the topic, and a reply sent in between is dropped as "no longer exists"."""
+        wait_for(lambda: not set(names) - self.topics(), timeout, f"{len(names)} new topic(s) to be visible")
 
     def send(self, topic: str, value: bytes | str | dict | None, headers=None, key=None):
         if isinstance(value, dict):
@@ -304,6 +312,38 @@ def services_worker(stack) -> Iterator[Worker]:
     w.stop()
 
 
+#: The registry backends the worker-level suites run against (see the `deployment` fixture).
+REGISTRIES = ("kafka", "zookeeper")
+
+
+@dataclass
+class Deployment:
+    """A worker serving tests/apps/services.py with one registry backend, and how to reach its reactors."""
+
+    registry: str
+    worker: Worker
+    env: dict[str, str]  # what another worker needs to join it (empty: the default environment)
+    run: str
+
+    def topic(self, base: str) -> str:
+        """The topic the test reactor ``base`` of this deployment serves."""
+        return f"{self.run}.{base}"
+
+
+@pytest.fixture(scope="session", params=REGISTRIES)
+def deployment(request, stack) -> Iterator[Deployment]:
+    """The session worker for each registry: the default one (Kafka), and one on ZooKeeper in its own
+    environment (its own broker databases, reactor topics and registry path)."""
+    if request.param == "kafka":
+        yield Deployment("kafka", request.getfixturevalue("services_worker"), {}, RUN_ID)
+        return
+    env = isolated_env(request.param, db=4)
+    w = Worker(f"svc-{request.param}", "tests.apps.services", concurrency=2,
+               env={**env, "FUSION_MAX_MESSAGE_BYTES": "100000"}).start()
+    yield Deployment(request.param, w, env, env["FUSION_TEST_RUN"])
+    w.stop()
+
+
 @pytest.fixture(scope="session")
 def app(stack):
     from fusion_celery import app as fusion_app
@@ -315,16 +355,31 @@ def topic_name(base: str) -> str:
     return f"{RUN_ID}.{base}"
 
 
-def isolated_env() -> dict[str, str]:
+def return_topic_name() -> str:
+    """A return topic name as fusion-celery makes them (the reaper leaves young ones alone)."""
+    return f"fusion.rt.{int(time.time() * 1000)}.{uuid.uuid4().hex}"
+
+
+def registry_url(registry: str, tag: str) -> str:
+    """A registry of its own for ``registry`` (kafka | zookeeper), named after ``tag``."""
+    if registry == "kafka":
+        return f"kafka://fusion.waits.{tag}"
+    if registry == "zookeeper":
+        return f"zookeeper://{ZOOKEEPER}/fusion-{RUN_ID}{tag}"
+    raise ValueError(f"unknown registry {registry!r}")
+
+
+def isolated_env(registry: str = "kafka", db: int = 2) -> dict[str, str]:
     """Settings for workers that must not share work with the session worker.
 
-    Their own Celery broker and backend databases, their own registry topic (so
-    their own waiter group) and their own reactor topics (another run id).
+    Their own Celery broker and backend databases (``db`` and ``db + 1``), their
+    own registry (a topic or ZooKeeper path, so their own waiters) and their own
+    reactor topics (another run id).
     """
     base = BROKER.rsplit("/", 1)[0]
     tag = uuid.uuid4().hex[:6]
-    return {"CELERY_BROKER_URL": f"{base}/2", "CELERY_RESULT_BACKEND": f"{base}/3",
-            "FUSION_TEST_REDIS": BACKEND, "FUSION_REGISTRY_URL": f"kafka://fusion.waits.{tag}",
+    return {"CELERY_BROKER_URL": f"{base}/{db}", "CELERY_RESULT_BACKEND": f"{base}/{db + 1}",
+            "FUSION_TEST_REDIS": BACKEND, "FUSION_REGISTRY_URL": registry_url(registry, tag),
             "FUSION_TEST_RUN": f"{RUN_ID}{tag}"}
 
 

@@ -1,39 +1,44 @@
-"""Waits survive `kill -9`: a worker started afterwards completes them, and no body runs twice."""
+"""Waits survive `kill -9`: another worker completes them, and no body runs twice (for every registry)."""
 
 import json
-import uuid
+import os
+import subprocess
+import sys
 
+import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import NewTopic
-from conftest import committed_total, isolated_env, wait_for
+from conftest import REGISTRIES, ROOT, committed_total, isolated_env, return_topic_name, wait_for
 
 
-def test_kill_9_with_50_pending_waits(kit, service, worker_factory, redis_client):
-    env = isolated_env()
+def park(kit, service, env, n):
+    """Send ``n`` generic requests whose one dependency (a held gate) does not answer yet.
+
+    Returns the gate and the requests' return topics once every wait is registered and the reactor's
+    intake has committed (nothing is left to redeliver but the waits themselves).
+    """
     run = env["FUSION_TEST_RUN"]
-    a = worker_factory(name="crashA", env=env, concurrency=2)
-    gate_topic = kit.topic()
-    gate = service(gate_topic, lambda data: {"echo": data})
+    gate = service(kit.topic(), lambda data: {"echo": data})
     gate.hold = True
-    n = 50
-    backs = [f"fusion.rt.{uuid.uuid4().hex}" for _ in range(n)]
+    backs = [return_topic_name() for _ in range(n)]
     for f in kit.admin.create_topics([NewTopic(b, 1, 1) for b in backs]).values():
         f.result(60)
+    kit.wait_visible(backs)
     reactor_topic = f"{run}.generic"
     for i, back in enumerate(backs):
         kit.producer.produce(reactor_topic, json.dumps({
-            "data": {"deps": {"g": {"topic": gate_topic, "args": [i]}}, "echo": i},
+            "data": {"deps": {"g": {"topic": gate.topic, "args": [i]}}, "echo": i},
             "return-topic": back, "id": f"k{i}"}))
     kit.producer.flush(30)
     wait_for(lambda: len(gate.received) >= n, 120, f"{n} dependency requests (waits registered)")
     wait_for(lambda: committed_total(kit.servers, f"fusion.reactor.{reactor_topic}", reactor_topic, 3) >= n, 30,
              "the reactor's intake to commit its offsets")
+    return gate, backs
 
-    a.kill()
-    gate.hold = False
-    gate.release()  # the replies now wait in Kafka, nobody is listening
 
-    worker_factory(name="crashB", env=env, concurrency=2)
+def check_answers(kit, redis_client, env, gate, backs):
+    """Every request got its right answer, each body ran once and each dependency was asked once."""
+    n, run = len(backs), env["FUSION_TEST_RUN"]
     c = Consumer({"bootstrap.servers": kit.servers, "group.id": "crash-reader", "enable.auto.commit": False})
     c.assign([TopicPartition(b, 0, OFFSET_BEGINNING) for b in backs])
     got = {}
@@ -42,11 +47,62 @@ def test_kill_9_with_50_pending_waits(kit, service, worker_factory, redis_client
         got.update({m.topic(): json.loads(m.value()) for m in c.consume(100, timeout=0.5) if m.error() is None})
         return len(got) == n
 
-    wait_for(all_answered, 180, f"all {n} answers after the restart")
-    c.close()
-    kit.admin.delete_topics(backs)
+    try:
+        wait_for(all_answered, 180, f"all {n} answers from the surviving worker")
+    finally:
+        c.close()
+        kit.admin.delete_topics(backs)
     for i, back in enumerate(backs):
         assert got[back] == {"results": {"g": {"echo": [i]}}, "echo": i}
     runs = [int(redis_client.get(f"bodyruns:{run}:k{i}") or 0) for i in range(n)]
     assert runs == [1] * n, f"chord bodies ran {runs}"
     assert len(gate.received) == n, "a dependency request was sent twice"
+
+
+@pytest.mark.parametrize("registry", REGISTRIES)
+def test_kill_9_with_50_pending_waits(registry, kit, service, worker_factory, redis_client):
+    env = isolated_env(registry)
+    a = worker_factory(name="crashA", env=env, concurrency=2)
+    gate, backs = park(kit, service, env, 50)
+
+    a.kill()
+    gate.hold = False
+    gate.release()  # the replies now wait in Kafka, nobody is listening
+
+    worker_factory(name="crashB", env=env, concurrency=2)
+    check_answers(kit, redis_client, env, gate, backs)
+
+
+def held_waits(env, *workers):
+    """{worker name: pending waits its waiter holds (None: no answer)}, from `celery inspect fusion_status`."""
+    proc = subprocess.run([sys.executable, "-m", "celery", "-A", "fusion_celery", "inspect", "fusion_status", "-j",
+                           "-t", "5", "-d", ",".join(w.name for w in workers)],
+                          env={**os.environ, **env}, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    try:
+        found = json.loads(proc.stdout or "{}")
+    except ValueError:
+        found = {}
+    return {w.name: (found.get(w.name) or {}).get("pending") for w in workers}
+
+
+@pytest.mark.parametrize("registry", REGISTRIES)
+def test_kill_9_the_running_peer_takes_the_dead_workers_waits_over(registry, kit, service, worker_factory,
+                                                                   redis_client):
+    env = isolated_env(registry)
+    a = worker_factory(name="peerA", env=env, concurrency=2)
+    b = worker_factory(name="peerB", env=env, concurrency=2)
+    n = 40
+    gate, backs = park(kit, service, env, n)
+    held = {}
+
+    def both_hold_some():
+        held.update(held_waits(env, a, b))
+        return held[a.name] and held[b.name] and held[a.name] + held[b.name] == n
+
+    wait_for(both_hold_some, 90, "the two waiters to share the waits", interval=0.5)
+
+    a.kill()
+    gate.hold = False
+    gate.release()
+    check_answers(kit, redis_client, env, gate, backs)
+    assert held_waits(env, b)[b.name] == 0, "the survivor still holds waits after answering them all"

@@ -1,15 +1,19 @@
-"""Deps-maps through chords of dispatching subtasks and the durable waiter (real stack, real workers)."""
+"""Deps-maps through chords of dispatching subtasks and the durable waiter (real stack, real workers).
+
+Every test runs once per registry backend: ``deployment`` is a session worker whose waits live in
+Kafka or in ZooKeeper, and ``deployment.topic(name)`` the topic of one of its test reactors.
+"""
 
 import json
 import time
 import uuid
 
 import pytest
-from conftest import topic_name, wait_for
+from conftest import REGISTRIES, return_topic_name, topic_name, wait_for
 
 
 def rt(kit):
-    return kit.topic(f"fusion.rt.{uuid.uuid4().hex}")
+    return kit.topic(return_topic_name())
 
 
 def call(kit, topic, data, timeout=90, **extra):
@@ -23,12 +27,12 @@ def return_topics(kit):
     return kit.topics("fusion.rt.")
 
 
-def test_seed_math_example_returns_4(kit, services_worker):
-    body, headers = call(kit, topic_name("math"), [1, 2, 3], id="m-1")
+def test_seed_math_example_returns_4(kit, deployment):
+    body, headers = call(kit, deployment.topic("math"), [1, 2, 3], id="m-1")
     assert body == 4 and headers["fusion-status"] == b"ok"
 
 
-def test_diamond_injects_right_args(kit, services_worker, service):
+def test_diamond_injects_right_args(kit, deployment, service):
     t = {n: kit.topic() for n in "abcd"}
     def echo(name):
         return lambda data: {"svc": name, "got": data}
@@ -38,7 +42,7 @@ def test_diamond_injects_right_args(kit, services_worker, service):
             "b": {"topic": t["b"], "args": ["b0"], "deps": ["a"]},
             "c": {"topic": t["c"], "args": ["c0"], "arg_in_fn": "cons", "deps": ["a"]},
             "d": {"topic": t["d"], "args": [], "deps": ["c", "b"]}}
-    body, _ = call(kit, topic_name("generic"), {"deps": deps})
+    body, _ = call(kit, deployment.topic("generic"), {"deps": deps})
     ra = {"svc": "a", "got": [1]}
     rb = {"svc": "b", "got": ["b0", ra]}
     rc = {"svc": "c", "got": [ra, "c0"]}
@@ -46,7 +50,7 @@ def test_diamond_injects_right_args(kit, services_worker, service):
     assert [len(s.received) for s in svcs.values()] == [1, 1, 1, 1]
 
 
-def test_independent_deps_overlap_in_time(kit, services_worker, service):
+def test_independent_deps_overlap_in_time(kit, deployment, service):
     spans = {}
 
     def slow(name):
@@ -60,45 +64,45 @@ def test_independent_deps_overlap_in_time(kit, services_worker, service):
     ta, tb = kit.topic(), kit.topic()
     service(ta, slow("a"))
     service(tb, slow("b"))
-    body, _ = call(kit, topic_name("generic"), {"deps": {"a": {"topic": ta}, "b": {"topic": tb}}})
+    body, _ = call(kit, deployment.topic("generic"), {"deps": {"a": {"topic": ta}, "b": {"topic": tb}}})
     assert body["results"] == {"a": "a", "b": "b"}
     (a0, a1), (b0, b1) = spans["a"], spans["b"]
     assert a0 < b1 and b0 < a1, f"intervals do not overlap: {spans}"
 
 
-def test_isolated_dep_runs_too(kit, services_worker, service):
+def test_isolated_dep_runs_too(kit, deployment, service):
     ta, tb = kit.topic(), kit.topic()
     sa = service(ta, lambda d: "A")
     sb = service(tb, lambda d: "B")
-    deps = {"a": {"topic": ta}, "b": {"topic": tb, "deps": ["a"]}, "lonely": {"topic": topic_name("add"),
-                                                                             "args": [20, 22]}}
-    body, _ = call(kit, topic_name("generic"), {"deps": deps})
+    deps = {"a": {"topic": ta}, "b": {"topic": tb, "deps": ["a"]},
+            "lonely": {"topic": deployment.topic("add"), "args": [20, 22]}}
+    body, _ = call(kit, deployment.topic("generic"), {"deps": deps})
     assert body["results"] == {"a": "A", "b": "B", "lonely": 42}
     assert len(sa.received) == len(sb.received) == 1
 
 
-def test_concurrency_one_prefork_worker_serves_reactor_and_its_deps(kit, worker_factory):
-    worker_factory(name="c1", concurrency=1, pool="prefork")
-    body, _ = call(kit, topic_name("math"), [4, 5, 6])
+def test_concurrency_one_prefork_worker_serves_reactor_and_its_deps(kit, deployment, worker_factory):
+    worker_factory(name="c1", concurrency=1, pool="prefork", env=deployment.env)
+    body, _ = call(kit, deployment.topic("math"), [4, 5, 6])
     assert body == 13  # one = add([4, 5, 6]) = 15; two = subtract([15, 2]) = 13
 
 
-def test_error_reply_fails_fast_naming_the_dep(kit, services_worker):
+def test_error_reply_fails_fast_naming_the_dep(kit, deployment):
     t0 = time.monotonic()
-    deps = {"ok": {"topic": topic_name("add"), "args": [1]},
-            "bad": {"topic": topic_name("boom"), "args": ["x"]},
-            "after": {"topic": topic_name("add"), "args": [1], "deps": ["bad"]}}
-    body, headers = call(kit, topic_name("generic"), {"deps": deps})
+    deps = {"ok": {"topic": deployment.topic("add"), "args": [1]},
+            "bad": {"topic": deployment.topic("boom"), "args": ["x"]},
+            "after": {"topic": deployment.topic("add"), "args": [1], "deps": ["bad"]}}
+    body, headers = call(kit, deployment.topic("generic"), {"deps": deps})
     assert headers["fusion-status"] == b"error"
     assert body["error"]["type"] == "DependencyFailed"
     assert "dep 'bad'" in body["error"]["message"] and "boom" in body["error"]["message"]
     assert time.monotonic() - t0 < 30
 
 
-def test_timeout_fails_naming_dep_and_topic(kit, services_worker):
+def test_timeout_fails_naming_dep_and_topic(kit, deployment):
     silent = kit.topic()
     deps = {"mute": {"topic": silent, "timeout": 2}}
-    body, headers = call(kit, topic_name("generic"), {"deps": deps})
+    body, headers = call(kit, deployment.topic("generic"), {"deps": deps})
     assert headers["fusion-status"] == b"error"
     assert body["error"]["type"] == "DependencyTimeout"
     assert f"dep 'mute' (topic '{silent}') did not reply within 2s" in body["error"]["message"]
@@ -109,27 +113,30 @@ def test_timeout_fails_naming_dep_and_topic(kit, services_worker):
     ({"a": {"topic": "x", "deps": ["b"]}, "b": {"topic": "x", "deps": ["a"]}}, "cycle"),
     ({"a": {"args": [1]}}, "missing 'topic'"),
 ])
-def test_invalid_deps_map_replies_with_an_error(kit, services_worker, deps, match):
-    body, headers = call(kit, topic_name("generic"), {"deps": deps})
+def test_invalid_deps_map_replies_with_an_error(kit, deployment, deps, match):
+    body, headers = call(kit, deployment.topic("generic"), {"deps": deps})
     assert headers["fusion-status"] == b"error"
     assert body["error"]["type"] == "DepsMapError" and match in body["error"]["message"]
 
 
-def test_missing_dep_topic_is_a_clear_error(kit, services_worker):
-    body, headers = call(kit, topic_name("generic"), {"deps": {"a": {"topic": f"nowhere.{uuid.uuid4().hex}"}}})
+def test_missing_dep_topic_is_a_clear_error(kit, deployment):
+    nowhere = f"nowhere.{uuid.uuid4().hex}"
+    body, headers = call(kit, deployment.topic("generic"), {"deps": {"a": {"topic": nowhere}}})
     assert headers["fusion-status"] == b"error"
     assert "does not exist" in body["error"]["message"] and "dep 'a'" in body["error"]["message"]
 
 
-def test_200_at_once_all_correct_and_no_return_topic_left(kit, services_worker, redis_client):
+def test_200_at_once_all_correct_and_no_return_topic_left(kit, deployment, redis_client):
     before = return_topics(kit)
     n = 200
-    backs = [f"fusion.rt.{uuid.uuid4().hex}" for _ in range(n)]
+    backs = [return_topic_name() for _ in range(n)]
     from confluent_kafka.admin import NewTopic
     for f in kit.admin.create_topics([NewTopic(b, 1, 1) for b in backs]).values():
         f.result(60)
+    kit.wait_visible(backs)
     for i, back in enumerate(backs):
-        kit.producer.produce(topic_name("math"), json.dumps({"data": [i, 1], "return-topic": back, "id": f"b{i}"}))
+        kit.producer.produce(deployment.topic("math"),
+                             json.dumps({"data": [i, 1], "return-topic": back, "id": f"b{i}"}))
     kit.producer.flush(30)
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
     c = Consumer({"bootstrap.servers": kit.servers, "group.id": "x", "enable.auto.commit": False})
@@ -149,10 +156,11 @@ def test_200_at_once_all_correct_and_no_return_topic_left(kit, services_worker, 
     wait_for(lambda: not ours(), 60, "every return topic fusion-celery created to be deleted")
 
 
-def test_pool_children_replaced_after_every_task_still_work(kit, worker_factory):
-    """Kafka handles never cross a fork: children forked later (max-tasks-per-child=1) make their own."""
+@pytest.mark.parametrize("registry", REGISTRIES)
+def test_pool_children_replaced_after_every_task_still_work(kit, worker_factory, registry):
+    """Client handles never cross a fork: children forked later (max-tasks-per-child=1) make their own."""
     from conftest import isolated_env
-    env = isolated_env()
+    env = isolated_env(registry)
     worker_factory(name="fork", env=env, concurrency=2, extra_args=("--max-tasks-per-child=1",))
     for data, want in (([1, 2, 3], 4), ([4, 5, 6], 13), ([10], 8)):
         assert call(kit, f"{env['FUSION_TEST_RUN']}.math", data)[0] == want
