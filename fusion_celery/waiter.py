@@ -183,16 +183,27 @@ class Waiter(threading.Thread):
             logger.exception("waiter: crashed; its waits go to the other workers")
             raise
         finally:
-            self._delete_topics(force=True)
-            watcher.close()
-            self.replies.close()
-            self.events.close()
+            for step, close in (("delete return topics", lambda: self._delete_topics(force=True)),
+                                ("leave the waiters", watcher.close),
+                                ("close the reply consumer", self._close_replies),
+                                ("close the event dispatcher", self.events.close)):
+                try:
+                    close()
+                except Exception as exc:
+                    logger.warning("waiter: cannot %s: %s", step, exc)
             logger.info("waiter: stopped (%d completed, %d failed, %d left to the others)", self.completed,
                         self.failed, len(self.waits))
+
+    def _close_replies(self) -> None:
+        self.replies.unassign()
+        self.replies.close()
 
     def stop(self, timeout: float = 30.0) -> None:
         self.stop_event.set()
         self.join(timeout)
+        if self.is_alive():
+            logger.warning("waiter: still shutting down after %.0fs; leaving it (its waits go to the others)",
+                           timeout)
 
     def status(self) -> dict[str, Any]:
         """What this waiter holds: pending waits, the oldest, counts by topic."""
