@@ -218,7 +218,17 @@ class Clients:
 
 
 _clients: dict[tuple[int, int], Clients] = {}
+_inherited: list[Clients] = []
 _clients_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # Another thread of the parent may have held the lock at the moment of the fork.
+    global _clients_lock
+    _clients_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def clients(app: Celery) -> Clients:
@@ -228,7 +238,10 @@ def clients(app: Celery) -> Clients:
         found = _clients.get(key)
         if found is None:
             for stale in [k for k in _clients if k[1] != key[1]]:
-                del _clients[stale]  # a parent's handles: never use, never close, just forget
+                # A parent's handles, inherited through fork: never use them, never close them, and
+                # never let them be garbage-collected either (their destructor would tear down
+                # librdkafka threads that do not exist in this process: a segfault).
+                _inherited.append(_clients.pop(stale))
             found = _clients[key] = Clients(app)
         return found
 
