@@ -104,6 +104,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fusion_reaper_grace", 300.0,
             "Age in seconds before an unregistered return topic counts as an orphan.", float),
     Setting("fusion_startup_timeout", 15.0, "Seconds the worker gives Kafka to answer at start.", float),
+    Setting("fusion_kafka_retry_timeout", 60.0,
+            "Seconds a Kafka operation on the request path (looking up or creating a topic, sending a request, "
+            "reply or registry record) keeps retrying while Kafka is unreachable or restarting, before it fails "
+            "with an error naming the topic; also the producer's `message.timeout.ms`.", float),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
