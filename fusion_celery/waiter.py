@@ -24,9 +24,10 @@ from celery import Celery
 from confluent_kafka import KafkaError, TopicPartition
 
 from .completion import Events, complete
-from .errors import DependencyFailed, DependencyTimeout, ProtocolError, RemoteError
+from .config import setting
+from .errors import DependencyFailed, DependencyTimeout, PayloadTooLarge, ProtocolError, RemoteError
 from .kafka import clients
-from .protocol import decode_reply
+from .protocol import check_size, decode_reply
 from .registry import Change, Wait, now_ms
 from .runtime import registry
 
@@ -114,6 +115,11 @@ class Waiter(threading.Thread):
         wait_id = self.by_topic.get(msg.topic())
         wait = self.waits.get(wait_id) if wait_id else None
         if wait is None or wait.id in self._retry:
+            return
+        try:
+            check_size(msg.value() or b"", int(setting(self.app, "fusion_max_message_bytes")), "the reply")
+        except PayloadTooLarge as err:
+            self._finish(wait, exc=DependencyFailed(f"{wait.label}: {err}"))
             return
         try:
             result = decode_reply(msg.value(), msg.headers())
