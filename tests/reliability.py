@@ -128,6 +128,7 @@ class Load:
     expected: dict[str, Any] = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)
     sent_at: dict[str, float] = field(default_factory=dict)
+    counted: set[str] = field(default_factory=set)  # requests whose reactor counts its body runs
 
     def __post_init__(self) -> None:
         self.kit.topic(self.back)
@@ -137,6 +138,7 @@ class Load:
         self.kit.producer.produce(topic, json.dumps({"data": data, "return-topic": self.back, "id": rid}))
         self.kit.producer.poll(0)
         self.expected[rid], self.kinds[rid], self.sent_at[rid] = expect, kind, time.monotonic()
+        self.counted.add(rid)  # the generic and math reactors count their body runs
 
     def parked(self, gate: Gate, n: int) -> list[str]:
         """``n`` requests to the generic reactor whose one dependency is ``gate`` (their waits park)."""
@@ -185,16 +187,23 @@ class Outcome:
 CLEAR_ERRORS = {"DependencyFailed", "DependencyTimeout", "WorkerLostError", "RequestExpired"}
 
 
-def collect(load: Load, redis_client, timeout: float = 300.0) -> Outcome:
-    """Read the answers of every request of ``load`` (until all came or ``timeout``), then classify them."""
+def collect(load: Load, redis_client, timeout: float = 300.0, settle: float | None = None) -> Outcome:
+    """Read the answers of every request of ``load`` (until all came or ``timeout``), then classify them.
+
+    With ``settle``, stop early once no new answer came for ``settle`` seconds (for a test that
+    expects some requests to stay unanswered)."""
     c = Consumer({"bootstrap.servers": load.kit.servers, "group.id": f"rel-{uuid.uuid4().hex}",
                   "enable.auto.commit": False})
     c.assign([TopicPartition(load.back, 0, OFFSET_BEGINNING)])
     replies: dict[str, list[tuple[str, Any]]] = defaultdict(list)
     deadline = time.monotonic() + timeout
+    last_new = time.monotonic()
     try:
         while time.monotonic() < deadline and not set(load.expected) <= set(replies):
+            if settle is not None and time.monotonic() - last_new > settle:
+                break
             for m in c.consume(500, timeout=0.5):
+                last_new = time.monotonic()
                 if m.error() is None:
                     h = {k: v.decode() for k, v in (m.headers() or [])}
                     replies[h.get("fusion-id", "?")].append((h.get("fusion-status", "?"), json.loads(m.value())))
@@ -217,20 +226,24 @@ def collect(load: Load, redis_client, timeout: float = 300.0) -> Outcome:
             errors[rid] = body
         else:
             wrong[rid] = (status, body)
-    runs = {rid: int(redis_client.get(f"bodyruns:{load.run}:{rid}") or 0) for rid in load.expected}
+    runs = {rid: int(redis_client.get(f"bodyruns:{load.run}:{rid}") or 0) for rid in load.counted}
     return Outcome(dict(replies), correct, errors, wrong, sorted(set(load.expected) - set(replies)),
                    sorted(r for r, v in replies.items() if len(v) > 1), runs)
 
 
-def check(outcome: Outcome, *, allow_errors: bool = True) -> None:
-    """Every request answered once, correctly or with a clear error; no chord body ran twice."""
+def check(outcome: Outcome, *, allow_errors: bool = True, max_lost: int = 0) -> None:
+    """Every request answered once, correctly or with a clear error; no chord body ran twice.
+
+    ``max_lost``: how many may stay unanswered (runs a ``kill -9`` took with it, see the kill test).
+    """
     s = outcome.summary()
-    assert not outcome.missing, f"{len(outcome.missing)} requests were never answered (e.g. {outcome.missing[:5]}): {s}"
+    assert len(outcome.missing) <= max_lost, \
+        f"{len(outcome.missing)} requests were never answered (e.g. {outcome.missing[:5]}): {s}"
     assert not outcome.wrong, f"wrong answers: {list(outcome.wrong.items())[:5]}: {s}"
     assert not outcome.duplicates, f"requests answered twice: {outcome.duplicates[:5]}: {s}"
     over = {r: n for r, n in outcome.body_runs.items() if n > 1}
     assert not over, f"chord bodies ran more than once: {list(over.items())[:5]}: {s}"
-    for rid in outcome.correct:
+    for rid in set(outcome.correct) & set(outcome.body_runs):
         assert outcome.body_runs[rid] == 1, f"{rid} was answered but its body ran {outcome.body_runs[rid]} times"
     if not allow_errors:
         assert not outcome.errors, f"requests failed: {list(outcome.errors.items())[:5]}: {s}"
