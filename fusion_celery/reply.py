@@ -83,9 +83,7 @@ def reply_once(app: Celery, task_id: str, message: dict[str, Any], *, result: An
     may send it; the error is raised for a result (the run fails) or with ``strict``
     (the caller retries), and logged otherwise.
     """
-    ttl = float(app.conf.result_expires.total_seconds() if hasattr(app.conf.result_expires, "total_seconds")
-                else app.conf.result_expires or 86400)
-    if not claims.claim(app, f"reply-{task_id}", ttl):
+    if not claims.claim(app, f"reply-{task_id}", claims.lifetime(app)):
         return False
     return_topic = message.get("return_topic")
     if return_topic:
