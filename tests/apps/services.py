@@ -83,6 +83,10 @@ def slow(message):
 
 from fusion_celery import app as _app  # noqa: E402
 
+if os.environ.get("FUSION_TEST_RESULT_EXPIRES"):
+    # The soak test keeps results (and with them claims, progress and chord counters) briefly.
+    _app.conf.result_expires = _app.conf.result_chord_expires = int(os.environ["FUSION_TEST_RESULT_EXPIRES"])
+
 if os.environ.get("FUSION_TEST_VISIBILITY_TIMEOUT"):
     # Messages a worker had prefetched when it lost Redis come back after this many seconds.
     _app.conf.broker_transport_options = {"visibility_timeout": int(os.environ["FUSION_TEST_VISIBILITY_TIMEOUT"])}
