@@ -148,6 +148,9 @@ def defaults() -> dict[str, Any]:
         try:
             values[s.name] = s.parse(raw)
         except ValueError as exc:
+            if s.parse is _json_object:
+                # librdkafka settings hold passwords: name the variable and the JSON error, never the value
+                raise ValueError(f"environment variable {s.env} is invalid: {exc}") from None
             raise ValueError(f"environment variable {s.env}={raw!r} is invalid: {exc}") from None
     return values
 
