@@ -57,7 +57,7 @@ def test_steady_rate_of_pipelines_with_deps(scale, request, kit, worker_factory)
         while not stop.is_set() or len(done) < len(sent):
             pending = [(t0, i, res) for t0, i, res in list(sent) if i not in done]
             raw = backend_db.mget([f"celery-task-meta-{res.id}" for _, _, res in pending]) if pending else []
-            for (t0, i, _res), value in zip(pending, raw):
+            for (t0, i, _res), value in zip(pending, raw, strict=True):
                 if value is None:
                     continue
                 meta = json.loads(value)
