@@ -81,8 +81,8 @@ def test_kafka_stopped_for_20s(scale, request, kit, worker_factory, gates, redis
 def test_redis_stopped_for_20s(scale, request, kit, worker_factory, gates, redis_client):
     n, m = sizes(request)
     # Tasks a worker had prefetched when Redis went away stay in the broker's "unacked" hash until
-    # the visibility timeout (Celery's default: 1 hour); 60 s here, see docs/operations/failures.md.
-    env = {**isolated_env("kafka", db=6), "FUSION_TEST_VISIBILITY_TIMEOUT": "60"}
+    # the visibility timeout (Celery's default: 1 hour); 30 s here, see docs/operations/failures.md.
+    env = {**isolated_env("kafka", db=6), "FUSION_TEST_VISIBILITY_TIMEOUT": "30"}
     a = worker_factory(name="redisA", env=env, concurrency=2)
     b = worker_factory(name="redisB", env=env, concurrency=2)
     gate = gates()
@@ -108,9 +108,9 @@ def test_kill_9_one_worker_then_the_other_then_a_fresh_one(scale, request, kit, 
                                                            redis_client):
     """Waits survive both kills; what a killed worker was *executing* is lost (Celery acknowledges a task
     when it starts), at most one run per pool slot; what it had prefetched comes back after the
-    broker's visibility timeout (60 s here)."""
+    broker's visibility timeout (30 s here)."""
     n, m = sizes(request)
-    env = {**isolated_env("kafka", db=6), "FUSION_TEST_VISIBILITY_TIMEOUT": "60"}
+    env = {**isolated_env("kafka", db=6), "FUSION_TEST_VISIBILITY_TIMEOUT": "30"}
     a = worker_factory(name="k9A", env=env, concurrency=2)
     b = worker_factory(name="k9B", env=env, concurrency=2)
     gate = gates()
@@ -126,7 +126,7 @@ def test_kill_9_one_worker_then_the_other_then_a_fresh_one(scale, request, kit, 
     b.kill()  # the other one too, while replies are arriving
     t0 = time.monotonic()
     worker_factory(name="k9C", env=env, concurrency=2)
-    outcome = collect(load, redis_client, timeout=400, settle=120)
+    outcome = collect(load, redis_client, timeout=400, settle=90)
     report(request.node.name, {"parked": n, "in_flight": m, "collect_s":
                                round(time.monotonic() - t0, 1), "lost": outcome.missing, **outcome.summary()})
     check(outcome, max_lost=2 * 2)  # two killed workers with two pool slots each
