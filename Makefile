@@ -4,6 +4,7 @@
 #   make up       start Kafka (KRaft) + Redis + ZooKeeper locally (stack/stack.sh)
 #   make down     stop them;  make status  show them
 #   make test     run pytest with the stack up (starts/stops it unless already up)
+#   make soak     the long reliability suite (pytest -m soak: 30-minute soak, faults with 300 waits)
 #   make demo     venv + stack, then a worker with the math example, Flower and one pipeline call (Ctrl-C stops)
 #   make docs     build the docs (mkdocs --strict)
 #   make clean    stop the stack and delete its state (.stack/)
@@ -23,7 +24,7 @@ PYTEST_ARGS ?= -ra
 .PHONY: help venv up down status test demo bench soak docs clean
 
 help:
-	@sed -n '3,12p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,13p' Makefile | sed 's/^# \{0,1\}//'
 
 venv: $(VENV)/.installed
 

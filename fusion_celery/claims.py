@@ -20,7 +20,7 @@ from .errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["claim", "extend", "release", "is_claimed", "once"]
+__all__ = ["claim", "extend", "release", "is_claimed", "once", "lifetime"]
 
 
 def _client(app: Celery):
@@ -30,6 +30,14 @@ def _client(app: Celery):
             f"fusion-celery needs the Redis result backend (result_backend=redis://...), "
             f"got {type(app.backend).__name__}")
     return client
+
+
+def lifetime(app: Celery) -> float:
+    """Seconds a claim that guarded finished work is kept: as long as the results it guards
+    (``result_expires``; a day when results never expire)."""
+    value = app.conf.result_expires
+    seconds = value.total_seconds() if hasattr(value, "total_seconds") else value
+    return float(seconds or 86400)
 
 
 def _key(name: str) -> str:
@@ -62,7 +70,8 @@ def once(task: Task, step: str, lease: float | None = None) -> Iterator[None]:
     The marker is keyed by task id and retry count, so Celery retries still run.
     It is a lease while the body runs (``lease`` seconds, default the task's hard
     time limit or 10 minutes: a worker that died mid-way does not block a
-    redelivery for ever), kept for a week on success and dropped on failure.
+    redelivery for ever), kept as long as the results (``result_expires``) on
+    success and dropped on failure.
     """
     app = task.app
     name = f"{step}-{task.request.id}-{task.request.retries or 0}"
@@ -75,4 +84,4 @@ def once(task: Task, step: str, lease: float | None = None) -> Iterator[None]:
     except BaseException:
         release(app, name)
         raise
-    extend(app, name, 7 * 24 * 3600)
+    extend(app, name, lifetime(app))

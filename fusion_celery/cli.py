@@ -222,7 +222,8 @@ def status(ctx: click.Context, timeout: float, as_json: bool) -> None:
     try:
         replies = app.control.broadcast("fusion_status", reply=True, timeout=timeout)
     except Exception as exc:
-        _fail(f"cannot reach the Celery broker {app.conf.broker_url}: {exc}")
+        from kombu.utils.url import maybe_sanitize_url
+        _fail(f"cannot reach the Celery broker {maybe_sanitize_url(app.conf.broker_url)}: {exc}")
     merged = {host: st for reply in replies or [] for host, st in reply.items()}
     if not merged:
         _fail(f"no worker answered within {timeout:g}s")

@@ -99,52 +99,65 @@ def _send_callbacks_and_chain(app: Celery, value: Any, ctx: Context) -> None:
 
 
 def complete(app: Celery, wait: Wait, *, result: Any = None, exc: BaseException | None = None,
-             events: Events | None = None) -> None:
+             events: Events | None = None, done: dict[str, bool] | None = None) -> None:
     """Complete the parked task of ``wait`` with the reply ``result`` or the failure ``exc``.
 
     A dependency's value is the dict of every result known so far (its ``carry``
     plus its own), which is what the next level and the processing step receive.
     A failure also answers the waiting reactor at once with an error naming the
     dependency, instead of letting it wait for its other dependencies.
+
+    ``done`` remembers the steps that succeeded, for a caller that calls again
+    after an error (Redis or Kafka away): the outcome is stored once, and the
+    steps after it (callbacks and chain, the reactor's error reply) still run.
     """
+    done = {} if done is None else done
     ctx = Context(wait.request)
     ctx.args, ctx.kwargs = [], {}
     backend = app.backend
-    if backend.get_state(wait.id) in states.READY_STATES:
+    if not done.get("stored") and backend.get_state(wait.id) in states.READY_STATES:
         # Completed before (a waiter died between completing and removing the wait):
         # completing again could only overwrite the outcome or resend callbacks.
         logger.info("waiter: %s (task %s) was already completed", wait.label, wait.id)
+        if exc is not None and wait.reactor:
+            fail_reactor(app, wait.reactor, exc, events=events, strict=True)  # sent once (claimed)
         return
     runtime = max(0.0, time.time() - wait.created / 1000)
     if exc is None:
         value = {**(wait.carry or {}), wait.dep: result} if wait.dep else result
-        backend.mark_as_done(wait.id, value, request=ctx)
-        if wait.reactor:
-            progress.advance(app, wait.reactor["id"])
+        if not done.get("stored"):
+            backend.mark_as_done(wait.id, value, request=ctx)
+            done["stored"] = True
+            if wait.reactor:
+                progress.advance(app, wait.reactor["id"])
         _send_callbacks_and_chain(app, value, ctx)
         if events:
             events.send("task-succeeded", uuid=wait.id, result=repr(value)[:1024], runtime=runtime)
         return
-    backend.mark_as_failure(wait.id, exc, request=ctx)
-    if events:
-        events.send("task-failed", uuid=wait.id, exception=_repr(exc), traceback="", runtime=runtime)
+    if not done.get("stored"):
+        backend.mark_as_failure(wait.id, exc, request=ctx)
+        done["stored"] = True
+        if events:
+            events.send("task-failed", uuid=wait.id, exception=_repr(exc), traceback="", runtime=runtime)
     if wait.reactor:
-        fail_reactor(app, wait.reactor, exc, events=events)
+        fail_reactor(app, wait.reactor, exc, events=events, strict=True)
 
 
 def _repr(exc: BaseException) -> str:
     return f"{type(exc).__name__}({str(exc)!r})"
 
 
-def fail_reactor(app: Celery, reactor: dict[str, Any], exc: BaseException, events: Events | None = None) -> None:
+def fail_reactor(app: Celery, reactor: dict[str, Any], exc: BaseException, events: Events | None = None,
+                 strict: bool = False) -> None:
     """Answer a reactor run whose dependency failed: store the failure and send the error reply once.
 
     Also sends the run's ``task-failed`` event, since no worker will (its final
-    step never runs), so that Flower does not show it STARTED for ever.
+    step never runs), so that Flower does not show it STARTED for ever.  With
+    ``strict`` an error reply that cannot be sent raises (the waiter tries again).
     """
     failure = exc if isinstance(exc, DependencyFailed) else DependencyFailed(str(exc))
     message = reactor.get("message") or {}
-    if not reply_once(app, reactor["id"], message, exc=failure):
+    if not reply_once(app, reactor["id"], message, exc=failure, strict=strict):
         return
     app.backend.store_result(reactor["id"], failure, states.FAILURE)
     fields = {"uuid": reactor["id"], "exception": _repr(failure), "traceback": ""}

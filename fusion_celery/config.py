@@ -104,6 +104,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fusion_reaper_grace", 300.0,
             "Age in seconds before an unregistered return topic counts as an orphan.", float),
     Setting("fusion_startup_timeout", 15.0, "Seconds the worker gives Kafka to answer at start.", float),
+    Setting("fusion_kafka_retry_timeout", 60.0,
+            "Seconds a Kafka operation on the request path (looking up or creating a topic, sending a request, "
+            "reply or registry record) keeps retrying while Kafka is unreachable or restarting, before it fails "
+            "with an error naming the topic; also the producer's `message.timeout.ms`.", float),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -144,6 +148,9 @@ def defaults() -> dict[str, Any]:
         try:
             values[s.name] = s.parse(raw)
         except ValueError as exc:
+            if s.parse is _json_object:
+                # librdkafka settings hold passwords: name the variable and the JSON error, never the value
+                raise ValueError(f"environment variable {s.env} is invalid: {exc}") from None
             raise ValueError(f"environment variable {s.env}={raw!r} is invalid: {exc}") from None
     return values
 

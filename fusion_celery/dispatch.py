@@ -117,7 +117,7 @@ def dispatch(self: Task, prior: Any = None, *, dep: dict[str, Any], reactor: dic
         open_wait(self, topic=d.topic, data=args, timeout=timeout, dep=d.name, carry=carry, reactor=reactor,
                   deadline=deadline)
     except Ignore:
-        claims.extend(self.app, f"dispatch-{self.request.id}", ttl=7 * 24 * 3600)
+        claims.extend(self.app, f"dispatch-{self.request.id}", ttl=claims.lifetime(self.app))
         raise
     except Exception as exc:
         claims.release(self.app, f"dispatch-{self.request.id}")

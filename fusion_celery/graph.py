@@ -94,7 +94,7 @@ def _dep(name: Any, spec: Any, names: set[str], max_timeout: float | None) -> De
     if not isinstance(spec, Mapping):
         raise DepsMapError(f"{where}: must be a mapping with at least 'topic', got {type(spec).__name__}")
     spec = {_ALIASES.get(k, k): v for k, v in spec.items()}
-    unknown = sorted(set(spec) - _KEYS - {"result"})
+    unknown = sorted(set(spec) - _KEYS - {"result"}, key=repr)  # keys may be of any (mixed) types
     if unknown:
         raise DepsMapError(f"{where}: unknown key(s) {unknown}; a dep takes {sorted(_KEYS)}")
     if "topic" not in spec:
@@ -112,7 +112,7 @@ def _dep(name: Any, spec: Any, names: set[str], max_timeout: float | None) -> De
         if d == name:
             raise DepsMapError(f"{where}.deps[{i}]: a dep cannot depend on itself (cycle: {name} -> {name})")
         if d not in names:
-            raise DepsMapError(f"{where}.deps[{i}]: unknown dep {d!r} (known: {sorted(names)})")
+            raise DepsMapError(f"{where}.deps[{i}]: unknown dep {d!r} (known: {sorted(names, key=repr)})")
     if len(set(deps)) != len(deps):
         raise DepsMapError(f"{where}.deps: lists a dep twice: {list(deps)}")
 
@@ -130,13 +130,13 @@ def _dep(name: Any, spec: Any, names: set[str], max_timeout: float | None) -> De
         raise DepsMapError(f"{where}.args: must be a list for {fn!r} to inject into, got {type(args).__name__}")
     try:
         json.dumps(args, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise DepsMapError(f"{where}.args: not JSON-serializable ({exc})") from None
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise DepsMapError(f"{where}.args: not JSON-serializable ({str(exc)[:200]})") from None
 
     timeout = spec.get("timeout")
     if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
-                or timeout <= 0:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0 \
+                or (isinstance(timeout, float) and not math.isfinite(timeout)) or timeout > 10**9:
             raise DepsMapError(f"{where}.timeout: must be a positive number of seconds, got {timeout!r}")
         if max_timeout is not None and timeout > max_timeout:
             raise DepsMapError(f"{where}.timeout: {timeout}s is longer than the chord lifetime "

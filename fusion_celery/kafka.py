@@ -52,9 +52,59 @@ def client_config(app: Celery, kind: str, defaults: dict[str, Any] | None = None
     return config
 
 
+class _Throttle(logging.Filter):
+    """Let one of a kind of log line through per ``interval`` seconds (librdkafka repeats itself).
+
+    While a broker is down every client reports every failed connection attempt, several
+    times a second: without this a worker writes thousands of identical lines per minute.
+    Lines are of a kind when they are equal once digits are ignored.
+    """
+
+    def __init__(self, interval: float = 10.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._last: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = "".join(c for c in record.getMessage() if not c.isdigit())[:300]
+        now = time.monotonic()
+        with self._lock:
+            last, skipped = self._last.get(kind, (0.0, 0))
+            if now - last < self.interval:
+                self._last[kind] = (last, skipped + 1)
+                return False
+            if len(self._last) > 1000:
+                self._last.clear()
+            self._last[kind] = (now, 0)
+        if skipped:
+            record.msg = f"{record.msg} (and {skipped} similar in the last {self.interval:.0f}s)"
+        return True
+
+
+rdkafka_logger.addFilter(_Throttle())
+_errors_logger = logging.getLogger(f"{__name__}.errors")
+_errors_logger.addFilter(_Throttle())
+
+#: librdkafka errors that say "not now" (broker down or restarting) rather than "never".
+_TRANSIENT = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT, KafkaError._MSG_TIMED_OUT,
+              KafkaError._RESOLVE, KafkaError._WAIT_COORD, KafkaError.REQUEST_TIMED_OUT, KafkaError.NOT_CONTROLLER,
+              KafkaError.BROKER_NOT_AVAILABLE, KafkaError.LEADER_NOT_AVAILABLE,
+              KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.COORDINATOR_NOT_AVAILABLE,
+              KafkaError.NETWORK_EXCEPTION}
+
+
+def transient(err: KafkaError) -> bool:
+    """Whether ``err`` may go away by itself (the broker is unreachable, restarting or electing)."""
+    if err.code() in _TRANSIENT or err.retriable():
+        return True
+    # A restarted KRaft broker refuses topic creation until it is unfenced.
+    return err.code() == KafkaError.INVALID_REPLICATION_FACTOR and "fenced" in err.str()
+
+
 def _error_logger(err: KafkaError) -> None:
     # librdkafka reports transient trouble (broker down, retrying) through this callback.
-    logger.warning("kafka: %s", err)
+    _errors_logger.warning("kafka: %s", err)
 
 
 class Clients:
@@ -69,11 +119,42 @@ class Clients:
         self._known_topics: dict[str, float] = {}
 
     @property
+    def retry_timeout(self) -> float:
+        return float(setting(self.app, "fusion_kafka_retry_timeout"))
+
+    def retrying(self, what: str, fn: Any) -> Any:
+        """``fn()``, tried again while it fails with a transient Kafka error, for ``fusion_kafka_retry_timeout``.
+
+        Raises :class:`FusionError` starting with ``what`` when the error is not
+        transient or the broker stayed away too long: never a raw ``KafkaException``
+        (which, among other things, cannot be pickled into a task's result).
+        """
+        deadline = time.monotonic() + self.retry_timeout
+        delay = 0.2
+        while True:
+            try:
+                return fn()
+            except KafkaException as exc:
+                err = exc.args[0]
+                if not isinstance(err, KafkaError):
+                    raise FusionError(f"{what}: {err}") from None
+                if not transient(err) or time.monotonic() + delay > deadline:
+                    hint = (f" (Kafka at {setting(self.app, 'fusion_kafka_bootstrap_servers')} unreachable for "
+                            f"{self.retry_timeout:.0f}s, setting fusion_kafka_retry_timeout)") if transient(err) else ""
+                    raise FusionError(f"{what}: {err.str()}{hint}") from None
+                _errors_logger.warning("kafka: %s: %s; retrying", what, err.str())
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    @property
     def producer(self) -> Producer:
         with self._lock:
             if self._producer is None:
                 self._producer = Producer(client_config(
                     self.app, "producer",
+                    # librdkafka gives up on a record when we do: a record reported as failed is never
+                    # delivered later, so sending it again (a retried reply) cannot duplicate it.
+                    defaults={"message.timeout.ms": int(self.retry_timeout * 1000)},
                     **{"linger.ms": 0, "acks": "all", "enable.idempotence": True, "error_cb": _error_logger},
                 ))
             return self._producer
@@ -91,11 +172,16 @@ class Clients:
         return Consumer(client_config(self.app, "consumer", defaults, **extra))
 
     def produce(self, topic: str, value: bytes | None, *, key: bytes | str | None = None,
-                headers: list[tuple[str, bytes]] | None = None, timeout: float = 30.0) -> Any:
+                headers: list[tuple[str, bytes]] | None = None, timeout: float | None = None) -> Any:
         """Produce one record and wait until Kafka acknowledged it; return its delivery record.
 
+        librdkafka keeps trying while the broker is away, for ``fusion_kafka_retry_timeout``
+        seconds (its ``message.timeout.ms``); ``timeout`` defaults to a little more, so the
+        outcome is known: a record reported as failed was not written.
         Raises :class:`FusionError` naming the topic when delivery fails.
         """
+        if timeout is None:
+            timeout = self.retry_timeout + 10
         done = threading.Event()
         outcome: dict[str, Any] = {}
 
@@ -133,7 +219,9 @@ class Clients:
             return True
         deadline = now + wait
         while True:
-            tmd = self.producer.list_topics(topic, timeout=10).topics.get(topic)
+            md = self.retrying(f"cannot look up Kafka topic {topic!r}",
+                               lambda: self.producer.list_topics(topic, timeout=10))
+            tmd = md.topics.get(topic)
             if tmd is not None and tmd.error is None and tmd.partitions:
                 self._known_topics[topic] = time.monotonic() + ttl
                 return True
@@ -150,18 +238,23 @@ class Clients:
         not see yet only looks again at its next metadata refresh (minutes).
         """
         names = list(names)
-        new = [NewTopic(n, num_partitions=partitions, replication_factor=-1, config=config or {}) for n in names]
-        if not new:
+        if not names:
             return
-        futures = self.admin.create_topics(new, operation_timeout=timeout, request_timeout=timeout)
-        for name, fut in futures.items():
-            try:
-                fut.result(timeout=timeout + 5)
-            except KafkaException as exc:
-                err = exc.args[0]
-                if exist_ok and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
-                    continue
-                raise FusionError(f"cannot create Kafka topic {name!r}: {err.str()}") from None
+        pending = list(names)
+
+        def create() -> None:
+            new = [NewTopic(n, num_partitions=partitions, replication_factor=-1, config=config or {})
+                   for n in pending]
+            futures = self.admin.create_topics(new, operation_timeout=timeout, request_timeout=timeout)
+            for name, fut in futures.items():
+                try:
+                    fut.result(timeout=timeout + 5)
+                except KafkaException as exc:
+                    if not (exist_ok and exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS):
+                        raise
+                pending.remove(name)  # created (or there already): not again on a retry
+
+        self.retrying(f"cannot create Kafka topic(s) {', '.join(map(repr, pending))}", create)
         if visible:
             self.wait_visible(names, timeout)
 
@@ -171,7 +264,8 @@ class Clients:
         deadline = time.monotonic() + timeout
         while pending:
             for name in list(pending):
-                md = self.admin.list_topics(topic=name, timeout=max(1.0, deadline - time.monotonic()))
+                md = self.retrying(f"cannot look up Kafka topic {name!r}", lambda name=name: self.admin.list_topics(
+                    topic=name, timeout=max(1.0, deadline - time.monotonic())))
                 tmd = md.topics.get(name)
                 if tmd is not None and tmd.error is None and tmd.partitions and \
                         all(p.leader >= 0 for p in tmd.partitions.values()):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from celery import Celery
 
-__all__ = ["start", "advance", "read"]
+from .claims import lifetime
 
-_TTL = 7 * 24 * 3600
+__all__ = ["start", "advance", "read"]
 
 
 def _key(task_id: str) -> str:
@@ -22,7 +22,7 @@ def start(app: Celery, task_id: str, total: int) -> None:
     client = app.backend.client
     with client.pipeline() as pipe:
         pipe.hset(_key(task_id), mapping={"total": total, "done": 0})
-        pipe.expire(_key(task_id), _TTL)
+        pipe.expire(_key(task_id), int(lifetime(app)))  # as long as the run's result
         pipe.execute()
 
 

@@ -74,14 +74,16 @@ def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: A
 
 
 def reply_once(app: Celery, task_id: str, message: dict[str, Any], *, result: Any = None,
-               exc: BaseException | None = None, sender: Any = None) -> bool:
+               exc: BaseException | None = None, sender: Any = None, strict: bool = False) -> bool:
     """Reply for reactor run ``task_id`` unless it already replied; tell the ``reactor_result`` hook.
 
     Returns False when another path (for example a failing dependency) replied first.
+    A reply that could not be sent (Kafka stayed away longer than
+    ``fusion_kafka_retry_timeout``) gives its claim back, so that a later attempt
+    may send it; the error is raised for a result (the run fails) or with ``strict``
+    (the caller retries), and logged otherwise.
     """
-    ttl = float(app.conf.result_expires.total_seconds() if hasattr(app.conf.result_expires, "total_seconds")
-                else app.conf.result_expires or 86400)
-    if not claims.claim(app, f"reply-{task_id}", ttl):
+    if not claims.claim(app, f"reply-{task_id}", claims.lifetime(app)):
         return False
     return_topic = message.get("return_topic")
     if return_topic:
@@ -89,7 +91,8 @@ def reply_once(app: Celery, task_id: str, message: dict[str, Any], *, result: An
             send_reply(app, return_topic, message.get("id"), result=result, exc=exc)
         except FusionError as err:
             logger.error("reactor %s: cannot reply to %s: %s", task_id, return_topic, err)
-            if exc is None:
+            claims.release(app, f"reply-{task_id}")
+            if exc is None or strict:
                 raise
     reactor_result.send(sender=sender, task_id=task_id, message=message, result=result, exception=exc)
     return True

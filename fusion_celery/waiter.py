@@ -24,9 +24,10 @@ from celery import Celery
 from confluent_kafka import KafkaError, TopicPartition
 
 from .completion import Events, complete
-from .errors import DependencyFailed, DependencyTimeout, ProtocolError, RemoteError
+from .config import setting
+from .errors import DependencyFailed, DependencyTimeout, PayloadTooLarge, ProtocolError, RemoteError
 from .kafka import clients
-from .protocol import decode_reply
+from .protocol import check_size, decode_reply
 from .registry import Change, Wait, now_ms
 from .runtime import registry
 
@@ -49,6 +50,7 @@ class Waiter(threading.Thread):
         self.by_topic: dict[str, str] = {}
         self._deadlines: list[tuple[int, str]] = []
         self._retry: dict[str, tuple[float, int, Any, BaseException | None]] = {}
+        self._done: dict[str, dict[str, bool]] = {}  # completion steps done, for a retried completion
         self._to_delete: list[str] = []
         self._last_delete = 0.0
         self.completed = 0
@@ -76,6 +78,7 @@ class Waiter(threading.Thread):
             return None
         self.by_topic.pop(wait.return_topic, None)
         self._retry.pop(wait_id, None)
+        self._done.pop(wait_id, None)
         try:
             self.replies.incremental_unassign([TopicPartition(wait.return_topic, 0)])
         except Exception as exc:  # not assigned (any more)
@@ -92,7 +95,8 @@ class Waiter(threading.Thread):
     # -- completion --------------------------------------------------------------------------
     def _finish(self, wait: Wait, result: Any = None, exc: BaseException | None = None) -> None:
         try:
-            complete(self.app, wait, result=result, exc=exc, events=self.events)
+            complete(self.app, wait, result=result, exc=exc, events=self.events,
+                     done=self._done.setdefault(wait.id, {}))
         except Exception as err:
             attempt = self._retry.get(wait.id, (0, 0, None, None))[1] + 1
             delay = min(30.0, 0.5 * 2 ** min(attempt, 6))
@@ -111,6 +115,11 @@ class Waiter(threading.Thread):
         wait_id = self.by_topic.get(msg.topic())
         wait = self.waits.get(wait_id) if wait_id else None
         if wait is None or wait.id in self._retry:
+            return
+        try:
+            check_size(msg.value() or b"", int(setting(self.app, "fusion_max_message_bytes")), "the reply")
+        except PayloadTooLarge as err:
+            self._finish(wait, exc=DependencyFailed(f"{wait.label}: {err}"))
             return
         try:
             result = decode_reply(msg.value(), msg.headers())

@@ -44,11 +44,12 @@ def import_reactor_modules(app: Any) -> None:
 def check_backend(app: Any) -> None:
     """Raise :class:`ConfigurationError` unless the result backend can count deferred chord parts."""
     from celery.backends.redis import RedisBackend
+    from kombu.utils.url import maybe_sanitize_url
     backend = app.backend
     if not isinstance(backend, RedisBackend):
         raise ConfigurationError(
-            f"result backend {app.conf.result_backend!r} ({type(backend).__name__}) cannot run fusion-celery's "
-            f"chords; set result_backend / CELERY_RESULT_BACKEND to a redis:// URL")
+            f"result backend {maybe_sanitize_url(app.conf.result_backend)!r} ({type(backend).__name__}) cannot "
+            f"run fusion-celery's chords; set result_backend / CELERY_RESULT_BACKEND to a redis:// URL")
     try:
         backend.client.ping()
     except Exception as exc:

@@ -16,6 +16,7 @@
 #
 # Environment knobs (defaults in brackets):
 #   FUSION_KAFKA_PORT [9092]  FUSION_KAFKA_CONTROLLER_PORT [9093]
+#   FUSION_KAFKA_SASL_PORT [FUSION_KAFKA_PORT + 2]  SASL_PLAINTEXT listener (SCRAM-SHA-256, ACLs enforced)
 #   FUSION_REDIS_PORT [6379]  FUSION_ZOOKEEPER_PORT [2181]
 #   FUSION_STACK_CACHE [~/.cache/fusion-celery]  FUSION_STACK_TIMEOUT [90] (seconds per service)
 #   FUSION_REDIS_PERSIST [0]  1 = appendonly yes (redis data survives stop/start)
@@ -35,6 +36,7 @@ CACHE="${FUSION_STACK_CACHE:-${HOME:-/root}/.cache/fusion-celery}"
 HOST=127.0.0.1
 KAFKA_PORT="${FUSION_KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${FUSION_KAFKA_CONTROLLER_PORT:-9093}"
+KAFKA_SASL_PORT="${FUSION_KAFKA_SASL_PORT:-$((KAFKA_PORT + 2))}"
 REDIS_PORT="${FUSION_REDIS_PORT:-6379}"
 ZOOKEEPER_PORT="${FUSION_ZOOKEEPER_PORT:-2181}"
 READY_TIMEOUT="${FUSION_STACK_TIMEOUT:-90}"
@@ -62,7 +64,7 @@ valid_service() {
 
 endpoint() {
   case "$1" in
-    kafka) echo "$HOST:$KAFKA_PORT (controller $HOST:$KAFKA_CONTROLLER_PORT)" ;;
+    kafka) echo "$HOST:$KAFKA_PORT (SASL $HOST:$KAFKA_SASL_PORT, controller $HOST:$KAFKA_CONTROLLER_PORT)" ;;
     redis) echo "redis://$HOST:$REDIS_PORT" ;;
     zookeeper) echo "$HOST:$ZOOKEEPER_PORT" ;;
   esac
@@ -221,7 +223,7 @@ launch() {
 # Refuse to start if somebody else already listens on our port.
 check_port_free() {
   local svc="$1" port
-  for port in $(port_of "$svc") $([[ "$svc" == kafka ]] && echo "$KAFKA_CONTROLLER_PORT"); do
+  for port in $(port_of "$svc") $([[ "$svc" == kafka ]] && echo "$KAFKA_CONTROLLER_PORT $KAFKA_SASL_PORT"); do
     if port_open "$port"; then
       err "$svc: port $HOST:$port is already in use by another process (not ours)."
       err "      Stop it, or pick another port with FUSION_${svc^^}_PORT=..."
@@ -287,11 +289,21 @@ node.id=1
 # static single-voter quorum (the endpoint is not baked into the formatted
 # storage, so the controller port may change between runs)
 controller.quorum.voters=1@$HOST:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT
+listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT,SASL_PLAINTEXT://$HOST:$KAFKA_SASL_PORT
+advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT,SASL_PLAINTEXT://$HOST:$KAFKA_SASL_PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
+
+# Authentication and ACLs, enforced on the SASL_PLAINTEXT listener only: clients there log in with
+# SCRAM-SHA-256 (users are created with the admin API) and need ACLs.  The PLAINTEXT listener and
+# the controller connect as User:ANONYMOUS, a super user, so everything else works as before.
+sasl.enabled.mechanisms=SCRAM-SHA-256
+listener.name.sasl_plaintext.sasl.enabled.mechanisms=SCRAM-SHA-256
+listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+super.users=User:ANONYMOUS
+allow.everyone.if.no.acl.found=false
 
 log.dirs=$DATA_DIR/kafka
 num.partitions=1
@@ -389,6 +401,12 @@ FUSION_KAFKA_BOOTSTRAP_SERVERS=$HOST:$KAFKA_PORT
 CELERY_BROKER_URL=redis://$HOST:$REDIS_PORT/0
 CELERY_RESULT_BACKEND=redis://$HOST:$REDIS_PORT/1
 FUSION_ZOOKEEPER_HOSTS=$HOST:$ZOOKEEPER_PORT
+FUSION_KAFKA_SASL_BOOTSTRAP_SERVERS=$HOST:$KAFKA_SASL_PORT
+FUSION_KAFKA_PORT=$KAFKA_PORT
+FUSION_KAFKA_CONTROLLER_PORT=$KAFKA_CONTROLLER_PORT
+FUSION_KAFKA_SASL_PORT=$KAFKA_SASL_PORT
+FUSION_REDIS_PORT=$REDIS_PORT
+FUSION_ZOOKEEPER_PORT=$ZOOKEEPER_PORT
 EOF
   mv "$tmp" "$ENV_FILE"
 }

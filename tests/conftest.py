@@ -392,3 +392,9 @@ def committed_total(servers: str, group: str, topic: str, partitions: int) -> in
         return sum(max(0, p.offset) for p in parts)
     finally:
         c.close()
+
+
+@pytest.hookimpl(trylast=True)  # after pytest grouped the items by their parametrized session fixtures
+def pytest_collection_modifyitems(session, config, items):
+    """Tests that stop stack services (marker ``faults``) run last, so a fault never hits another test."""
+    items.sort(key=lambda item: item.get_closest_marker("faults") is not None)

@@ -89,3 +89,37 @@ def test_any_structure_is_valid_or_a_clear_error(deps_map):
         assert str(exc)
     else:
         assert set(g.order) == set(deps_map)
+
+
+scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4)
+anything = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.tuples(inner, inner)
+                        | st.dictionaries(scalars.filter(lambda x: x == x), inner, max_size=3)
+                        | st.sets(st.integers(), max_size=2), max_leaves=12)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.text(max_size=3) | st.integers(),
+                       st.dictionaries(st.sampled_from(["topic", "args", "deps", "arg_in_fn", "arg-in-fn",
+                                                        "timeout", "result"]) | st.integers() | st.text(max_size=3),
+                                       anything, max_size=5) | anything, max_size=5) | anything)
+def test_any_python_structure_is_a_graph_or_a_deps_map_error(deps_map):
+    try:
+        g = DepsGraph(deps_map)
+    except DepsMapError as exc:
+        assert str(exc)
+    else:
+        assert set(g.order) == set(deps_map)
+
+
+def test_deeply_nested_args_are_a_deps_map_error():
+    args = []
+    for _ in range(100_000):
+        args = [args]
+    with pytest.raises(DepsMapError, match="args"):
+        DepsGraph({"a": {"topic": "t", "args": args}})
+
+
+@pytest.mark.parametrize("timeout", [10**400, float("nan"), float("inf"), 0, True])
+def test_absurd_timeouts_are_a_deps_map_error(timeout):
+    with pytest.raises(DepsMapError, match="timeout"):
+        DepsGraph({"a": {"topic": "t", "timeout": timeout}})

@@ -109,3 +109,58 @@ def test_any_json_object_is_a_request_or_a_typed_error(body):
         assert msg.data == body.get("data")
         if msg.return_topic:
             assert msg.return_topic.startswith("fusion.rt.")  # the allow-list holds
+
+
+header_values = st.none() | st.binary(max_size=40) | st.text(max_size=40) | st.sampled_from(
+    [b"fusion.rt.1.a", b"payments", b"\xff\xfe", b"1700000000000", b"NaN", b"-1e400", b""])
+headers = st.lists(st.tuples(st.sampled_from(["return-topic", "return_topic", "response-topic", "fusion-id", "id",
+                                              "fusion-deadline", "deadline", "x"]) | st.text(max_size=8),
+                             header_values), max_size=6)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=200) | st.recursive(json_values, lambda inner: st.dictionaries(
+    st.sampled_from(["data", "return-topic", "return_topic", "response-topic", "id", "deadline"]), inner,
+    max_size=5), max_leaves=10).map(lambda v: json.dumps(v).encode()),
+       headers, st.none() | st.binary(max_size=20) | st.text(max_size=20))
+def test_any_value_headers_and_key_give_a_request_or_a_typed_error(value, hdrs, key):
+    try:
+        msg = dec(value, headers=hdrs, key=key, max_bytes=150)
+    except ProtocolError as exc:
+        assert exc.reason in {"empty", "too-large", "not-utf8", "not-json", "not-object", "bad-field",
+                              "return-topic-not-allowed"} and str(exc)
+    else:
+        assert msg.return_topic is None or msg.return_topic.startswith("fusion.rt.")
+        assert msg.id is None or isinstance(msg.id, str)
+        assert msg.deadline is None or isinstance(msg.deadline, int)
+        json.dumps(msg.to_dict())  # it travels in a Celery message: always JSON
+
+
+@pytest.mark.parametrize("depth", [1000, 100_000])
+def test_deeply_nested_json_is_a_typed_error(depth):
+    with pytest.raises(ProtocolError):
+        dec(b'{"data": ' + b"[" * depth + b"]" * depth + b"}")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.none() | st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()), headers)
+def test_any_reply_is_a_result_or_a_typed_error(value, hdrs):
+    try:
+        result = decode_reply(value, hdrs)
+    except (ProtocolError, RemoteError) as exc:
+        assert str(exc)
+    else:
+        json.dumps(result)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60) | st.sampled_from(["fusion.rt.", "fusion.rt.x", "fusion.rtx", "replies.team-a",
+                                               "replies.team-a.x", "xreplies.team-a", "..", "."]))
+def test_allow_list_holds_for_any_name(name):
+    import re
+    try:
+        check_return_topic(name, "fusion.rt.", [r"replies\.team-a"])
+    except ReplyNotAllowed:
+        return
+    assert re.fullmatch(r"[A-Za-z0-9._-]{1,249}", name) and name not in {".", ".."}
+    assert name.startswith("fusion.rt.") or name == "replies.team-a"

@@ -52,7 +52,7 @@ class KafkaRegistry(Registry):
     def register(self, wait: Wait) -> None:
         self.ensure_topic()
         try:
-            clients(self.app).produce(self.topic, wait.to_json(), key=wait.id, timeout=30)
+            clients(self.app).produce(self.topic, wait.to_json(), key=wait.id)
         except FusionError as exc:
             raise FusionError(f"cannot register the wait for {wait.label}: {exc}") from None
 

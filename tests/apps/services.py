@@ -83,6 +83,14 @@ def slow(message):
 
 from fusion_celery import app as _app  # noqa: E402
 
+if os.environ.get("FUSION_TEST_RESULT_EXPIRES"):
+    # The soak test keeps results (and with them claims, progress and chord counters) briefly.
+    _app.conf.result_expires = _app.conf.result_chord_expires = int(os.environ["FUSION_TEST_RESULT_EXPIRES"])
+
+if os.environ.get("FUSION_TEST_VISIBILITY_TIMEOUT"):
+    # Messages a worker had prefetched when it lost Redis come back after this many seconds.
+    _app.conf.broker_transport_options = {"visibility_timeout": int(os.environ["FUSION_TEST_VISIBILITY_TIMEOUT"])}
+
 
 @_app.task(name="tests.ping")
 def ping(x):
@@ -110,3 +118,9 @@ def _observe(sender=None, task_id=None, message=None, result=None, exception=Non
     r.hset(f"seen:{RUN}", task_id, json.dumps({"topic": message.get("topic"), "result": result,
                                                 "error": None if exception is None else str(exception)}))
     r.expire(f"seen:{RUN}", 3600)
+
+
+@reactor(t("big"))
+def big(message):
+    """Answers with a string of ``message.data`` characters (for the size limits)."""
+    return "x" * int(message.data)

@@ -1,0 +1,289 @@
+"""Helpers of the reliability suite: stack faults, a load of requests with waits pending, and their check.
+
+The suite's scale comes from its marker: the short version runs in ``make test``, the long one
+(``-m soak``) in ``make soak``.  ``scale(short, long)`` picks the number; the environment variable
+``FUSION_RELIABILITY_SCALE=long`` forces the long numbers in a normal run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from conftest import ROOT, Service, return_topic_name, wait_for
+
+from fusion_celery.config import stack_env
+
+
+def long_run(request: pytest.FixtureRequest) -> bool:
+    """True for the soak version of a test (its ``soak`` marker) or when the environment asks for it."""
+    return request.node.get_closest_marker("soak") is not None or \
+        os.environ.get("FUSION_RELIABILITY_SCALE") == "long"
+
+
+# -- the stack --------------------------------------------------------------------------------------
+def stack_ports() -> dict[str, str]:
+    """The FUSION_*_PORT variables of the running stack (from .stack/env), for stack/stack.sh."""
+    env = stack_env(ROOT / ".stack" / "env")
+    return {k: v for k, v in env.items() if k.endswith("_PORT") and k.startswith("FUSION_")}
+
+
+def stack(*args: str, persist_redis: bool = True, timeout: float = 300) -> str:
+    """Run ``stack/stack.sh ARGS`` on this run's ports; fail the test with its output if it fails."""
+    env = {**os.environ, **stack_ports()}
+    if persist_redis:
+        env["FUSION_REDIS_PERSIST"] = "1"
+    proc = subprocess.run(["bash", str(ROOT / "stack" / "stack.sh"), *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"stack.sh {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+def make_redis_durable(client) -> None:
+    """Turn on Redis's append-only file (if it is off) and wait until it holds the whole dataset,
+    so that a stop and start keeps the Celery queues, results and claims."""
+    if client.config_get("appendonly").get("appendonly") != "yes":
+        client.config_set("appendonly", "yes")
+
+    def rewritten():
+        info = client.info("persistence")
+        return info["aof_enabled"] and not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]
+
+    wait_for(rewritten, 60, "Redis to write its append-only file", interval=0.1)
+
+
+@dataclass
+class Outage:
+    """When a service was stopped and started again (monotonic seconds), for the report."""
+
+    service: str
+    stopped_at: float = 0.0
+    down_s: float = 0.0
+    restart_s: float = 0.0
+
+
+def outage(service: str, seconds: float, during: Any = None, redis_client: Any = None) -> Outage:
+    """Stop ``service`` (kafka | redis), keep it down ``seconds``, start it again on its data.
+
+    ``during()`` runs right after the stop.  Redis is made durable first (see
+    :func:`make_redis_durable`) and restarted with persistence.
+    """
+    if service == "redis":
+        make_redis_durable(redis_client)
+    out = Outage(service)
+    stack("stop", service)
+    out.stopped_at = time.monotonic()
+    if during is not None:
+        during()
+    remaining = seconds - (time.monotonic() - out.stopped_at)
+    if remaining > 0:
+        time.sleep(remaining)  # the outage itself: a fixed length, not a wait for a condition
+    t0 = time.monotonic()
+    stack("start", service)
+    out.restart_s = time.monotonic() - t0
+    out.down_s = time.monotonic() - out.stopped_at
+    return out
+
+
+# -- a gate: a dependency that answers when told ----------------------------------------------------
+class Gate(Service):
+    """A plain confluent-kafka dependency that holds its replies until released (all, or some)."""
+
+    def release(self, count: int | None = None) -> int:
+        held = self.held
+        n = len(held) if count is None else min(count, len(held))
+        self.held = held[n:]
+        for return_topic, result in held[:n]:
+            self.producer.produce(return_topic, json.dumps(result))
+            self.producer.poll(0)
+        self.producer.flush(60)
+        return n
+
+
+def start_gate(kit, topic: str | None = None) -> Gate:
+    g = Gate(kit.servers, topic or kit.topic(), lambda data: {"echo": data})
+    g.hold = True
+    g.start()
+    return g
+
+
+# -- requests and their answers ---------------------------------------------------------------------
+@dataclass
+class Load:
+    """Requests sent over Kafka to the reactors of one isolated deployment, answered on one return topic."""
+
+    kit: Any
+    run: str
+    back: str = field(default_factory=return_topic_name)
+    expected: dict[str, Any] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)
+    sent_at: dict[str, float] = field(default_factory=dict)
+    counted: set[str] = field(default_factory=set)  # requests whose reactor counts its body runs
+
+    def __post_init__(self) -> None:
+        self.kit.topic(self.back)
+        self.tag = uuid.uuid4().hex[:6]
+
+    def _send(self, topic: str, rid: str, data: Any, expect: Any, kind: str) -> None:
+        self.kit.producer.produce(topic, json.dumps({"data": data, "return-topic": self.back, "id": rid}))
+        self.kit.producer.poll(0)
+        self.expected[rid], self.kinds[rid], self.sent_at[rid] = expect, kind, time.monotonic()
+        self.counted.add(rid)  # the generic and math reactors count their body runs
+
+    def parked(self, gate: Gate, n: int) -> list[str]:
+        """``n`` requests to the generic reactor whose one dependency is ``gate`` (their waits park)."""
+        ids = []
+        for i in range(n):
+            rid = f"p{self.tag}-{i}"
+            self._send(f"{self.run}.generic", rid, {"deps": {"g": {"topic": gate.topic, "args": [i]}}, "echo": i},
+                       {"results": {"g": {"echo": [i]}}, "echo": i}, "parked")
+            ids.append(rid)
+        self.kit.producer.flush(60)
+        return ids
+
+    def flowing(self, n: int) -> list[str]:
+        """``n`` requests to the math reactor (two chained fusion deps): work in flight during a fault."""
+        ids = []
+        for i in range(n):
+            rid = f"f{self.tag}-{i}"
+            self._send(f"{self.run}.math", rid, [i, 1], i - 1, "flowing")
+            ids.append(rid)
+        self.kit.producer.flush(60)
+        return ids
+
+
+@dataclass
+class Outcome:
+    """What came back for a :class:`Load`: per request id its replies (status, body)."""
+
+    replies: dict[str, list[tuple[str, Any]]]
+    correct: list[str]
+    errors: dict[str, Any]
+    wrong: dict[str, Any]
+    missing: list[str]
+    duplicates: list[str]
+    body_runs: dict[str, int]
+
+    def summary(self) -> dict[str, Any]:
+        kinds: dict[str, int] = defaultdict(int)
+        for body in self.errors.values():
+            kinds[(body.get("error") or {}).get("type", "?") if isinstance(body, dict) else "?"] += 1
+        return {"answered": len(self.replies), "correct": len(self.correct), "errors": dict(kinds),
+                "wrong": len(self.wrong), "missing": len(self.missing), "duplicates": len(self.duplicates),
+                "max_body_runs": max(self.body_runs.values(), default=0)}
+
+
+#: Error types a caller may receive after a fault: each names what failed.
+CLEAR_ERRORS = {"DependencyFailed", "DependencyTimeout", "WorkerLostError", "RequestExpired"}
+
+
+def collect(load: Load, redis_client, timeout: float = 300.0, settle: float | None = None) -> Outcome:
+    """Read the answers of every request of ``load`` (until all came or ``timeout``), then classify them.
+
+    With ``settle``, stop early once no new answer came for ``settle`` seconds (for a test that
+    expects some requests to stay unanswered)."""
+    c = Consumer({"bootstrap.servers": load.kit.servers, "group.id": f"rel-{uuid.uuid4().hex}",
+                  "enable.auto.commit": False})
+    c.assign([TopicPartition(load.back, 0, OFFSET_BEGINNING)])
+    replies: dict[str, list[tuple[str, Any]]] = defaultdict(list)
+    deadline = time.monotonic() + timeout
+    last_new = time.monotonic()
+    try:
+        while time.monotonic() < deadline and not set(load.expected) <= set(replies):
+            if settle is not None and time.monotonic() - last_new > settle:
+                break
+            for m in c.consume(500, timeout=0.5):
+                last_new = time.monotonic()
+                if m.error() is None:
+                    h = {k: v.decode() for k, v in (m.headers() or [])}
+                    replies[h.get("fusion-id", "?")].append((h.get("fusion-status", "?"), json.loads(m.value())))
+        # a moment more to catch a second reply to anything (a duplicate)
+        for m in c.consume(500, timeout=2.0):
+            if m.error() is None:
+                h = {k: v.decode() for k, v in (m.headers() or [])}
+                replies[h.get("fusion-id", "?")].append((h.get("fusion-status", "?"), json.loads(m.value())))
+    finally:
+        c.close()
+    correct, errors, wrong = [], {}, {}
+    for rid, expect in load.expected.items():
+        got = replies.get(rid)
+        if not got:
+            continue
+        status, body = got[0]
+        if status == "ok" and body == expect:
+            correct.append(rid)
+        elif status == "error" and isinstance(body, dict) and (body.get("error") or {}).get("type") in CLEAR_ERRORS:
+            errors[rid] = body
+        else:
+            wrong[rid] = (status, body)
+    runs = {rid: int(redis_client.get(f"bodyruns:{load.run}:{rid}") or 0) for rid in load.counted}
+    return Outcome(dict(replies), correct, errors, wrong, sorted(set(load.expected) - set(replies)),
+                   sorted(r for r, v in replies.items() if len(v) > 1), runs)
+
+
+def check(outcome: Outcome, *, allow_errors: bool = True, max_lost: int = 0) -> None:
+    """Every request answered once, correctly or with a clear error; no chord body ran twice.
+
+    ``max_lost``: how many may stay unanswered (runs a ``kill -9`` took with it, see the kill test).
+    """
+    s = outcome.summary()
+    assert len(outcome.missing) <= max_lost, \
+        f"{len(outcome.missing)} requests were never answered (e.g. {outcome.missing[:5]}): {s}"
+    assert not outcome.wrong, f"wrong answers: {list(outcome.wrong.items())[:5]}: {s}"
+    assert not outcome.duplicates, f"requests answered twice: {outcome.duplicates[:5]}: {s}"
+    over = {r: n for r, n in outcome.body_runs.items() if n > 1}
+    assert not over, f"chord bodies ran more than once: {list(over.items())[:5]}: {s}"
+    for rid in set(outcome.correct) & set(outcome.body_runs):
+        assert outcome.body_runs[rid] == 1, f"{rid} was answered but its body ran {outcome.body_runs[rid]} times"
+    if not allow_errors:
+        assert not outcome.errors, f"requests failed: {list(outcome.errors.items())[:5]}: {s}"
+
+
+def report(name: str, figures: dict[str, Any]) -> None:
+    """Print the figures (pytest -s, or the captured output of a failure) and keep them in .stack/reliability/."""
+    text = json.dumps({"test": name, **figures}, default=str)
+    print(f"[reliability] {text}")
+    out = ROOT / ".stack" / "reliability"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "figures.jsonl", "a") as f:
+        f.write(text + "\n")
+
+
+class Sampler(threading.Thread):
+    """Samples a worker main process's RSS and open files every ``interval`` seconds."""
+
+    def __init__(self, pid: int, interval: float = 1.0, extra: Any = None) -> None:
+        super().__init__(daemon=True)
+        import psutil
+        self.proc = psutil.Process(pid)
+        self.interval, self.extra = interval, extra
+        self.samples: list[dict[str, Any]] = []
+        self.stop_event = threading.Event()
+
+    def sample(self) -> dict[str, Any]:
+        s = {"t": time.monotonic(), "rss_mb": self.proc.memory_info().rss / 2**20, "fds": self.proc.num_fds(),
+             "threads": self.proc.num_threads()}
+        if self.extra is not None:
+            s.update(self.extra())
+        return s
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            try:
+                self.samples.append(self.sample())
+            except Exception:  # the process went away
+                return
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(10)

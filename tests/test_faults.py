@@ -1,0 +1,168 @@
+"""Faults with waits pending: the promises hold when Kafka or Redis go away or workers die.
+
+Each test parks a few hundred requests (100 in ``make test``, 300 in ``make soak``) whose dependency
+answers only when told, puts more requests in flight, breaks something, and then checks that every
+request was answered once, correctly or with an error that names what failed; that none hangs; and
+that no chord body ran twice.  The workers are isolated from the session worker (their own broker
+and backend databases, registry and reactor topics).  Tests marked ``faults`` stop stack services,
+so the session runs them last (see conftest.py) and each one leaves the stack running.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from conftest import isolated_env, wait_for
+from reliability import Load, check, collect, long_run, outage, report, start_gate
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]
+
+SCALES = ["short", pytest.param("long", marks=pytest.mark.soak)]
+OUTAGE_S = 20.0
+
+
+@pytest.fixture
+def gates(kit):
+    started = []
+
+    def make():
+        g = start_gate(kit)
+        started.append(g)
+        return g
+
+    yield make
+    for g in started:
+        g.stop()
+
+
+def sizes(request) -> tuple[int, int]:
+    """(parked waits, requests in flight) for this scale."""
+    return (300, 100) if long_run(request) else (100, 30)
+
+
+def park(load: Load, gate, n: int, workers=()) -> None:
+    load.parked(gate, n)
+    wait_for(lambda: len(gate.received) >= n, 300, f"{n} dependency requests (waits registered)", interval=0.2)
+    for w in workers:
+        assert w.proc.poll() is None, f"worker {w.name} died while parking:\n{w.log()[-3000:]}"
+
+
+def still_serves(load: Load, redis_client) -> None:
+    """A request sent after the fault is answered correctly (the deployment recovered)."""
+    after = Load(load.kit, load.run)
+    after.flowing(3)
+    check(collect(after, redis_client, timeout=120), allow_errors=False)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_kafka_stopped_for_20s(scale, request, kit, worker_factory, gates, redis_client):
+    n, m = sizes(request)
+    env = isolated_env("kafka", db=6)
+    a = worker_factory(name="kafkaA", env=env, concurrency=2)
+    b = worker_factory(name="kafkaB", env=env, concurrency=2)
+    gate = gates()
+    load = Load(kit, env["FUSION_TEST_RUN"])
+    park(load, gate, n, (a, b))
+    load.flowing(m)
+    gate.hold = False
+    gate.release()  # replies arrive while the broker goes down
+    out = outage("kafka", OUTAGE_S)
+    outcome = collect(load, redis_client, timeout=300)
+    report(request.node.name, {"parked": n, "in_flight": m, "down_s": round(out.down_s, 1),
+                               "restart_s": round(out.restart_s, 1), **outcome.summary()})
+    check(outcome)
+    assert a.proc.poll() is None and b.proc.poll() is None, "a worker died during the Kafka outage"
+    still_serves(load, redis_client)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_redis_stopped_for_20s(scale, request, kit, worker_factory, gates, redis_client):
+    n, m = sizes(request)
+    # Tasks a worker had prefetched when Redis went away stay in the broker's "unacked" hash until
+    # the visibility timeout (Celery's default: 1 hour); 30 s here, see docs/operations/failures.md.
+    env = {**isolated_env("kafka", db=6), "FUSION_TEST_VISIBILITY_TIMEOUT": "30"}
+    a = worker_factory(name="redisA", env=env, concurrency=2)
+    b = worker_factory(name="redisB", env=env, concurrency=2)
+    gate = gates()
+    load = Load(kit, env["FUSION_TEST_RUN"])
+    park(load, gate, n, (a, b))
+    load.flowing(m)
+
+    def replies_arrive_while_redis_is_down():
+        gate.hold = False
+        gate.release()
+
+    out = outage("redis", OUTAGE_S, during=replies_arrive_while_redis_is_down, redis_client=redis_client)
+    outcome = collect(load, redis_client, timeout=300)
+    report(request.node.name, {"parked": n, "in_flight": m, "down_s": round(out.down_s, 1),
+                               "restart_s": round(out.restart_s, 1), **outcome.summary()})
+    check(outcome)
+    assert a.proc.poll() is None and b.proc.poll() is None, "a worker died during the Redis outage"
+    still_serves(load, redis_client)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_kill_9_one_worker_then_the_other_then_a_fresh_one(scale, request, kit, worker_factory, gates,
+                                                           redis_client):
+    """Waits survive both kills; what a killed worker was *executing* is lost (Celery acknowledges a task
+    when it starts), at most one run per pool slot; what it had prefetched comes back after the
+    broker's visibility timeout (30 s here)."""
+    n, m = sizes(request)
+    env = {**isolated_env("kafka", db=6), "FUSION_TEST_VISIBILITY_TIMEOUT": "30"}
+    a = worker_factory(name="k9A", env=env, concurrency=2)
+    b = worker_factory(name="k9B", env=env, concurrency=2)
+    gate = gates()
+    load = Load(kit, env["FUSION_TEST_RUN"])
+    park(load, gate, n, (a, b))
+    load.flowing(m)
+    a.kill()  # B takes A's waits over after the registry group's session timeout
+    gate.hold = False
+    gate.release(n // 2)
+    wait_for(lambda: sum(1 for _ in load.expected) and _answered(load, redis_client) >= n // 4, 180,
+             "the survivor to answer some requests", interval=1.0)
+    gate.release()
+    b.kill()  # the other one too, while replies are arriving
+    t0 = time.monotonic()
+    worker_factory(name="k9C", env=env, concurrency=2)
+    outcome = collect(load, redis_client, timeout=400, settle=90)
+    report(request.node.name, {"parked": n, "in_flight": m, "collect_s":
+                               round(time.monotonic() - t0, 1), "lost": outcome.missing, **outcome.summary()})
+    check(outcome, max_lost=2 * 2)  # two killed workers with two pool slots each
+    still_serves(load, redis_client)
+
+
+def _answered(load: Load, redis_client) -> int:
+    """How many of ``load``'s requests have an answer on its return topic (a quick count)."""
+    from confluent_kafka import Consumer, TopicPartition
+    c = Consumer({"bootstrap.servers": load.kit.servers, "group.id": "count", "enable.auto.commit": False})
+    try:
+        low, high = c.get_watermark_offsets(TopicPartition(load.back, 0), timeout=10)
+        return high - low
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_sigterm_while_replies_arrive(scale, request, kit, worker_factory, gates, redis_client):
+    n, m = sizes(request)
+    env = isolated_env("kafka", db=6)
+    a = worker_factory(name="termA", env=env, concurrency=2)
+    b = worker_factory(name="termB", env=env, concurrency=2)
+    gate = gates()
+    load = Load(kit, env["FUSION_TEST_RUN"])
+    park(load, gate, n, (a, b))
+    load.flowing(m)
+    gate.hold = False
+    gate.release()
+    a.proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    code = a.proc.wait(120)
+    stop_s = time.monotonic() - t0
+    outcome = collect(load, redis_client, timeout=300)
+    report(request.node.name, {"parked": n, "in_flight": m, "sigterm_exit": code, "stop_s": round(stop_s, 1),
+                               **outcome.summary()})
+    assert code == 0, f"worker exited with {code} after SIGTERM:\n{a.log()[-3000:]}"
+    check(outcome, allow_errors=False)
+    assert "Traceback" not in a.log(), a.log()[-3000:]
