@@ -24,7 +24,7 @@ from confluent_kafka import Consumer, KafkaError, Message as KafkaMessage, Topic
 
 from .config import setting
 from .errors import ProtocolError
-from .kafka import clients
+from .kafka import clients, consume_ready
 from .protocol import decode_request
 
 __all__ = ["Intake", "dlq_topic", "consumer_group", "run_id"]
@@ -145,7 +145,7 @@ class ReactorIntake(threading.Thread):
         last_check = 0.0
         try:
             while not self.stop_event.is_set():
-                msgs = self.consumer.consume(100, timeout=0.2)
+                msgs = consume_ready(self.consumer, 100, 0.2)
                 for i, msg in enumerate(msgs):
                     err = msg.error()
                     if err is not None:

@@ -25,7 +25,7 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
 from .completion import Events, complete
 from .errors import DependencyFailed, DependencyTimeout, ProtocolError, RemoteError
-from .kafka import clients
+from .kafka import clients, consume_ready
 from .protocol import decode_reply
 from .registry import Change, Wait, now_ms
 from .runtime import registry
@@ -159,7 +159,7 @@ class Waiter(threading.Thread):
                 for change in watcher.poll(0 if self.waits else 0.1):
                     self._apply(change)
                 if self.waits:
-                    for msg in self.replies.consume(500, timeout=0.05):
+                    for msg in consume_ready(self.replies, 500, 0.05):
                         err = msg.error()
                         if err is None:
                             self._on_reply(msg)
