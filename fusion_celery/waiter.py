@@ -21,7 +21,7 @@ from collections import Counter
 from typing import Any
 
 from celery import Celery
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
 from .completion import Events, complete
 from .errors import DependencyFailed, DependencyTimeout, ProtocolError, RemoteError
@@ -60,7 +60,20 @@ class Waiter(threading.Thread):
         self.waits[wait.id] = wait
         self.by_topic[wait.return_topic] = wait.id
         heapq.heappush(self._deadlines, (wait.deadline, wait.id))
+        self._learn_topic(wait.return_topic)
         self.replies.incremental_assign([TopicPartition(wait.return_topic, 0, OFFSET_BEGINNING)])
+
+    def _learn_topic(self, topic: str) -> None:
+        """Fetch a return topic's metadata before assigning it, so its reply is fetched at once.
+
+        librdkafka learns the leader of a partition assigned by name only on its
+        once-a-second scan of unknown topics: without this, every reply waited
+        0.5 s on average (up to 1 s) before the consumer fetched it.
+        """
+        try:
+            self.replies.list_topics(topic, timeout=5)
+        except KafkaException as exc:  # the scan will find it later
+            logger.debug("waiter: metadata of %s: %s", topic, exc)
 
     def _forget(self, wait_id: str) -> Wait | None:
         wait = self.waits.pop(wait_id, None)
