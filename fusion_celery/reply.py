@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery import Celery
@@ -45,10 +46,26 @@ def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: A
         status = "error"
         body = encode_error(*_error_text(exc))[:limit] if limit else encode_error(*_error_text(exc))
     c = clients(app)
-    if not c.topic_exists(return_topic, ttl=0):
+    if not _exists_soon(c, return_topic):
         logger.warning("return topic %s no longer exists (the caller gave up?); reply dropped", return_topic)
         return None
     return c.produce(return_topic, body, key=corr_id, headers=reply_headers(status, corr_id))
+
+
+def _exists_soon(c: Any, topic: str, patience: float = 2.0) -> bool:
+    """Whether ``topic`` exists, giving a brand-new topic ``patience`` seconds to show up in the metadata.
+
+    A caller creates its return topic just before it sends the request; a fast
+    reactor may answer before the broker's metadata lists the new topic, and must
+    not take that for a caller that gave up.
+    """
+    deadline, pause = time.monotonic() + patience, 0.02
+    while not c.topic_exists(topic, ttl=0):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
+    return True
 
 
 def reply_once(app: Celery, task_id: str, message: dict[str, Any], *, result: Any = None,
