@@ -3,8 +3,12 @@
 It follows the registry for the waits this worker owns (see
 :mod:`fusion_celery.registry`), and reads their return topics with a single
 consumer by explicit, incremental partition assignment (no consumer per wait, no
-regex subscription).  For each reply it completes the wait's task
-(:func:`fusion_celery.completion.complete`), then removes the wait from the
+regex subscription).  A new wait starts on a *fresh* consumer that long-polls for
+only 10 ms, so that a partition assigned while a fetch is in flight is fetched
+almost at once; a wait still pending after :data:`FRESH_SECONDS` moves to a
+*settled* consumer that long-polls for 500 ms, so that thousands of long waits
+cost the broker a few fetches per second instead of a hundred.  For each reply it
+completes the wait's task (:func:`fusion_celery.completion.complete`), then removes the wait from the
 registry, then deletes the return topic.  A wait whose deadline passes fails
 with :class:`~fusion_celery.errors.DependencyTimeout`.  If completing fails (the
 result backend is down) the wait stays and is retried; nothing is removed before
@@ -34,6 +38,11 @@ __all__ = ["Waiter"]
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a wait stays on the fresh (low-latency) reply consumer before it moves to the settled one.
+FRESH_SECONDS = 1.0
+FRESH_FETCH_WAIT_MS = 10
+SETTLED_FETCH_WAIT_MS = 500
+
 
 class Waiter(threading.Thread):
     """Holds this worker's pending waits and completes them."""
@@ -47,6 +56,8 @@ class Waiter(threading.Thread):
         self.by_topic: dict[str, str] = {}
         self._deadlines: list[tuple[int, str]] = []
         self._retry: dict[str, tuple[float, int, Any, BaseException | None]] = {}
+        self._fresh: dict[str, float] = {}  # wait id -> when it was assigned (insertion order = age order)
+        self._settled: set[str] = set()
         self._to_delete: list[str] = []
         self._last_delete = 0.0
         self.completed = 0
@@ -60,10 +71,36 @@ class Waiter(threading.Thread):
         self.waits[wait.id] = wait
         self.by_topic[wait.return_topic] = wait.id
         heapq.heappush(self._deadlines, (wait.deadline, wait.id))
-        self._learn_topic(wait.return_topic)
+        self._learn_topic(self.replies, wait.return_topic)
         self.replies.incremental_assign([TopicPartition(wait.return_topic, 0, OFFSET_BEGINNING)])
+        self._fresh[wait.id] = time.monotonic()
 
-    def _learn_topic(self, topic: str) -> None:
+    def _settle(self) -> None:
+        """Move the waits older than FRESH_SECONDS from the fresh consumer to the settled one."""
+        horizon = time.monotonic() - FRESH_SECONDS
+        while self._fresh:
+            wait_id, since = next(iter(self._fresh.items()))
+            if since > horizon:
+                break
+            del self._fresh[wait_id]
+            wait = self.waits.get(wait_id)
+            if wait is None:
+                continue
+            self._unassign(self.replies, wait.return_topic)
+            # From the beginning again: a reply that came meanwhile is read by the settled consumer.
+            self._learn_topic(self.settled, wait.return_topic)
+            self.settled.incremental_assign([TopicPartition(wait.return_topic, 0, OFFSET_BEGINNING)])
+            self._settled.add(wait_id)
+
+    @staticmethod
+    def _unassign(consumer: Any, topic: str) -> None:
+        try:
+            consumer.incremental_unassign([TopicPartition(topic, 0)])
+        except Exception as exc:  # not assigned (any more)
+            logger.debug("waiter: unassign %s: %s", topic, exc)
+
+    @staticmethod
+    def _learn_topic(consumer: Any, topic: str) -> None:
         """Fetch a return topic's metadata before assigning it, so its reply is fetched at once.
 
         librdkafka learns the leader of a partition assigned by name only on its
@@ -71,7 +108,7 @@ class Waiter(threading.Thread):
         0.5 s on average (up to 1 s) before the consumer fetched it.
         """
         try:
-            self.replies.list_topics(topic, timeout=5)
+            consumer.list_topics(topic, timeout=5)
         except KafkaException as exc:  # the scan will find it later
             logger.debug("waiter: metadata of %s: %s", topic, exc)
 
@@ -81,10 +118,12 @@ class Waiter(threading.Thread):
             return None
         self.by_topic.pop(wait.return_topic, None)
         self._retry.pop(wait_id, None)
-        try:
-            self.replies.incremental_unassign([TopicPartition(wait.return_topic, 0)])
-        except Exception as exc:  # not assigned (any more)
-            logger.debug("waiter: unassign %s: %s", wait.return_topic, exc)
+        if wait_id in self._settled:
+            self._settled.discard(wait_id)
+            self._unassign(self.settled, wait.return_topic)
+        else:
+            self._fresh.pop(wait_id, None)
+            self._unassign(self.replies, wait.return_topic)
         return wait
 
     def _apply(self, change: Change) -> None:
@@ -158,13 +197,16 @@ class Waiter(threading.Thread):
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
         self.registry = registry(self.app)
-        self.replies = clients(self.app).consumer(**{
+        self.replies, self.settled = (clients(self.app).consumer(**{
             "group.id": "fusion.reply-readers",  # never joined nor committed: partitions are assigned
             "client.id": f"fusion-waiter-{self.worker_name}",
             "enable.auto.commit": False,
-            "fetch.wait.max.ms": 100,
+            # A return topic holds one reply: should the start offset be unknown (the broker not yet
+            # serving a brand-new topic), start from its beginning, never from its end.
+            "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": fetch_wait,
             "topic.metadata.refresh.interval.ms": 30000,
-        })
+        }) for fetch_wait in (FRESH_FETCH_WAIT_MS, SETTLED_FETCH_WAIT_MS))
         watcher = self.registry.watch(self.worker_name)
         self.ready.set()
         try:
@@ -172,12 +214,16 @@ class Waiter(threading.Thread):
                 for change in watcher.poll(0 if self.waits else 0.1):
                     self._apply(change)
                 if self.waits:
-                    for msg in consume_ready(self.replies, 500, 0.05):
+                    msgs = consume_ready(self.replies, 500, 0.01) if self._fresh else []
+                    if self._settled:
+                        msgs += self.settled.consume(500, timeout=0 if self._fresh else 0.01)
+                    for msg in msgs:
                         err = msg.error()
                         if err is None:
                             self._on_reply(msg)
                         elif err.code() not in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
                             logger.debug("waiter: %s", err.str())
+                self._settle()
                 self._expire()
                 self._retry_due()
                 self._delete_topics()
@@ -189,6 +235,7 @@ class Waiter(threading.Thread):
             self._delete_topics(force=True)
             watcher.close()
             self.replies.close()
+            self.settled.close()
             self.events.close()
             logger.info("waiter: stopped (%d completed, %d failed, %d left to the others)", self.completed,
                         self.failed, len(self.waits))
