@@ -54,7 +54,7 @@ class EphemeralCaller:
         self.admin = AdminClient({"bootstrap.servers": servers})
         self.producer = Producer({"bootstrap.servers": servers, "linger.ms": 0, "client.id": f"{tag}-caller"})
         self.consumer = Consumer({"bootstrap.servers": servers, "group.id": "bench.callers",
-                                  "enable.auto.commit": False, "fetch.wait.max.ms": 100,
+                                  "enable.auto.commit": False, "fetch.wait.max.ms": 100, "auto.offset.reset": "earliest",
                                   "client.id": f"{tag}-caller"})
         self._deletes: list[Any] = []
 
@@ -122,7 +122,7 @@ class CorrelationCaller:
                 raise
         self.producer = Producer({"bootstrap.servers": servers, "linger.ms": 0, "client.id": f"{tag}-corr"})
         self.consumer = Consumer({"bootstrap.servers": servers, "group.id": "bench.callers",
-                                  "enable.auto.commit": False, "fetch.wait.max.ms": 100,
+                                  "enable.auto.commit": False, "fetch.wait.max.ms": 100, "auto.offset.reset": "earliest",
                                   "client.id": f"{tag}-corr"})
         warm_metadata(self.consumer, reply_topic)
         _, high = self.consumer.get_watermark_offsets(TopicPartition(reply_topic, 0), timeout=10)
