@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 FRESH_SECONDS = 1.0
 FRESH_FETCH_WAIT_MS = 10
 SETTLED_FETCH_WAIT_MS = 500
+#: Waits younger than this get their topic's metadata fetched before assignment (older ones, recovered from
+#: the registry after a restart or a rebalance, are many and in no hurry: librdkafka's scan finds them).
+YOUNG_MS = 10_000
 
 
 class Waiter(threading.Thread):
@@ -56,6 +59,7 @@ class Waiter(threading.Thread):
         self.by_topic: dict[str, str] = {}
         self._deadlines: list[tuple[int, str]] = []
         self._retry: dict[str, tuple[float, int, Any, BaseException | None]] = {}
+        self._new: list[str] = []  # added since the last _assign_new()
         self._fresh: dict[str, float] = {}  # wait id -> when it was assigned (insertion order = age order)
         self._settled: set[str] = set()
         self._to_delete: list[str] = []
@@ -71,9 +75,27 @@ class Waiter(threading.Thread):
         self.waits[wait.id] = wait
         self.by_topic[wait.return_topic] = wait.id
         heapq.heappush(self._deadlines, (wait.deadline, wait.id))
-        self._learn_topic(self.replies, wait.return_topic)
-        self.replies.incremental_assign([TopicPartition(wait.return_topic, 0, OFFSET_BEGINNING)])
-        self._fresh[wait.id] = time.monotonic()
+        self._new.append(wait.id)
+
+    def _assign_new(self) -> None:
+        """Assign the return topics of the waits added since the last call (and still pending), at once.
+
+        Runs after a whole batch of registry changes, so that a wait replayed from
+        the registry together with its removal (a restart reads the registry from
+        its beginning) is never assigned at all.
+        """
+        new, self._new = self._new, []
+        now, young, parts = time.monotonic(), now_ms() - YOUNG_MS, []
+        for wait_id in new:
+            wait = self.waits.get(wait_id)
+            if wait is None or wait_id in self._fresh or wait_id in self._settled:
+                continue
+            if wait.created >= young:
+                self._learn_topic(self.replies, wait.return_topic)
+            parts.append(TopicPartition(wait.return_topic, 0, OFFSET_BEGINNING))
+            self._fresh[wait_id] = now
+        if parts:
+            self.replies.incremental_assign(parts)
 
     def _settle(self) -> None:
         """Move the waits older than FRESH_SECONDS from the fresh consumer to the settled one."""
@@ -88,7 +110,8 @@ class Waiter(threading.Thread):
                 continue
             self._unassign(self.replies, wait.return_topic)
             # From the beginning again: a reply that came meanwhile is read by the settled consumer.
-            self._learn_topic(self.settled, wait.return_topic)
+            if wait.created >= now_ms() - YOUNG_MS:
+                self._learn_topic(self.settled, wait.return_topic)
             self.settled.incremental_assign([TopicPartition(wait.return_topic, 0, OFFSET_BEGINNING)])
             self._settled.add(wait_id)
 
@@ -121,8 +144,7 @@ class Waiter(threading.Thread):
         if wait_id in self._settled:
             self._settled.discard(wait_id)
             self._unassign(self.settled, wait.return_topic)
-        else:
-            self._fresh.pop(wait_id, None)
+        elif self._fresh.pop(wait_id, None) is not None:
             self._unassign(self.replies, wait.return_topic)
         return wait
 
@@ -213,6 +235,7 @@ class Waiter(threading.Thread):
             while not self.stop_event.is_set():
                 for change in watcher.poll(0 if self.waits else 0.1):
                     self._apply(change)
+                self._assign_new()
                 if self.waits:
                     msgs = consume_ready(self.replies, 500, 0.01) if self._fresh else []
                     if self._settled:
