@@ -85,7 +85,10 @@ def tables(result: dict[str, Any]) -> str:
                     rows.append([design, r["pending"], _fmt(r.get("total_mib")), "-", "-", "-", "-", "-",
                                  f"did not survive ({r.get('parked')} parked)"])
                     continue
-                rows.append([design, r["pending"], r.get("main_mib"), r.get("total_mib"), r.get("per_wait_kib", "-"),
+                per = r.get("per_wait_kib", "-")
+                if r.get("per_wait_main_kib") is not None:
+                    per = f"{r['per_wait_main_kib']} main / {per} total"
+                rows.append([design, r["pending"], r.get("main_mib"), r.get("total_mib"), per,
                              r.get("threads"), r.get("cpu_pct"), r.get("broker_cpu_pct"),
                              f"parked in {r['park_s']} s" if r.get("park_s") is not None else "baseline"])
         out.append(_table(["design", "pending", "main RSS MiB", "total RSS MiB", "KiB per wait", "threads",

@@ -39,15 +39,15 @@ class Profile:
 
     name: str = "full"
     rounds: int = 3                 # interleaved repetitions of the latency scenarios
-    samples: int = 20               # timed calls per scenario per round
+    samples: int = 15               # timed calls per scenario per round
     warmup: int = 5                 # untimed calls per scenario before the first round
-    scenario_budget_s: float = 25.0  # per scenario per round; slower ones take fewer samples (at least 3)
+    scenario_budget_s: float = 15.0  # per scenario per round; slower ones take fewer samples (at least 3)
     levels: tuple[int, ...] = (1, 10, 100, 1000)
-    window_s: float = 12.0
+    window_s: float = 10.0
     warmup_completions_max: int = 50
     waiting_levels: tuple[int, ...] = (100, 1000, 5000)
     cpu_window_s: float = 5.0
-    waiting_warmup: int = 600       # calls a fresh worker serves before its baseline is measured
+    waiting_warmup: int = 400       # calls a fresh worker serves before its baseline is measured
     park_timeout_s: float = 240.0   # to park one level's waits
     clj_park_timeout_s: float = 120.0
     pool: str = "prefork"
@@ -413,8 +413,10 @@ def section_waiting(ctx: Ctx, app: Any, topics: Any, churn: Any) -> dict[str, An
         wait_until(lambda: all(r.ready() for r in results), max(120.0, total * 0.2), "every held pipeline to finish",
                    0.5)
         bad = sum(1 for r in results if r.failed())
-        out["fusion_release"] = {"waits": total, "seconds": round(time.monotonic() - t0, 1),
-                                 "per_s": round(total / max(1e-9, time.monotonic() - t0), 1), "failed": bad}
+        secs = time.monotonic() - t0
+        out["fusion_release"] = {"waits": total, "seconds": round(secs, 1), "per_s": round(total / max(1e-9, secs), 1),
+                                 "failed": bad, "memory_after": {k: round(v, 1) for k, v in
+                                                                 worker.usage().memory().items()}}
     except TimeoutError as exc:
         out["notes"].append(str(exc))
     results.clear()
@@ -481,7 +483,8 @@ def section_waiting(ctx: Ctx, app: Any, topics: Any, churn: Any) -> dict[str, An
     _release(ctx)
     try:
         wait_until(lambda: corr.outstanding() == 0, max(120.0, sent * 0.1), "every consumer-per-wait reply", 0.5)
-        out["clj_release"] = {"waits": sent, "seconds": round(time.monotonic() - t0, 1)}
+        out["clj_release"] = {"waits": sent, "seconds": round(time.monotonic() - t0, 1),
+                              "memory_after": {k: round(v, 1) for k, v in clj.usage().memory().items()}}
     except TimeoutError as exc:
         out["notes"].append(f"consumer-per-wait release: {exc}")
         corr.forget_all()
@@ -524,11 +527,13 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     common = sorted(set(fus) & set(clj))
     if common:
         n = common[-1]
-        fk, ck = fus[n]["per_wait_kib"], clj[n]["per_wait_kib"]
-        ratio = ck / fk if fk > 0 else float("inf")
+        fm, ft, ck = fus[n]["per_wait_main_kib"], fus[n]["per_wait_kib"], clj[n]["per_wait_kib"]
+        ratio = ck / fm if fm > 0 else float("inf")
+        total_ratio = ck / ft if ft > 0 else float("inf")
         out.append({"target": ">= 20x less memory per pending wait than consumer-per-wait",
-                    "value": f"{ratio:.0f}x at {n} waits ({fk} vs {ck} KiB)", "ratio": round(ratio, 1),
-                    "met": ratio >= 20.0})
+                    "value": f"{ratio:.0f}x at {n} waits in the process that holds them ({fm} vs {ck} KiB); "
+                             f"{total_ratio:.0f}x counting the pool children's growth too ({ft} KiB)",
+                    "ratio": round(ratio, 1), "ratio_with_children": round(total_ratio, 1), "met": ratio >= 20.0})
     left = result.get("leftovers", [])
     out.append({"target": "zero return topics left after every benchmark run",
                 "value": ", ".join(f"{x['section']}: {x['left']}" for x in left) or "not checked",
@@ -587,16 +592,24 @@ def run(profile: Profile, out_dir: Path) -> dict[str, Any]:
         start_clj(ctx, threads=max([*profile.levels, *profile.waiting_levels]) + 10)
         churn.start()
         t_sec = time.monotonic()
-        if "latency" in profile.sections:
-            result["latency"] = section_latency(ctx, app, plain_app)
+        sections = {"latency": lambda: section_latency(ctx, app, plain_app),
+                    "throughput": lambda: section_throughput(ctx, topics, churn),
+                    "waiting": lambda: section_waiting(ctx, app, topics, churn)}
+        for name, fn in sections.items():
+            if name not in profile.sections:
+                continue
+            try:
+                result[name] = fn()
+            except Exception as exc:  # a failed section is reported; the others still run
+                import traceback
+                _say(f"section {name} FAILED: {type(exc).__name__}: {exc}")
+                result.setdefault("errors", {})[name] = traceback.format_exc()[-4000:]
+                for pname, proc in list(ctx.procs.items()):
+                    if not proc.alive():
+                        _say(f"{pname} died; its log: {proc.log_path}")
             loads.append(_loadavg())
-            leftovers(ctx, topics, "latency")
-        if "throughput" in profile.sections:
-            result["throughput"] = section_throughput(ctx, topics, churn)
-            loads.append(_loadavg())
-        if "waiting" in profile.sections:
-            result["waiting"] = section_waiting(ctx, app, topics, churn)
-            loads.append(_loadavg())
+            if name == "latency":
+                leftovers(ctx, topics, "latency")
         result["section_seconds"] = round(time.monotonic() - t_sec, 1)
     finally:
         for name in list(ctx.procs):  # first of all: no helper process may outlive the run
