@@ -22,7 +22,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from .config import setting
 from .errors import ConfigurationError, FusionError
 
-__all__ = ["Clients", "clients", "close_clients", "client_config"]
+__all__ = ["Clients", "clients", "close_clients", "client_config", "consume_ready"]
 
 logger = logging.getLogger(__name__)
 #: librdkafka's own log lines go here instead of straight to stderr.
@@ -100,6 +100,18 @@ def transient(err: KafkaError) -> bool:
         return True
     # A restarted KRaft broker refuses topic creation until it is unfenced.
     return err.code() == KafkaError.INVALID_REPLICATION_FACTOR and "fenced" in err.str()
+
+
+def consume_ready(consumer: Consumer, max_messages: int, timeout: float) -> list[Any]:
+    """Wait at most ``timeout`` seconds for a record, then take what else is already there (``max_messages`` in all).
+
+    ``Consumer.consume(n, timeout)`` returns only when it has ``n`` records or the
+    timeout expired, so a lone request waited out the whole timeout.
+    """
+    first = consumer.poll(timeout)
+    if first is None:
+        return []
+    return [first, *consumer.consume(max_messages - 1, timeout=0)] if max_messages > 1 else [first]
 
 
 def _error_logger(err: KafkaError) -> None:
