@@ -167,7 +167,7 @@ def test_pool_children_replaced_after_every_task_still_work(kit, worker_factory,
 
 
 def test_concurrency_one_worker_holds_many_waits_and_keeps_working(kit, worker_factory, service):
-    """Parked waits hold no worker slot: with one slot and 250 waits pending, other requests are served."""
+    """Parked waits hold no worker slot: with one slot and 150 waits pending, other requests are served."""
     from confluent_kafka import Consumer, TopicPartition
     from confluent_kafka.admin import NewTopic
     from conftest import isolated_env
@@ -177,7 +177,7 @@ def test_concurrency_one_worker_holds_many_waits_and_keeps_working(kit, worker_f
     gate_topic = kit.topic()
     gate = service(gate_topic, lambda data: data)
     gate.hold = True
-    n = 250
+    n = 150
     backs = [return_topic_name() for _ in range(n)]
     for f in kit.admin.create_topics([NewTopic(b, 1, 1) for b in backs]).values():
         f.result(60)
