@@ -313,6 +313,9 @@ class Clients:
 
 _clients: dict[tuple[int, int], Clients] = {}
 _clients_lock = threading.Lock()
+#: A parent's clients seen in a forked child: kept referenced so that their librdkafka handles are
+#: never destroyed here (destroying a handle whose threads did not survive the fork crashes the child).
+_inherited: list[Clients] = []
 
 
 def clients(app: Celery) -> Clients:
@@ -322,7 +325,7 @@ def clients(app: Celery) -> Clients:
         found = _clients.get(key)
         if found is None:
             for stale in [k for k in _clients if k[1] != key[1]]:
-                del _clients[stale]  # a parent's handles: never use, never close, just forget
+                _inherited.append(_clients.pop(stale))  # a parent's handles: never use, close nor destroy
             found = _clients[key] = Clients(app)
         return found
 
