@@ -25,7 +25,7 @@ from confluent_kafka import Message as KafkaMessage
 
 from .config import setting
 from .errors import ProtocolError
-from .kafka import clients
+from .kafka import clients, consume_ready
 from .protocol import PARENT_HEADER, ROOT_HEADER, decode_request
 
 __all__ = ["Intake", "dlq_topic", "consumer_group", "run_id"]
@@ -159,7 +159,7 @@ class ReactorIntake(threading.Thread):
                 elif self.paused and len(self.in_flight) <= self.max_in_flight // 2:
                     self._set_paused(False)
                 # Never take more records than may be in flight: the bound holds within a batch too.
-                msgs = self.consumer.consume(min(100, max(1, capacity)), timeout=0.2)
+                msgs = consume_ready(self.consumer, min(100, max(1, capacity)), 0.2)
                 if self.paused and msgs:
                     self._rewind(msgs)  # fetched just before the pause: read them again later
                     msgs = []

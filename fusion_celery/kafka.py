@@ -22,7 +22,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from .config import setting
 from .errors import ConfigurationError, FusionError
 
-__all__ = ["Clients", "clients", "close_clients", "client_config"]
+__all__ = ["Clients", "clients", "close_clients", "client_config", "consume_ready"]
 
 logger = logging.getLogger(__name__)
 #: librdkafka's own log lines go here instead of straight to stderr.
@@ -100,6 +100,18 @@ def transient(err: KafkaError) -> bool:
         return True
     # A restarted KRaft broker refuses topic creation until it is unfenced.
     return err.code() == KafkaError.INVALID_REPLICATION_FACTOR and "fenced" in err.str()
+
+
+def consume_ready(consumer: Consumer, max_messages: int, timeout: float) -> list[Any]:
+    """Wait at most ``timeout`` seconds for a record, then take what else is already there (``max_messages`` in all).
+
+    ``Consumer.consume(n, timeout)`` returns only when it has ``n`` records or the
+    timeout expired, so a lone request waited out the whole timeout.
+    """
+    first = consumer.poll(timeout)
+    if first is None:
+        return []
+    return [first, *consumer.consume(max_messages - 1, timeout=0)] if max_messages > 1 else [first]
 
 
 def _error_logger(err: KafkaError) -> None:
@@ -312,10 +324,17 @@ class Clients:
 
 
 _clients: dict[tuple[int, int], Clients] = {}
-_clients_lock = threading.Lock()
-#: A parent's clients seen in a forked child: kept referenced so that their librdkafka handles are
-#: never destroyed here (destroying a handle whose threads did not survive the fork crashes the child).
 _inherited: list[Clients] = []
+_clients_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # Another thread of the parent may have held the lock at the moment of the fork.
+    global _clients_lock
+    _clients_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def clients(app: Celery) -> Clients:
@@ -325,7 +344,10 @@ def clients(app: Celery) -> Clients:
         found = _clients.get(key)
         if found is None:
             for stale in [k for k in _clients if k[1] != key[1]]:
-                _inherited.append(_clients.pop(stale))  # a parent's handles: never use, close nor destroy
+                # A parent's handles, inherited through fork: never use them, never close them, and
+                # never let them be garbage-collected either (their destructor would tear down
+                # librdkafka threads that do not exist in this process: a segfault).
+                _inherited.append(_clients.pop(stale))
             found = _clients[key] = Clients(app)
         return found
 

@@ -15,6 +15,16 @@ _lock = threading.Lock()
 _registries: dict[tuple[int, int], Registry] = {}
 
 
+def _after_fork_in_child() -> None:
+    # Another thread of the parent may have held the lock at the moment of the fork; the
+    # parent's registry clients stay referenced in the dict (never used, never collected).
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def registry(app: Celery) -> Registry:
     """This process's registry client for ``app`` (a new one after a fork)."""
     key = (id(app), os.getpid())

@@ -3,8 +3,12 @@
 It follows the registry for the waits this worker owns (see
 :mod:`fusion_celery.registry`), and reads their return topics with a single
 consumer by explicit, incremental partition assignment (no consumer per wait, no
-regex subscription).  For each reply it completes the wait's task
-(:func:`fusion_celery.completion.complete`), then removes the wait from the
+regex subscription).  A new wait starts on a *fresh* consumer that long-polls for
+only 10 ms, so that a partition assigned while a fetch is in flight is fetched
+almost at once; a wait still pending after :data:`FRESH_SECONDS` moves to a
+*settled* consumer that long-polls for 500 ms, so that thousands of long waits
+cost the broker a few fetches per second instead of a hundred.  For each reply it
+completes the wait's task (:func:`fusion_celery.completion.complete`), then removes the wait from the
 registry, then deletes the return topic.  A wait whose deadline passes fails
 with :class:`~fusion_celery.errors.DependencyTimeout`.  If completing fails (the
 result backend is down) the wait stays and is retried; nothing is removed before
@@ -21,12 +25,12 @@ from collections import Counter
 from typing import Any
 
 from celery import Celery
-from confluent_kafka import KafkaError, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from .completion import Events, complete
 from .config import setting
 from .errors import DependencyFailed, DependencyTimeout, PayloadTooLarge, ProtocolError, RemoteError
-from .kafka import clients
+from .kafka import clients, consume_ready
 from .protocol import check_size, decode_reply
 from .registry import Change, Wait, now_ms
 from .runtime import registry
@@ -36,6 +40,13 @@ __all__ = ["Waiter"]
 logger = logging.getLogger(__name__)
 
 TAKEOVER_GRACE_MS = 5000
+#: Seconds a wait stays on the fresh (low-latency) reply consumer before it moves to the settled one.
+FRESH_SECONDS = 1.0
+FRESH_FETCH_WAIT_MS = 10
+SETTLED_FETCH_WAIT_MS = 500
+#: Waits younger than this get their topic's metadata fetched before assignment (older ones, recovered from
+#: the registry after a restart or a rebalance, are many and in no hurry: librdkafka's scan finds them).
+YOUNG_MS = 10_000
 
 
 class Waiter(threading.Thread):
@@ -51,6 +62,9 @@ class Waiter(threading.Thread):
         self._deadlines: list[tuple[int, str]] = []
         self._retry: dict[str, tuple[float, int, Any, BaseException | None]] = {}
         self._done: dict[str, dict[str, bool]] = {}  # completion steps done, for a retried completion
+        self._new: list[str] = []  # added since the last _assign_new()
+        self._fresh: dict[str, float] = {}  # wait id -> when it was assigned (insertion order = age order)
+        self._settled: set[str] = set()
         self._to_delete: list[str] = []
         self._last_delete = 0.0
         self.completed = 0
@@ -68,9 +82,67 @@ class Waiter(threading.Thread):
         now = now_ms()
         due = wait.deadline if wait.deadline > now else now + TAKEOVER_GRACE_MS
         heapq.heappush(self._deadlines, (due, wait.id))
-        # Offset 0, not OFFSET_BEGINNING: a logical offset costs an offset lookup that librdkafka
-        # answers ~0.5 s later; a fresh return topic starts at 0 (auto.offset.reset covers the rest).
-        self.replies.incremental_assign([TopicPartition(wait.return_topic, 0, 0)])
+        self._new.append(wait.id)
+
+    def _assign_new(self) -> None:
+        """Assign the return topics of the waits added since the last call (and still pending), at once.
+
+        Runs after a whole batch of registry changes, so that a wait replayed from
+        the registry together with its removal (a restart reads the registry from
+        its beginning) is never assigned at all.
+        """
+        new, self._new = self._new, []
+        now, young, parts = time.monotonic(), now_ms() - YOUNG_MS, []
+        for wait_id in new:
+            wait = self.waits.get(wait_id)
+            if wait is None or wait_id in self._fresh or wait_id in self._settled:
+                continue
+            if wait.created >= young:
+                self._learn_topic(self.replies, wait.return_topic)
+            # Offset 0, not OFFSET_BEGINNING: a logical offset costs an offset lookup first; a return
+            # topic starts at 0 (and auto.offset.reset=earliest covers a topic whose start moved).
+            parts.append(TopicPartition(wait.return_topic, 0, 0))
+            self._fresh[wait_id] = now
+        if parts:
+            self.replies.incremental_assign(parts)
+
+    def _settle(self) -> None:
+        """Move the waits older than FRESH_SECONDS from the fresh consumer to the settled one."""
+        horizon = time.monotonic() - FRESH_SECONDS
+        while self._fresh:
+            wait_id, since = next(iter(self._fresh.items()))
+            if since > horizon:
+                break
+            del self._fresh[wait_id]
+            wait = self.waits.get(wait_id)
+            if wait is None:
+                continue
+            self._unassign(self.replies, wait.return_topic)
+            # From the beginning again: a reply that came meanwhile is read by the settled consumer.
+            if wait.created >= now_ms() - YOUNG_MS:
+                self._learn_topic(self.settled, wait.return_topic)
+            self.settled.incremental_assign([TopicPartition(wait.return_topic, 0, 0)])
+            self._settled.add(wait_id)
+
+    @staticmethod
+    def _unassign(consumer: Any, topic: str) -> None:
+        try:
+            consumer.incremental_unassign([TopicPartition(topic, 0)])
+        except Exception as exc:  # not assigned (any more)
+            logger.debug("waiter: unassign %s: %s", topic, exc)
+
+    @staticmethod
+    def _learn_topic(consumer: Any, topic: str) -> None:
+        """Fetch a return topic's metadata before assigning it, so its reply is fetched at once.
+
+        librdkafka learns the leader of a partition assigned by name only on its
+        once-a-second scan of unknown topics: without this, every reply waited
+        0.5 s on average (up to 1 s) before the consumer fetched it.
+        """
+        try:
+            consumer.list_topics(topic, timeout=5)
+        except KafkaException as exc:  # the scan will find it later
+            logger.debug("waiter: metadata of %s: %s", topic, exc)
 
     def _forget(self, wait_id: str) -> Wait | None:
         wait = self.waits.pop(wait_id, None)
@@ -79,10 +151,11 @@ class Waiter(threading.Thread):
         self.by_topic.pop(wait.return_topic, None)
         self._retry.pop(wait_id, None)
         self._done.pop(wait_id, None)
-        try:
-            self.replies.incremental_unassign([TopicPartition(wait.return_topic, 0)])
-        except Exception as exc:  # not assigned (any more)
-            logger.debug("waiter: unassign %s: %s", wait.return_topic, exc)
+        if wait_id in self._settled:
+            self._settled.discard(wait_id)
+            self._unassign(self.settled, wait.return_topic)
+        elif self._fresh.pop(wait_id, None) is not None:
+            self._unassign(self.replies, wait.return_topic)
         return wait
 
     def _apply(self, change: Change) -> None:
@@ -162,28 +235,35 @@ class Waiter(threading.Thread):
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
         self.registry = registry(self.app)
-        self.replies = clients(self.app).consumer(**{
+        self.replies, self.settled = (clients(self.app).consumer(**{
             "group.id": "fusion.reply-readers",  # never joined nor committed: partitions are assigned
             "client.id": f"fusion-waiter-{self.worker_name}",
             "enable.auto.commit": False,
+            # A return topic holds one reply: should the start offset be unknown (the broker not yet
+            # serving a brand-new topic), start from its beginning, never from its end.
             "auto.offset.reset": "earliest",
-            "fetch.wait.max.ms": 100,
+            "fetch.wait.max.ms": fetch_wait,
             "log_level": 4,  # no per-topic info lines for every return topic assigned and deleted
             "topic.metadata.refresh.interval.ms": 30000,
-        })
+        }) for fetch_wait in (FRESH_FETCH_WAIT_MS, SETTLED_FETCH_WAIT_MS))
         watcher = self.registry.watch(self.worker_name)
         self.ready.set()
         try:
             while not self.stop_event.is_set():
                 for change in watcher.poll(0 if self.waits else 0.1):
                     self._apply(change)
+                self._assign_new()
                 if self.waits:
-                    for msg in self.replies.consume(500, timeout=0.05):
+                    msgs = consume_ready(self.replies, 500, 0.01) if self._fresh else []
+                    if self._settled:
+                        msgs += self.settled.consume(500, timeout=0 if self._fresh else 0.01)
+                    for msg in msgs:
                         err = msg.error()
                         if err is None:
                             self._on_reply(msg)
                         elif err.code() not in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
                             logger.debug("waiter: %s", err.str())
+                self._settle()
                 self._expire()
                 self._retry_due()
                 self._delete_topics()
@@ -194,7 +274,7 @@ class Waiter(threading.Thread):
         finally:
             for step, close in (("delete return topics", lambda: self._delete_topics(force=True)),
                                 ("leave the waiters", watcher.close),
-                                ("close the reply consumer", self._close_replies),
+                                ("close the reply consumers", self._close_replies),
                                 ("close the event dispatcher", self.events.close)):
                 try:
                     close()
@@ -204,8 +284,9 @@ class Waiter(threading.Thread):
                         self.failed, len(self.waits))
 
     def _close_replies(self) -> None:
-        self.replies.unassign()
-        self.replies.close()
+        for consumer in (self.replies, self.settled):
+            consumer.unassign()
+            consumer.close()
 
     def stop(self, timeout: float = 30.0) -> None:
         self.stop_event.set()

@@ -5,6 +5,7 @@ import os
 import pty
 import subprocess
 import sys
+import time
 import uuid
 
 from conftest import ROOT, topic_name, wait_for
@@ -88,17 +89,19 @@ def pending_wait(kit, service):
 
 def test_topics_and_reap(services_worker, service, kit):
     gate_topic, gate, back = pending_wait(kit, service)
-    orphan = kit.topic(f"fusion.rt.1000.{uuid.uuid4().hex}")  # made in 1970 by nobody
+    # 200 s old by its name: an orphan for `reap --grace 100`, still young for the workers' own
+    # reapers (fusion_reaper_grace, 300 s), which must not delete it first.
+    orphan = kit.topic(f"fusion.rt.{int(time.time() * 1000) - 200_000}.{uuid.uuid4().hex}")
     out = fusion("topics", "--json")
     assert out.returncode == 0, out.stderr
     listed = {t["topic"]: t for t in json.loads(out.stdout)}
     pending_rt = gate.received[0]["return-topic"]
     assert listed[pending_rt]["owner"] == services_worker.name and listed[pending_rt]["target"] == gate_topic
-    assert listed[orphan]["owner"] is None and listed[orphan]["age_s"] > 1e9
+    assert listed[orphan]["owner"] is None and listed[orphan]["age_s"] >= 199
     table = fusion("topics")
     assert pending_rt in table.stdout and "(orphan)" in table.stdout
 
-    out = fusion("reap", "--grace", "3600")
+    out = fusion("reap", "--grace", "100")
     assert out.returncode == 0, out.stderr
     assert f"deleted {orphan}" in out.stdout and pending_rt not in out.stdout
     kit.created.remove(orphan)

@@ -167,25 +167,25 @@ def test_pool_children_replaced_after_every_task_still_work(kit, worker_factory,
 
 
 def test_concurrency_one_worker_holds_many_waits_and_keeps_working(kit, worker_factory, service):
-    """Parked waits hold no worker slot: with one slot and 120 waits pending, other requests are served."""
+    """Parked waits hold no worker slot: with one slot and 250 waits pending, other requests are served."""
     from confluent_kafka import Consumer, TopicPartition
     from confluent_kafka.admin import NewTopic
     from conftest import isolated_env
-    env = isolated_env()
+    env = {**isolated_env(), "FUSION_MAX_IN_FLIGHT": "1000"}  # the default (100) would pause the intake
     run = env["FUSION_TEST_RUN"]
     worker_factory(name="one", env=env, concurrency=1)
     gate_topic = kit.topic()
     gate = service(gate_topic, lambda data: data)
     gate.hold = True
-    n = 120
-    backs = [f"fusion.rt.{uuid.uuid4().hex}" for _ in range(n)]
+    n = 250
+    backs = [return_topic_name() for _ in range(n)]
     for f in kit.admin.create_topics([NewTopic(b, 1, 1) for b in backs]).values():
         f.result(60)
     for i, back in enumerate(backs):
         kit.producer.produce(f"{run}.generic", json.dumps({"data": {"deps": {"g": {"topic": gate_topic, "args": i}}},
                                                            "return-topic": back}))
     kit.producer.flush(30)
-    wait_for(lambda: len(gate.received) == n, 400, f"{n} parked dependency requests")
+    wait_for(lambda: len(gate.received) == n, 200, f"{n} parked dependency requests")
     assert call(kit, f"{run}.add", [40, 2])[0] == 42  # the single slot is free
     gate.release()
     c = Consumer({"bootstrap.servers": kit.servers, "group.id": "one-reader", "enable.auto.commit": False})

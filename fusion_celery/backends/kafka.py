@@ -17,7 +17,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from ..config import setting
 from ..errors import FusionError
-from ..kafka import clients
+from ..kafka import clients, consume_ready
 from ..registry import Change, Registry, Wait, Watcher
 
 __all__ = ["KafkaRegistry", "KafkaWatcher"]
@@ -137,7 +137,7 @@ class KafkaWatcher(Watcher):
         consumer.unassign()
 
     def poll(self, timeout: float) -> list[Change]:
-        msgs = self.consumer.consume(1000, timeout=timeout)
+        msgs = consume_ready(self.consumer, 1000, timeout)
         for msg in msgs:
             err = msg.error()
             if err is not None:

@@ -1,0 +1,667 @@
+"""The benchmark run: start the processes, measure every section side by side, clean up, report.
+
+Sections (see docs/benchmarks.md for what each figure means):
+
+1. latency -- round trips of the four shapes, over Kafka and through ``Pipeline``, next to
+   the baselines (ephemeral-topic floor, long-lived reply topic, consumer-per-wait design,
+   plain Celery), in interleaved rounds;
+2. throughput -- completions per second with N requests in flight, fusion-celery vs the
+   consumer-per-wait design;
+3. waiting -- memory and CPU of one worker holding N pending waits, vs the consumer-per-wait
+   design;
+4. churn -- return topics created and deleted per second, peak alive (sampled throughout);
+5. leftovers -- return topics left after every section (must be zero).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .common import DATA, SERVICE_NAMES, SHAPES, clj_topic, expected_result, reactor_topic, servers, svc
+from .procs import ROOT, Proc, Usage, stack_pid, wait_until
+from .stats import summary
+
+__all__ = ["FULL", "SMOKE", "Profile", "run"]
+
+
+@dataclass
+class Profile:
+    """How much to measure."""
+
+    name: str = "full"
+    rounds: int = 3                 # interleaved repetitions of the latency scenarios
+    samples: int = 15               # timed calls per scenario per round
+    warmup: int = 5                 # untimed calls per scenario before the first round
+    scenario_budget_s: float = 15.0  # per scenario per round; slower ones take fewer samples (at least 3)
+    levels: tuple[int, ...] = (1, 10, 100, 1000)
+    window_s: float = 10.0
+    warmup_completions_max: int = 50
+    waiting_levels: tuple[int, ...] = (100, 1000, 5000)
+    cpu_window_s: float = 5.0
+    waiting_warmup: int = 400       # calls a fresh worker serves before its baseline is measured
+    park_timeout_s: float = 240.0   # to park one level's waits
+    clj_park_timeout_s: float = 120.0
+    pool: str = "prefork"
+    concurrency: int = 2
+    sections: tuple[str, ...] = ("latency", "throughput", "waiting")
+
+
+FULL = Profile()
+SMOKE = Profile(name="smoke", rounds=1, samples=2, warmup=1, scenario_budget_s=10.0, levels=(1, 4), window_s=1.5,
+                warmup_completions_max=2, waiting_levels=(5,), cpu_window_s=0.5, waiting_warmup=5, park_timeout_s=60.0,
+                clj_park_timeout_s=60.0)
+
+
+@dataclass
+class Ctx:
+    profile: Profile
+    run: str
+    logdir: Path
+    env: dict[str, str]
+    procs: dict[str, Proc] = field(default_factory=dict)
+    leftovers: list[dict[str, Any]] = field(default_factory=list)
+    before: set[str] = field(default_factory=set)  # return topics that existed before the run (not ours)
+    log: Callable[[str], None] = print
+
+
+def _say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- processes ---------------------------------------------------------------------------------------
+def start_services(ctx: Ctx) -> Proc:
+    p = Proc.python("services", "bench.service", [], ctx.env, ctx.logdir)
+    p.cmd += ["--status", p.status_path]
+    p.start()
+    from .common import read_status
+    wait_until(lambda: (p.check(), read_status(p.status_path).get("assigned", 0) >= len(SERVICE_NAMES) + 1)[1],
+               60, "the dependency services to get their partitions")
+    ctx.procs["services"] = p
+    return p
+
+
+def start_fusion_worker(ctx: Ctx, app: Any, tag: str = "fusion") -> Proc:
+    name = f"bench-{tag}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+    prof = ctx.profile
+    p = Proc(tag, [os.sys.executable, "-m", "celery", "-A", "fusion_celery", "worker", "-n", name, "-P", prof.pool,
+                   "-c", str(prof.concurrency), "-l", "warning", "--without-mingle", "--without-gossip"],
+             ctx.env, ctx.logdir)
+    p.worker_name = name  # type: ignore[attr-defined]
+    p.start()
+
+    def ready() -> bool:
+        p.check()
+        return bool(_fusion_status(app, name, 1.0).get("running"))
+
+    wait_until(ready, 90, f"fusion worker {name} to serve", interval=0.5)
+    ctx.procs[tag] = p
+    return p
+
+
+def _fusion_status(app: Any, name: str, timeout: float) -> dict[str, Any]:
+    """The ``fusion_status`` remote-control answer of worker ``name`` (empty if it did not answer)."""
+    for reply in app.control.broadcast("fusion_status", destination=[name], reply=True, timeout=timeout) or []:
+        if name in reply:
+            return reply[name]
+    return {}
+
+
+def fusion_pending(app: Any, p: Proc) -> int:
+    return int(_fusion_status(app, p.worker_name, 2.0).get("pending", -1))  # type: ignore[attr-defined]
+
+
+def start_plain_worker(ctx: Ctx, plain_app: Any) -> Proc:
+    from .plain import QUEUE
+    name = f"bench-plain-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+    prof = ctx.profile
+    p = Proc("plain", [os.sys.executable, "-m", "celery", "-A", "bench.plain", "worker", "-n", name, "-Q", QUEUE,
+                       "-P", prof.pool, "-c", str(prof.concurrency), "-l", "warning", "--without-mingle",
+                       "--without-gossip"], ctx.env, ctx.logdir)
+    p.start()
+    wait_until(lambda: (p.check(), plain_app.control.ping(destination=[name], timeout=1.0))[1], 90,
+               f"plain Celery worker {name}", interval=0.5)
+    ctx.procs["plain"] = p
+    return p
+
+
+def start_clj(ctx: Ctx, threads: int) -> Proc:
+    p = Proc.python("clj", "bench.clj", ["--threads", str(threads)], ctx.env, ctx.logdir)
+    p.cmd += ["--status", p.status_path]
+    p.start()
+    from .common import read_status
+    wait_until(lambda: (p.check(), "received" in read_status(p.status_path))[1], 60,
+               "the consumer-per-wait reactor to start")
+    ctx.procs["clj"] = p
+    return p
+
+
+def stop(ctx: Ctx, name: str) -> None:
+    p = ctx.procs.pop(name, None)
+    if p is not None:
+        p.stop(60)
+
+
+# -- measuring helpers --------------------------------------------------------------------------------
+def leftovers(ctx: Ctx, topics: Any, section: str, timeout: float = 60.0) -> dict[str, Any]:
+    found = {"section": section, **topics.wait_no_return_topics(timeout, ignore=ctx.before)}
+    ctx.leftovers.append(found)
+    _say(f"return topics left after {section}: {found['left']}"
+         + (f" (zero after {found['seconds_to_zero']}s)" if found["left"] == 0 else ""))
+    return found
+
+
+def cpu_and_memory(usage: Usage, window_s: float, broker: Usage | None) -> dict[str, Any]:
+    """Memory now, and CPU (percent of one core) of the process tree and of the broker over ``window_s``."""
+    mem = usage.memory()
+    c0, b0, t0 = usage.cpu_seconds(), broker.cpu_seconds() if broker else 0.0, time.monotonic()
+    time.sleep(window_s)
+    c1, b1, t1 = usage.cpu_seconds(), broker.cpu_seconds() if broker else 0.0, time.monotonic()
+    out = {**{k: round(v, 1) for k, v in mem.items()}, "cpu_pct": round(100 * (c1 - c0) / (t1 - t0), 1)}
+    if broker is not None:
+        out["broker_cpu_pct"] = round(100 * (b1 - b0) / (t1 - t0), 1)
+        out["broker_rss_mib"] = round(broker.memory()["main_mib"], 1)
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    import celery
+    import confluent_kafka
+    import psutil
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    kafka_version = "unknown"
+    cache = Path(os.environ.get("FUSION_STACK_CACHE", Path.home() / ".cache" / "fusion-celery"))
+    pom = ROOT / "stack" / "kafka-pom.xml"
+    try:
+        import re
+        m = re.search(r"<kafka.version>\s*([^<\s]+)\s*</kafka.version>", pom.read_text())
+        kafka_version = m.group(1) if m else kafka_version
+    except OSError:
+        pass
+    redis_version = "unknown"
+    try:
+        import redis
+        redis_version = redis.Redis.from_url(os.environ["CELERY_BROKER_URL"]).info()["redis_version"]
+    except Exception:
+        pass
+    return {"hostname": socket.gethostname(), "nproc": os.cpu_count(), "cpu_model": cpu,
+            "memory_gib": round(psutil.virtual_memory().total / 2 ** 30, 1), "kernel": platform.release(),
+            "python": platform.python_version(), "celery": celery.__version__,
+            "confluent_kafka": confluent_kafka.version()[0], "librdkafka": confluent_kafka.libversion()[0],
+            "kafka": kafka_version, "redis": redis_version, "stack_cache": str(cache)}
+
+
+# -- section 1: latency ------------------------------------------------------------------------------
+def section_latency(ctx: Ctx, app: Any, plain_app: Any) -> dict[str, Any]:
+    from fusion_celery import Pipeline
+
+    from .clients import CorrelationCaller, EphemeralCaller
+    from .plain import canvas
+
+    prof = ctx.profile
+    floor = EphemeralCaller(servers(), tag="floor")
+    caller = EphemeralCaller(servers(), tag="bench")
+    corr = CorrelationCaller(servers(), f"bench.{ctx.run}.replies.latency")
+    creates: list[float] = []
+
+    def eph(c: EphemeralCaller, topic: str, keep_create: bool = False) -> Callable[[], tuple[Any, float]]:
+        def call() -> tuple[Any, float]:
+            value, t = c.call(topic, DATA, timeout=60)
+            if keep_create:
+                creates.append(t["create"])
+            return value, t["total"]
+        return call
+
+    def pipe(topic: str) -> Callable[[], tuple[Any, float]]:
+        p = Pipeline(topic, app=app)
+
+        def call() -> tuple[Any, float]:
+            t0 = time.perf_counter()
+            value = p.delay(DATA, timeout=60).get(timeout=90)
+            return value, time.perf_counter() - t0
+        return call
+
+    def plain(shape: str) -> Callable[[], tuple[Any, float]]:
+        def call() -> tuple[Any, float]:
+            t0 = time.perf_counter()
+            canvas(shape).apply_async().get(timeout=60)
+            return None, time.perf_counter() - t0
+        return call
+
+    def corr_call() -> tuple[Any, float]:
+        return corr.call(svc("echo"), DATA, timeout=60)
+
+    # (key, group, shape, path, call, expected or None)
+    scenarios: list[tuple[str, str, str, str, Callable[[], tuple[Any, float]], Any]] = [
+        ("floor.ephemeral", "baseline", "one request", "raw Kafka, return topic per request",
+         eph(floor, svc("echo"), keep_create=True), DATA),
+        ("floor.correlation", "baseline", "one request", "raw Kafka, one reply topic + correlation ids",
+         corr_call, DATA),
+    ]
+    for shape in SHAPES:
+        exp = expected_result(shape)
+        scenarios += [
+            (f"fusion.kafka.{shape}", "fusion-celery", shape, "over Kafka (return topic per request)",
+             eph(caller, reactor_topic(shape)), exp),
+            (f"fusion.pipeline.{shape}", "fusion-celery", shape, "Pipeline.delay().get()",
+             pipe(reactor_topic(shape)), exp),
+            (f"clj.{shape}", "baseline", shape, "consumer per wait (fusion-clj design)",
+             eph(caller, clj_topic(shape)), exp),
+            (f"celery.{shape}", "baseline", shape, "plain Celery chord, no Kafka", plain(shape), None),
+        ]
+
+    samples: dict[str, list[float]] = {s[0]: [] for s in scenarios}
+    round_p50: dict[str, list[float]] = {s[0]: [] for s in scenarios}
+    errors: dict[str, str] = {}
+    _say(f"latency: warm-up ({prof.warmup} calls per scenario, answers checked)")
+    for key, _g, _shape, _path, call, exp in scenarios:
+        for _ in range(prof.warmup):
+            try:
+                value, _t = call()
+            except Exception as exc:
+                errors[key] = f"{type(exc).__name__}: {exc}"
+                break
+            if exp is not None and value != exp:
+                raise AssertionError(f"{key}: wrong answer {value!r}, expected {exp!r}")
+    creates.clear()
+    for r in range(prof.rounds):
+        _say(f"latency: round {r + 1} of {prof.rounds}")
+        for key, _g, _shape, _path, call, _exp in scenarios:
+            if key in errors:
+                continue
+            t_start, got = time.monotonic(), []
+            for i in range(prof.samples):
+                try:
+                    _v, t = call()
+                except Exception as exc:
+                    errors[key] = f"{type(exc).__name__}: {exc}"
+                    break
+                got.append(t)
+                if i >= 2 and time.monotonic() - t_start > prof.scenario_budget_s:
+                    break
+            samples[key] += got
+            if got:
+                round_p50[key].append(round(summary(got)["p50_ms"], 2))
+    floor.close()
+    caller.close()
+    corr.close()
+    rows = []
+    for key, group, shape, path, _call, _exp in scenarios:
+        rows.append({"key": key, "group": group, "shape": shape, "path": path, **summary(samples[key]),
+                     "round_p50_ms": round_p50[key], **({"error": errors[key]} if key in errors else {})})
+    return {"rows": rows, "floor_create_topic": summary(creates)}
+
+
+# -- section 2: throughput ---------------------------------------------------------------------------
+def section_throughput(ctx: Ctx, topics: Any, churn: Any) -> dict[str, Any]:
+    from .clients import CorrelationCaller, closed_loop
+
+    prof = ctx.profile
+    corr = CorrelationCaller(servers(), f"bench.{ctx.run}.replies.load")
+    rows = []
+    for design, topic in (("fusion-celery", reactor_topic("onedep")), ("consumer-per-wait", clj_topic("onedep"))):
+        survived = True
+        for k in prof.levels:
+            if not survived:
+                rows.append({"design": design, "in_flight": k, "skipped": "did not survive a lower level"})
+                continue
+            _say(f"throughput: {design}, {k} in flight")
+            window = churn.open(f"throughput {design} {k}")
+            res = closed_loop(corr, topic, DATA, k, window_s=prof.window_s,
+                              warmup_completions=min(k, prof.warmup_completions_max),
+                              warmup_timeout=max(60.0, 4 * prof.window_s), drain_timeout=max(60.0, k * 0.3))
+            w = churn.close_window(window)
+            left = leftovers(ctx, topics, f"throughput {design} {k}")
+            row = {"design": design, "in_flight": k, "rps": round(res.rps, 1), "completed": res.completed,
+                   "failed": res.failed, "window_s": round(res.window_s, 1), "warmup_s": round(res.warmup_s, 1),
+                   "drained": res.drained, "lost": res.lost, **summary(res.latencies), "churn": w,
+                   "return_topics_left": left["left"]}
+            if res.note:
+                row["note"] = res.note
+            rows.append(row)
+            _say(f"  {res.rps:.1f} req/s, {res.failed} failed, drained={res.drained}")
+            if res.failed > max(1, res.completed // 10) or not res.drained or res.completed == 0:
+                survived = False
+    corr.close()
+    return {"rows": rows, "request": "onedep reactor over Kafka (reply topic with correlation ids)"}
+
+
+# -- section 3: the cost of waiting -----------------------------------------------------------------------
+def _release(ctx: Ctx) -> None:
+    from confluent_kafka import Producer
+
+    from .service import control_topic
+    p = Producer({"bootstrap.servers": servers()})
+    p.produce(control_topic(ctx.run), b"release")
+    p.flush(30)
+
+
+def section_waiting(ctx: Ctx, app: Any, topics: Any, churn: Any) -> dict[str, Any]:
+    from fusion_celery import Pipeline
+
+    from .clients import CorrelationCaller
+    from .common import read_status
+
+    prof = ctx.profile
+    broker_pid = stack_pid("kafka")
+    broker = Usage(broker_pid) if broker_pid else None
+    services = ctx.procs["services"]
+    out: dict[str, Any] = {"fusion-celery": [], "consumer-per-wait": [], "notes": []}
+
+    def held() -> int:
+        return int(read_status(services.status_path).get("held", 0))
+
+    # fusion-celery: a fresh worker, so its memory is not what earlier sections left behind.
+    stop(ctx, "fusion")
+    worker = start_fusion_worker(ctx, app, "fusion")
+    hold = Pipeline(svc("hold"), app=app)
+    echo = Pipeline(svc("echo"), app=app)
+    # Warm up past the pool children's working-set plateau (they grow ~100 MiB over their first few hundred
+    # tasks, whether or not anything waits), so the deltas below are what the waits cost.
+    for _ in range(prof.waiting_warmup // 100 or 1):
+        for r in [echo.delay(DATA, timeout=60) for _ in range(min(100, prof.waiting_warmup) or 1)]:
+            r.get(timeout=120)
+    gc.collect()
+    time.sleep(1.0)
+    churn.paused.set()
+    base = cpu_and_memory(worker.usage(), prof.cpu_window_s, broker)
+    churn.paused.clear()
+    out["fusion-celery"].append({"pending": 0, **base})
+    results = []
+    window = churn.open("waiting fusion-celery")
+    for n in prof.waiting_levels:
+        _say(f"waiting: fusion-celery, parking {n} waits")
+        t0 = time.monotonic()
+        for _ in range(n - len(results)):
+            results.append(hold.delay(DATA, timeout=1800))
+        try:
+            wait_until(lambda: held() >= n, prof.park_timeout_s, f"{n} requests at the holding service", 0.25)
+            wait_until(lambda: fusion_pending(app, worker) >= n, 60, f"{n} pending waits in the worker", 0.5)
+        except TimeoutError as exc:
+            out["notes"].append(f"fusion-celery at {n}: {exc}")
+            break
+        park_s = time.monotonic() - t0
+        time.sleep(1.0)
+        churn.paused.set()
+        m = cpu_and_memory(worker.usage(), prof.cpu_window_s, broker)
+        churn.paused.clear()
+        row = {"pending": n, **m, "park_s": round(park_s, 1),
+               "per_wait_kib": round((m["total_mib"] - base["total_mib"]) * 1024 / n, 1),
+               "per_wait_main_kib": round((m["main_mib"] - base["main_mib"]) * 1024 / n, 1)}
+        out["fusion-celery"].append(row)
+        _say(f"  {m['total_mib']:.0f} MiB ({row['per_wait_kib']} KiB per wait), cpu {m['cpu_pct']}%, "
+             f"broker cpu {m.get('broker_cpu_pct')}%")
+    t0 = time.monotonic()
+    _release(ctx)
+    total = len(results)
+    try:
+        wait_until(lambda: all(r.ready() for r in results), max(120.0, total * 0.2), "every held pipeline to finish",
+                   0.5)
+        bad = sum(1 for r in results if r.failed())
+        secs = time.monotonic() - t0
+        out["fusion_release"] = {"waits": total, "seconds": round(secs, 1), "per_s": round(total / max(1e-9, secs), 1),
+                                 "failed": bad, "memory_after": {k: round(v, 1) for k, v in
+                                                                 worker.usage().memory().items()}}
+    except TimeoutError as exc:
+        out["notes"].append(str(exc))
+    results.clear()
+    gc.collect()
+    out["churn_fusion"] = churn.close_window(window)
+    leftovers(ctx, topics, "waiting fusion-celery", timeout=max(60.0, total * 0.05))
+
+    # consumer per wait: a fresh process too, as many threads as waits.
+    stop(ctx, "clj")
+    clj = start_clj(ctx, threads=max(prof.waiting_levels) + 10)
+    corr = CorrelationCaller(servers(), f"bench.{ctx.run}.replies.hold")
+    echo_v, _ = corr.call(clj_topic("onedep"), DATA, timeout=60)
+    time.sleep(1.0)
+    churn.paused.set()
+    cbase = cpu_and_memory(clj.usage(), prof.cpu_window_s, broker)
+    churn.paused.clear()
+    out["consumer-per-wait"].append({"pending": 0, **cbase, "tcp_connections": clj.usage().connections()})
+    sent = 0
+    released_before = int(read_status(services.status_path).get("released", 0))
+    window = churn.open("waiting consumer-per-wait")
+    per_conn = None
+    for n in prof.waiting_levels:
+        if per_conn is not None and broker_pid:
+            import psutil
+            limit = psutil.Process(broker_pid).rlimit(psutil.RLIMIT_NOFILE)[0]
+            need = psutil.Process(broker_pid).num_fds() + per_conn * (n - sent)
+            if need > 0.8 * limit:
+                out["notes"].append(f"consumer-per-wait at {n}: not attempted: it would need about {int(need)} "
+                                    f"open files in the broker (its limit is {limit})")
+                break
+        _say(f"waiting: consumer-per-wait, parking {n} waits")
+        t0 = time.monotonic()
+        for _ in range(n - sent):
+            corr.submit(clj_topic("hold"), DATA)
+        sent = n
+
+        def parked() -> bool:
+            clj.check()
+            return int(read_status(clj.status_path).get("waiting", 0)) >= n
+
+        try:
+            wait_until(parked, prof.clj_park_timeout_s, f"{n} consumer-per-wait waits", 0.25)
+        except (TimeoutError, RuntimeError) as exc:
+            st = read_status(clj.status_path)
+            out["notes"].append(f"consumer-per-wait did not survive {n} waits: {st.get('waiting')} parked within "
+                                f"{prof.clj_park_timeout_s:.0f}s ({str(exc)[:300]}); last error: "
+                                f"{st.get('last_error')}")
+            out["consumer-per-wait"].append({"pending": n, "survived": False, "parked": st.get("waiting"),
+                                             **clj.usage().memory()})
+            break
+        park_s = time.monotonic() - t0
+        time.sleep(1.0)
+        churn.paused.set()
+        m = cpu_and_memory(clj.usage(), prof.cpu_window_s, broker)
+        churn.paused.clear()
+        conns = clj.usage().connections()
+        per_conn = max(1.0, conns / n)
+        row = {"pending": n, **m, "park_s": round(park_s, 1), "tcp_connections": conns,
+               "per_wait_kib": round((m["total_mib"] - cbase["total_mib"]) * 1024 / n, 1), "survived": True}
+        out["consumer-per-wait"].append(row)
+        _say(f"  {m['total_mib']:.0f} MiB ({row['per_wait_kib']} KiB per wait), {m['threads']} threads, "
+             f"cpu {m['cpu_pct']}%, broker cpu {m.get('broker_cpu_pct')}%")
+    t0 = time.monotonic()
+    _release(ctx)
+    try:
+        wait_until(lambda: corr.outstanding() == 0, max(120.0, sent * 0.1), "every consumer-per-wait reply", 0.5)
+        out["clj_release"] = {"waits": sent, "seconds": round(time.monotonic() - t0, 1),
+                              "memory_after": {k: round(v, 1) for k, v in clj.usage().memory().items()}}
+    except TimeoutError as exc:
+        out["notes"].append(f"consumer-per-wait release: {exc}")
+        corr.forget_all()
+    corr.close()
+
+    def settled() -> bool:
+        st = read_status(clj.status_path)
+        return st.get("waiting") == 0 and st.get("topics_deleted") == st.get("topics_created")
+
+    try:  # its threads close their consumers, then delete their topics
+        wait_until(settled, max(60.0, sent * 0.1), "the consumer-per-wait reactor to delete its topics", 0.5)
+    except TimeoutError as exc:
+        out["notes"].append(f"consumer-per-wait: {exc}")
+    out["churn_clj"] = churn.close_window(window)
+    stop(ctx, "clj")  # its waits are gone with it; its topics are what it leaves
+    leftovers(ctx, topics, "waiting consumer-per-wait", timeout=max(60.0, sent * 0.05))
+    return out
+
+
+# -- targets ---------------------------------------------------------------------------------------------
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    lat = {r["key"]: r for r in result.get("latency", {}).get("rows", [])}
+    if lat.get("fusion.kafka.onedep", {}).get("p50_ms") and lat.get("floor.ephemeral", {}).get("p50_ms"):
+        ratio = lat["fusion.kafka.onedep"]["p50_ms"] / lat["floor.ephemeral"]["p50_ms"]
+        out.append({"target": "one-dep round trip p50 within 2x the raw ephemeral-topic floor",
+                    "value": f"{ratio:.2f}x", "ratio": round(ratio, 2), "met": ratio <= 2.0})
+    tp = {(r["design"], r["in_flight"]): r for r in result.get("throughput", {}).get("rows", [])}
+    f, c = tp.get(("fusion-celery", 100), {}), tp.get(("consumer-per-wait", 100), {})
+    if f.get("rps") and c.get("rps"):
+        ratio = f["rps"] / c["rps"]
+        out.append({"target": "at 100 in flight, >= 5x the throughput of consumer-per-wait",
+                    "value": f"{ratio:.1f}x", "ratio": round(ratio, 2), "met": ratio >= 5.0})
+    elif f.get("rps") and c:
+        out.append({"target": "at 100 in flight, >= 5x the throughput of consumer-per-wait",
+                    "value": "consumer-per-wait did not survive 100 in flight", "met": True})
+    w = result.get("waiting", {})
+    fus = {r["pending"]: r for r in w.get("fusion-celery", []) if r.get("pending")}
+    clj = {r["pending"]: r for r in w.get("consumer-per-wait", []) if r.get("pending") and r.get("survived")}
+    common = sorted(set(fus) & set(clj))
+    if common:
+        n = common[-1]
+        fm, ft, ck = fus[n]["per_wait_main_kib"], fus[n]["per_wait_kib"], clj[n]["per_wait_kib"]
+        ratio = ck / fm if fm > 0 else float("inf")
+        total_ratio = ck / ft if ft > 0 else float("inf")
+        out.append({"target": ">= 20x less memory per pending wait than consumer-per-wait",
+                    "value": f"{ratio:.0f}x at {n} waits in the process that holds them ({fm} vs {ck} KiB); "
+                             f"{total_ratio:.0f}x counting the pool children's growth too ({ft} KiB)",
+                    "ratio": round(ratio, 1), "ratio_with_children": round(total_ratio, 1), "met": ratio >= 20.0})
+    left = result.get("leftovers", [])
+    out.append({"target": "zero return topics left after every benchmark run",
+                "value": ", ".join(f"{x['section']}: {x['left']}" for x in left) or "not checked",
+                "met": bool(left) and all(x["left"] == 0 for x in left)})
+    return out
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+def _loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def run(profile: Profile, out_dir: Path) -> dict[str, Any]:
+    """Run every section of ``profile`` against the local stack; return the result (also written as JSON)."""
+    started = time.time()
+    rid = f"{time.strftime('%m%d%H%M%S')}{uuid.uuid4().hex[:4]}"
+    logdir = out_dir / "logs" / rid
+    logdir.mkdir(parents=True, exist_ok=True)
+    base = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
+    env = {"BENCH_RUN": rid, "FUSION_IMPORTS": "bench.apps",
+           "CELERY_BROKER_URL": f"{base}/6", "CELERY_RESULT_BACKEND": f"{base}/7",
+           "FUSION_REGISTRY_URL": f"kafka://fusion.waits.bench-{rid}",
+           "FUSION_REPLY_ALLOWLIST": r"bench\..*",
+           "FUSION_KAFKA_BOOTSTRAP_SERVERS": servers()}
+    os.environ.update(env)  # before fusion_celery reads its settings
+    _flush_redis(base)  # databases 6 and 7 belong to the benchmark: start from empty queues
+    from fusion_celery import app
+
+    from .plain import app as plain_app
+    from .topics import ChurnSampler, Topics
+
+    ctx = Ctx(profile, rid, logdir, env)
+    topics = Topics(servers())
+    result: dict[str, Any] = {"run": rid, "profile": asdict(profile), "machine": machine_info(),
+                              "load_average": {"start": _loadavg()}, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    _say(f"run {rid} ({profile.name}); logs in {logdir}")
+    before = ctx.before = topics.return_topics()
+    if before:
+        result["return_topics_before"] = len(before)
+        _say(f"note: {len(before)} return topics existed before this run (not ours; not counted as leftovers)")
+    ours = [svc(n) for n in SERVICE_NAMES] + [f"bench.{rid}.ctl"]
+    reactors = [reactor_topic(s) for s in SHAPES]
+    cljs = [clj_topic(s) for s in [*SHAPES, "hold"]]
+    topics.create(ours, 1)
+    topics.create(reactors + [f"{t}.dlq" for t in reactors], 3)
+    topics.create(cljs, 3)
+    churn = ChurnSampler(servers())
+    loads: list[list[float]] = []
+    try:
+        start_services(ctx)
+        start_fusion_worker(ctx, app)
+        start_plain_worker(ctx, plain_app)
+        start_clj(ctx, threads=max([*profile.levels, *profile.waiting_levels]) + 10)
+        churn.start()
+        t_sec = time.monotonic()
+        sections = {"latency": lambda: section_latency(ctx, app, plain_app),
+                    "throughput": lambda: section_throughput(ctx, topics, churn),
+                    "waiting": lambda: section_waiting(ctx, app, topics, churn)}
+        for name, fn in sections.items():
+            if name not in profile.sections:
+                continue
+            try:
+                result[name] = fn()
+            except Exception as exc:  # a failed section is reported; the others still run
+                import traceback
+                _say(f"section {name} FAILED: {type(exc).__name__}: {exc}")
+                result.setdefault("errors", {})[name] = traceback.format_exc()[-4000:]
+                for pname, proc in list(ctx.procs.items()):
+                    if not proc.alive():
+                        _say(f"{pname} died; its log: {proc.log_path}")
+            loads.append(_loadavg())
+            if name == "latency":
+                leftovers(ctx, topics, "latency")
+        result["section_seconds"] = round(time.monotonic() - t_sec, 1)
+    finally:
+        for name in list(ctx.procs):  # first of all: no helper process may outlive the run
+            try:
+                stop(ctx, name)
+            except Exception as exc:
+                _say(f"note: stopping {name}: {exc}")
+        churn.stop()
+        try:
+            topics.wait_no_return_topics(30, ignore=before)
+            final_ours = topics.return_topics() - before
+            ctx.leftovers.append({"section": "end of run", "left": len(final_ours),
+                                  "examples": sorted(final_ours)[:5]})
+            if final_ours:
+                topics.delete(final_ours)
+            topics.delete(topics.names(f"bench.{rid}.") | {f"fusion.waits.bench-{rid}"})
+        except Exception as exc:
+            _say(f"note: deleting the run's topics: {exc}")
+        _delete_groups(rid)
+        _flush_redis(base)
+    result["leftovers"] = ctx.leftovers
+    result["churn"] = {"peak_alive": churn.peak_all, "samples": churn.samples, "sample_errors": churn.errors,
+                       "interval_s": churn.interval}
+    result["load_average"]["during"] = loads
+    result["load_average"]["end"] = _loadavg()
+    result["duration_s"] = round(time.time() - started, 1)
+    result["targets"] = targets(result)
+    return result
+
+
+def _delete_groups(rid: str) -> None:
+    """Drop the consumer groups of the run (the reactors', the services', the consumer-per-wait reactor's)."""
+    from confluent_kafka.admin import AdminClient
+    admin = AdminClient({"bootstrap.servers": servers()})
+    try:
+        groups = [g.group_id for g in admin.list_consumer_groups().result(30).valid
+                  if rid in g.group_id]
+        if groups:
+            for fut in admin.delete_consumer_groups(groups, request_timeout=30).values():
+                try:
+                    fut.result(60)
+                except Exception:
+                    pass
+    except Exception as exc:
+        _say(f"note: could not delete the run's consumer groups: {exc}")
+
+
+def _flush_redis(base: str) -> None:
+    """Empty the Redis databases the run used (6 and 7: its broker queues and results)."""
+    import redis
+    for db in (6, 7):
+        try:
+            redis.Redis.from_url(f"{base}/{db}").flushdb()
+        except Exception as exc:
+            _say(f"note: could not flush redis db {db}: {exc}")
