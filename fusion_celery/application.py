@@ -40,10 +40,11 @@ def install(app: Celery) -> Celery:
     app.add_defaults(lambda: {**_CELERY_DEFAULTS, **defaults()})
     from .dispatch import register_dispatch
     from .pipeline import register_pipeline
-    from .worker import FusionStep
+    from .worker import FusionStep, RestorePrefetched
     register_dispatch(app)
     register_pipeline(app)
     app.steps["worker"].add(FusionStep)
+    app.steps["consumer"].add(RestorePrefetched)
 
     @import_modules.connect(weak=False)
     def _import_reactors(sender: Any = None, **_: Any) -> None:

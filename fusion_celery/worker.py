@@ -23,7 +23,7 @@ from .reaper import Reaper
 from .runtime import close_registry, reactors
 from .waiter import Waiter
 
-__all__ = ["FusionStep", "check_backend", "import_reactor_modules"]
+__all__ = ["FusionStep", "RestorePrefetched", "check_backend", "import_reactor_modules"]
 
 logger = logging.getLogger("fusion_celery")
 
@@ -105,6 +105,48 @@ class FusionStep(bootsteps.StartStopStep):
         self.stop(worker)
 
 
+
+
+class RestorePrefetched(bootsteps.StartStopStep):
+    """Consumer step: tasks this worker had prefetched when its broker connection broke go back to their queue.
+
+    Celery forgets prefetched (reserved, not started) tasks when the connection to
+    the broker breaks.  kombu's Redis transport moves them back to their queue as the
+    channel closes, but that fails while Redis is away, and they then wait in the
+    broker's ``unacked`` hash for the visibility timeout (an hour by default).  This
+    step keeps their delivery tags as the connection goes and restores them as soon
+    as it is back.  Restoring a tag twice is harmless (the message is gone from
+    ``unacked`` after the first).
+    """
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+    label = "fusion-restore"
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self.pending: list[Any] = []
+
+    @staticmethod
+    def _qos(c: Any) -> Any:
+        return getattr(getattr(getattr(c, "task_consumer", None), "channel", None), "qos", None)
+
+    def stop(self, c: Any) -> None:
+        # What the closing channel could not restore is still in its QoS's delivered map.
+        self.pending = list(getattr(self._qos(c), "_delivered", None) or ())
+
+    def start(self, c: Any) -> None:
+        tags, self.pending = self.pending, []
+        qos = self._qos(c)
+        if not tags or not hasattr(qos, "restore_by_tag"):
+            return
+        restored = 0
+        for tag in tags:
+            try:
+                qos.restore_by_tag(tag)
+                restored += 1
+            except Exception as exc:  # the visibility timeout will bring it back
+                logger.warning("cannot restore prefetched task %s: %s", tag, exc)
+        logger.info("restored %d task(s) prefetched before the broker connection was lost", restored)
 
 
 @worker_process_shutdown.connect

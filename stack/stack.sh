@@ -220,6 +220,29 @@ launch() {
   return 1
 }
 
+# True when PORT can be bound for listening right now. A port in the ephemeral range (32768-60999)
+# can be taken for a moment by a client socket, e.g. a client reconnecting to this very port while
+# the service is down connects to itself (TCP simultaneous open); such a socket goes away again.
+port_bindable() {
+  "$PYTHON" - "$HOST" "$1" 2>/dev/null <<'PY'
+import socket, sys
+s = socket.socket()  # no SO_REUSEADDR: like Kafka's acceptor, a TIME-WAIT socket on the port blocks it too
+s.bind((sys.argv[1], int(sys.argv[2])))
+PY
+}
+
+# Wait (up to 90 s: TIME-WAIT lasts 60 s) until every port of SERVICE can be bound.
+wait_ports_bindable() {
+  local svc="$1" port i
+  for port in $(port_of "$svc") $([[ "$svc" == kafka ]] && echo "$KAFKA_CONTROLLER_PORT $KAFKA_SASL_PORT"); do
+    for ((i = 0; i < 180; i++)); do
+      port_bindable "$port" && break
+      ((i == 0)) && say "$svc: port $port is held by a client socket for now; waiting"
+      sleep 0.5
+    done
+  done
+}
+
 # Refuse to start if somebody else already listens on our port.
 check_port_free() {
   local svc="$1" port
@@ -427,6 +450,7 @@ take_lock() {
 start_services() {
   local svc pid t_all t0 failed=0
   local -a started=() t_start=()
+  local -A log_lines=()
   t_all="$(now)"
   # Fetch jars first (sequential Maven runs; no-op when cached).
   for svc in "$@"; do
@@ -444,14 +468,29 @@ start_services() {
     fi
     rm -f "$(pidfile "$svc")"
     check_port_free "$svc" || { failed=1; continue; }
+    wait_ports_bindable "$svc"
     t0="$(now)"
+    log_lines["$svc"]="$(wc -l <"$(logfile "$svc")" 2>/dev/null || echo 0)"
     "start_$svc" || { err "$svc failed to start"; failed=1; continue; }
     say "$svc started (pid $(head -n1 "$(pidfile "$svc")")), waiting until ready ..."
     started+=("$svc"); t_start+=("$t0")
   done
-  local i
+  local i try svc_i
   for i in "${!started[@]}"; do
-    wait_ready "${started[$i]}" "${t_start[$i]}" || failed=1
+    svc_i="${started[$i]}"
+    for ((try = 1; ; try++)); do
+      wait_ready "$svc_i" "${t_start[$i]}" && break
+      # Lost the race for a port to a passing client socket (see port_bindable): start it again.
+      if ((try < 5)) && tail -n +"$((${log_lines[$svc_i]:-0} + 1))" "$(logfile "$svc_i")" 2>/dev/null \
+           | grep -q "Address already in use"; then
+        say "$svc_i could not bind its port (taken by a client socket for a moment); starting it again"
+        log_lines["$svc_i"]="$(wc -l <"$(logfile "$svc_i")")"
+        wait_ports_bindable "$svc_i"
+        "start_$svc_i" && continue
+      fi
+      failed=1
+      break
+    done
   done
   write_env
   if ((failed)); then
