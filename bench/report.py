@@ -83,7 +83,7 @@ def tables(result: dict[str, Any]) -> str:
             for r in w.get(design, []):
                 if r.get("survived") is False:
                     rows.append([design, r["pending"], _fmt(r.get("total_mib")), "-", "-", "-", "-", "-",
-                                 f"did not survive ({r.get('parked')} parked)"])
+                                 f"not reached in time ({r.get('parked')} parked{'' if r.get('alive', True) else '; process died'})"])
                     continue
                 per = r.get("per_wait_kib", "-")
                 if r.get("per_wait_main_kib") is not None:

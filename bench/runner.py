@@ -39,17 +39,18 @@ class Profile:
 
     name: str = "full"
     rounds: int = 3                 # interleaved repetitions of the latency scenarios
-    samples: int = 15               # timed calls per scenario per round
+    samples: int = 12               # timed calls per scenario per round
     warmup: int = 5                 # untimed calls per scenario before the first round
     scenario_budget_s: float = 15.0  # per scenario per round; slower ones take fewer samples (at least 3)
     levels: tuple[int, ...] = (1, 10, 100, 1000)
-    window_s: float = 10.0
+    window_s: float = 8.0
     warmup_completions_max: int = 50
     waiting_levels: tuple[int, ...] = (100, 1000, 5000)
     cpu_window_s: float = 5.0
     waiting_warmup: int = 400       # calls a fresh worker serves before its baseline is measured
-    park_timeout_s: float = 240.0   # to park one level's waits
-    clj_park_timeout_s: float = 120.0
+    park_timeout_s: float = 300.0   # to park one level's waits
+    clj_park_timeout_s: float = 150.0
+    waiting_concurrency: int = 4    # pool of the worker that parks the waits (parking is bound by topic creation)
     pool: str = "prefork"
     concurrency: int = 2
     sections: tuple[str, ...] = ("latency", "throughput", "waiting")
@@ -89,11 +90,11 @@ def start_services(ctx: Ctx) -> Proc:
     return p
 
 
-def start_fusion_worker(ctx: Ctx, app: Any, tag: str = "fusion") -> Proc:
+def start_fusion_worker(ctx: Ctx, app: Any, tag: str = "fusion", concurrency: int | None = None) -> Proc:
     name = f"bench-{tag}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
     prof = ctx.profile
     p = Proc(tag, [os.sys.executable, "-m", "celery", "-A", "fusion_celery", "worker", "-n", name, "-P", prof.pool,
-                   "-c", str(prof.concurrency), "-l", "warning", "--without-mingle", "--without-gossip"],
+                   "-c", str(concurrency or prof.concurrency), "-l", "warning", "--without-mingle", "--without-gossip"],
              ctx.env, ctx.logdir)
     p.worker_name = name  # type: ignore[attr-defined]
     p.start()
@@ -368,7 +369,7 @@ def section_waiting(ctx: Ctx, app: Any, topics: Any, churn: Any) -> dict[str, An
 
     # fusion-celery: a fresh worker, so its memory is not what earlier sections left behind.
     stop(ctx, "fusion")
-    worker = start_fusion_worker(ctx, app, "fusion")
+    worker = start_fusion_worker(ctx, app, "fusion", concurrency=prof.waiting_concurrency)
     hold = Pipeline(svc("hold"), app=app)
     echo = Pipeline(svc("echo"), app=app)
     # Warm up past the pool children's working-set plateau (they grow ~100 MiB over their first few hundred
@@ -407,11 +408,14 @@ def section_waiting(ctx: Ctx, app: Any, topics: Any, churn: Any) -> dict[str, An
         _say(f"  {m['total_mib']:.0f} MiB ({row['per_wait_kib']} KiB per wait), cpu {m['cpu_pct']}%, "
              f"broker cpu {m.get('broker_cpu_pct')}%")
     t0 = time.monotonic()
-    _release(ctx)
     total = len(results)
+
+    def all_done() -> bool:
+        _release(ctx)  # again and again: requests still on their way when a level timed out are held later
+        return all(r.ready() for r in results)
+
     try:
-        wait_until(lambda: all(r.ready() for r in results), max(120.0, total * 0.2), "every held pipeline to finish",
-                   0.5)
+        wait_until(all_done, max(120.0, total * 0.1), "every held pipeline to finish", 1.0)
         bad = sum(1 for r in results if r.failed())
         secs = time.monotonic() - t0
         out["fusion_release"] = {"waits": total, "seconds": round(secs, 1), "per_s": round(total / max(1e-9, secs), 1),
@@ -461,10 +465,11 @@ def section_waiting(ctx: Ctx, app: Any, topics: Any, churn: Any) -> dict[str, An
             wait_until(parked, prof.clj_park_timeout_s, f"{n} consumer-per-wait waits", 0.25)
         except (TimeoutError, RuntimeError) as exc:
             st = read_status(clj.status_path)
-            out["notes"].append(f"consumer-per-wait did not survive {n} waits: {st.get('waiting')} parked within "
+            out["notes"].append(f"consumer-per-wait did not reach {n} waits: {st.get('waiting')} parked within "
                                 f"{prof.clj_park_timeout_s:.0f}s ({str(exc)[:300]}); last error: "
                                 f"{st.get('last_error')}")
             out["consumer-per-wait"].append({"pending": n, "survived": False, "parked": st.get("waiting"),
+                                             "alive": clj.alive(),
                                              **clj.usage().memory()})
             break
         park_s = time.monotonic() - t0
@@ -480,9 +485,13 @@ def section_waiting(ctx: Ctx, app: Any, topics: Any, churn: Any) -> dict[str, An
         _say(f"  {m['total_mib']:.0f} MiB ({row['per_wait_kib']} KiB per wait), {m['threads']} threads, "
              f"cpu {m['cpu_pct']}%, broker cpu {m.get('broker_cpu_pct')}%")
     t0 = time.monotonic()
-    _release(ctx)
+
+    def all_replied() -> bool:
+        _release(ctx)
+        return corr.outstanding() == 0
+
     try:
-        wait_until(lambda: corr.outstanding() == 0, max(120.0, sent * 0.1), "every consumer-per-wait reply", 0.5)
+        wait_until(all_replied, max(120.0, sent * 0.1), "every consumer-per-wait reply", 1.0)
         out["clj_release"] = {"waits": sent, "seconds": round(time.monotonic() - t0, 1),
                               "memory_after": {k: round(v, 1) for k, v in clj.usage().memory().items()}}
     except TimeoutError as exc:
