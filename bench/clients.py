@@ -54,8 +54,8 @@ class EphemeralCaller:
         self.admin = AdminClient({"bootstrap.servers": servers})
         self.producer = Producer({"bootstrap.servers": servers, "linger.ms": 0, "client.id": f"{tag}-caller"})
         self.consumer = Consumer({"bootstrap.servers": servers, "group.id": "bench.callers",
-                                  "enable.auto.commit": False, "fetch.wait.max.ms": 100, "auto.offset.reset": "earliest",
-                                  "client.id": f"{tag}-caller"})
+                                  "enable.auto.commit": False, "fetch.wait.max.ms": 100,
+                                  "auto.offset.reset": "earliest", "client.id": f"{tag}-caller"})
         self._deletes: list[Any] = []
 
     def call(self, topic: str, data: Any, timeout: float = 60.0) -> tuple[Any, dict[str, float]]:
@@ -122,8 +122,8 @@ class CorrelationCaller:
                 raise
         self.producer = Producer({"bootstrap.servers": servers, "linger.ms": 0, "client.id": f"{tag}-corr"})
         self.consumer = Consumer({"bootstrap.servers": servers, "group.id": "bench.callers",
-                                  "enable.auto.commit": False, "fetch.wait.max.ms": 100, "auto.offset.reset": "earliest",
-                                  "client.id": f"{tag}-corr"})
+                                  "enable.auto.commit": False, "fetch.wait.max.ms": 100,
+                                  "auto.offset.reset": "earliest", "client.id": f"{tag}-corr"})
         warm_metadata(self.consumer, reply_topic)
         _, high = self.consumer.get_watermark_offsets(TopicPartition(reply_topic, 0), timeout=10)
         self.consumer.assign([TopicPartition(reply_topic, 0, high)])

@@ -82,8 +82,9 @@ def tables(result: dict[str, Any]) -> str:
         for design in ("fusion-celery", "consumer-per-wait"):
             for r in w.get(design, []):
                 if r.get("survived") is False:
+                    died = "" if r.get("alive", True) else "; process died"
                     rows.append([design, r["pending"], _fmt(r.get("total_mib")), "-", "-", "-", "-", "-",
-                                 f"not reached in time ({r.get('parked')} parked{'' if r.get('alive', True) else '; process died'})"])
+                                 f"not reached in time ({r.get('parked')} parked{died})"])
                     continue
                 per = r.get("per_wait_kib", "-")
                 if r.get("per_wait_main_kib") is not None:

@@ -391,8 +391,8 @@ def section_waiting(ctx: Ctx, app: Any, topics: Any, churn: Any) -> dict[str, An
         for _ in range(n - len(results)):
             results.append(hold.delay(DATA, timeout=1800))
         try:
-            wait_until(lambda: held() >= n, prof.park_timeout_s, f"{n} requests at the holding service", 0.25)
-            wait_until(lambda: fusion_pending(app, worker) >= n, 60, f"{n} pending waits in the worker", 0.5)
+            wait_until(lambda n=n: held() >= n, prof.park_timeout_s, f"{n} requests at the holding service", 0.25)
+            wait_until(lambda n=n: fusion_pending(app, worker) >= n, 60, f"{n} pending waits in the worker", 0.5)
         except TimeoutError as exc:
             out["notes"].append(f"fusion-celery at {n}: {exc}")
             break
@@ -439,7 +439,6 @@ def section_waiting(ctx: Ctx, app: Any, topics: Any, churn: Any) -> dict[str, An
     churn.paused.clear()
     out["consumer-per-wait"].append({"pending": 0, **cbase, "tcp_connections": clj.usage().connections()})
     sent = 0
-    released_before = int(read_status(services.status_path).get("released", 0))
     window = churn.open("waiting consumer-per-wait")
     per_conn = None
     for n in prof.waiting_levels:
@@ -457,7 +456,7 @@ def section_waiting(ctx: Ctx, app: Any, topics: Any, churn: Any) -> dict[str, An
             corr.submit(clj_topic("hold"), DATA)
         sent = n
 
-        def parked() -> bool:
+        def parked(n: int = n) -> bool:
             clj.check()
             return int(read_status(clj.status_path).get("waiting", 0)) >= n
 

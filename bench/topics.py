@@ -42,7 +42,7 @@ class Topics:
         new = [NewTopic(n, partitions, 1) for n in names]
         if not new:
             return
-        for name, fut in self.admin.create_topics(new, operation_timeout=60).items():
+        for _name, fut in self.admin.create_topics(new, operation_timeout=60).items():
             try:
                 fut.result(90)
             except KafkaException as exc:
