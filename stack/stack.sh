@@ -20,6 +20,9 @@
 #   FUSION_REDIS_PORT [6379]  FUSION_ZOOKEEPER_PORT [2181]
 #   FUSION_STACK_CACHE [~/.cache/fusion-celery]  FUSION_STACK_TIMEOUT [90] (seconds per service)
 #   FUSION_REDIS_PERSIST [0]  1 = appendonly yes (redis data survives stop/start)
+#   Prefer ports below 32768: in the kernel's ephemeral range (32768-60999 by default) a client that
+#   keeps reconnecting to a stopped service's port can connect to itself and hold the port for a
+#   while (start then waits for it); `sysctl net.ipv4.ip_local_reserved_ports=...` prevents that.
 #   FUSION_KAFKA_HEAP ["-Xms256m -Xmx512m"]
 set -euo pipefail
 
