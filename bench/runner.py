@@ -343,13 +343,19 @@ def section_throughput(ctx: Ctx, topics: Any, churn: Any) -> dict[str, Any]:
 
 
 # -- section 3: the cost of waiting -----------------------------------------------------------------------
+_releaser: Any = None
+
+
 def _release(ctx: Ctx) -> None:
+    """Tell the holding service to answer every request it holds (one producer for the whole run)."""
+    global _releaser
     from confluent_kafka import Producer
 
     from .service import control_topic
-    p = Producer({"bootstrap.servers": servers()})
-    p.produce(control_topic(ctx.run), b"release")
-    p.flush(30)
+    if _releaser is None:
+        _releaser = Producer({"bootstrap.servers": servers(), "linger.ms": 0})
+    _releaser.produce(control_topic(ctx.run), b"release")
+    _releaser.flush(5)
 
 
 def section_waiting(ctx: Ctx, app: Any, topics: Any, churn: Any) -> dict[str, Any]:
@@ -463,6 +469,14 @@ def section_waiting(ctx: Ctx, app: Any, topics: Any, churn: Any) -> dict[str, An
         try:
             wait_until(parked, prof.clj_park_timeout_s, f"{n} consumer-per-wait waits", 0.25)
         except (TimeoutError, RuntimeError) as exc:
+            if clj.alive():  # stalled, not dead: stop it before it takes the machine down with it
+                clj.proc.kill()
+                clj.proc.wait(30)
+            from .topics import owner_of
+            leaked = {t for t in topics.return_topics() - ctx.before if owner_of(t) == "clj"}
+            out["notes"].append(f"consumer-per-wait: stopped; it left {len(leaked)} return topics, which the "
+                                f"harness deleted (a consumer-per-wait process that dies leaks its topics)")
+            topics.delete(leaked)
             st = read_status(clj.status_path)
             out["notes"].append(f"consumer-per-wait did not reach {n} waits: {st.get('waiting')} parked within "
                                 f"{prof.clj_park_timeout_s:.0f}s ({str(exc)[:300]}); last error: "
@@ -487,7 +501,7 @@ def section_waiting(ctx: Ctx, app: Any, topics: Any, churn: Any) -> dict[str, An
 
     def all_replied() -> bool:
         _release(ctx)
-        return corr.outstanding() == 0
+        return corr.outstanding() == 0 or not clj.alive()  # a dead process answers no more
 
     try:
         wait_until(all_replied, max(120.0, sent * 0.1), "every consumer-per-wait reply", 1.0)
@@ -500,7 +514,7 @@ def section_waiting(ctx: Ctx, app: Any, topics: Any, churn: Any) -> dict[str, An
 
     def settled() -> bool:
         st = read_status(clj.status_path)
-        return st.get("waiting") == 0 and st.get("topics_deleted") == st.get("topics_created")
+        return not clj.alive() or (st.get("waiting") == 0 and st.get("topics_deleted") == st.get("topics_created"))
 
     try:  # its threads close their consumers, then delete their topics
         wait_until(settled, max(60.0, sent * 0.1), "the consumer-per-wait reactor to delete its topics", 0.5)

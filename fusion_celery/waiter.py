@@ -63,6 +63,7 @@ class Waiter(threading.Thread):
         self._retry: dict[str, tuple[float, int, Any, BaseException | None]] = {}
         self._done: dict[str, dict[str, bool]] = {}  # completion steps done, for a retried completion
         self._new: list[str] = []  # added since the last _assign_new()
+        self._unassign_due: dict[str, list[TopicPartition]] = {"replies": [], "settled": []}
         self._fresh: dict[str, float] = {}  # wait id -> when it was assigned (insertion order = age order)
         self._settled: set[str] = set()
         self._to_delete: list[str] = []
@@ -109,6 +110,7 @@ class Waiter(threading.Thread):
     def _settle(self) -> None:
         """Move the waits older than FRESH_SECONDS from the fresh consumer to the settled one."""
         horizon = time.monotonic() - FRESH_SECONDS
+        moved: list[TopicPartition] = []
         while self._fresh:
             wait_id, since = next(iter(self._fresh.items()))
             if since > horizon:
@@ -117,19 +119,39 @@ class Waiter(threading.Thread):
             wait = self.waits.get(wait_id)
             if wait is None:
                 continue
-            self._unassign(self.replies, wait.return_topic)
+            self._unassign("replies", wait.return_topic)
             # From the beginning again: a reply that came meanwhile is read by the settled consumer.
             if wait.created >= now_ms() - YOUNG_MS:
                 self._learn_topic(self.settled, wait.return_topic)
-            self.settled.incremental_assign([TopicPartition(wait.return_topic, 0, 0)])
+            moved.append(TopicPartition(wait.return_topic, 0, 0))
             self._settled.add(wait_id)
+        if moved:
+            self.settled.incremental_assign(moved)
 
-    @staticmethod
-    def _unassign(consumer: Any, topic: str) -> None:
-        try:
-            consumer.incremental_unassign([TopicPartition(topic, 0)])
-        except Exception as exc:  # not assigned (any more)
-            logger.debug("waiter: unassign %s: %s", topic, exc)
+    def _unassign(self, which: str, topic: str) -> None:
+        """Queue ``topic`` for unassignment from consumer ``which`` (see :meth:`_flush_unassign`)."""
+        self._unassign_due[which].append(TopicPartition(topic, 0))
+
+    def _flush_unassign(self) -> None:
+        """Unassign the queued partitions, one call per consumer.
+
+        librdkafka's incremental_unassign costs time in proportion to the whole
+        assignment, so one call per finished wait made draining thousands of waits
+        take minutes.
+        """
+        for which, parts in self._unassign_due.items():
+            if not parts:
+                continue
+            self._unassign_due[which] = []
+            consumer = getattr(self, which)
+            try:
+                consumer.incremental_unassign(parts)
+            except Exception:  # one of them not assigned (any more): do them one by one
+                for tp in parts:
+                    try:
+                        consumer.incremental_unassign([tp])
+                    except Exception as exc:
+                        logger.debug("waiter: unassign %s: %s", tp.topic, exc)
 
     @staticmethod
     def _learn_topic(consumer: Any, topic: str) -> None:
@@ -153,9 +175,9 @@ class Waiter(threading.Thread):
         self._done.pop(wait_id, None)
         if wait_id in self._settled:
             self._settled.discard(wait_id)
-            self._unassign(self.settled, wait.return_topic)
+            self._unassign("settled", wait.return_topic)
         elif self._fresh.pop(wait_id, None) is not None:
-            self._unassign(self.replies, wait.return_topic)
+            self._unassign("replies", wait.return_topic)
         return wait
 
     def _apply(self, change: Change) -> None:
@@ -252,6 +274,7 @@ class Waiter(threading.Thread):
             while not self.stop_event.is_set():
                 for change in watcher.poll(0 if self.waits else 0.1):
                     self._apply(change)
+                self._flush_unassign()  # before a wait dropped and added again is assigned again
                 self._assign_new()
                 if self.waits:
                     msgs = consume_ready(self.replies, 500, 0.01) if self._fresh else []
@@ -266,6 +289,7 @@ class Waiter(threading.Thread):
                 self._settle()
                 self._expire()
                 self._retry_due()
+                self._flush_unassign()
                 self._delete_topics()
                 clients(self.app).producer.poll(0)
         except Exception:
