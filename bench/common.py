@@ -17,6 +17,8 @@ from typing import Any
 
 __all__ = [
     "DATA",
+    "POOL_PREFIX",
+    "POOL_SIZE",
     "RETURN_PREFIX",
     "SERVICE_NAMES",
     "SHAPES",
@@ -39,6 +41,13 @@ def run_id() -> str:
     return os.environ.get("BENCH_RUN", "local")
 RETURN_PREFIX = "fusion.rt."
 
+#: The return-topic prefix of the fusion-celery worker with a return-topic pool (variant ``pool``), so that the
+#: topics its pool holds ready can be told apart while it runs (they must be gone once it stopped).
+POOL_PREFIX = "fusion.rt.pool."
+
+#: ``fusion_return_topic_pool`` of that worker.
+POOL_SIZE = 16
+
 #: The four DAG shapes measured, each as (name, deps names in fusion-clj's order).
 SHAPES = ("nodeps", "onedep", "math", "diamond")
 
@@ -59,9 +68,14 @@ def svc(name: str, run: str | None = None) -> str:
     return f"bench.{run or run_id()}.svc.{name}"
 
 
-def reactor_topic(shape: str, run: str | None = None) -> str:
-    """The topic of the fusion-celery reactor of ``shape``."""
-    return f"bench.{run or run_id()}.r.{shape}"
+def reactor_topic(shape: str, run: str | None = None, variant: str | None = None) -> str:
+    """The topic of the fusion-celery reactor of ``shape``.
+
+    ``variant`` (default: ``BENCH_VARIANT`` of this process) names a second fusion-celery worker with
+    other settings, e.g. ``pool`` (``fusion_return_topic_pool``), serving its own reactor topics.
+    """
+    variant = os.environ.get("BENCH_VARIANT", "") if variant is None else variant
+    return f"bench.{run or run_id()}.r{variant}.{shape}"
 
 
 def clj_topic(shape: str, run: str | None = None) -> str:

@@ -65,7 +65,8 @@ def tables(result: dict[str, Any]) -> str:
                 rows.append([r["design"], r["in_flight"], "-", "-", "-", "-", r["skipped"]])
                 continue
             churn = r.get("churn", {}).get("by_owner", {})
-            own = churn.get("fusion" if r["design"] == "fusion-celery" else "clj", {})
+            owner = {"fusion-celery": "fusion", "fusion-celery + pool": "fusion-pool"}.get(r["design"], "clj")
+            own = churn.get(owner, {})
             note = r.get("note", "")
             if not r.get("drained", True):
                 note = f"{note} {r.get('lost')} lost in drain".strip()
@@ -125,6 +126,10 @@ def tables(result: dict[str, Any]) -> str:
         out.append("\n### Return topics left after each section\n")
         out.append(_table(["section", "left", "seconds to zero"],
                           [[x["section"], x["left"], x.get("seconds_to_zero", "-")] for x in left]))
+        held = [x.get("held_by_pool") for x in left if x.get("held_by_pool") is not None]
+        if held:
+            out.append(f"\nReady topics the pooled worker's pool held at those checks (not leftovers while it runs; "
+                       f"the end-of-run check, after it stopped, counts them): {held}")
     return "\n".join(out)
 
 

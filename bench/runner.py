@@ -26,7 +26,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .common import DATA, SERVICE_NAMES, SHAPES, clj_topic, expected_result, reactor_topic, servers, svc
+from .common import (
+    DATA,
+    POOL_PREFIX,
+    POOL_SIZE,
+    SERVICE_NAMES,
+    SHAPES,
+    clj_topic,
+    expected_result,
+    reactor_topic,
+    servers,
+    svc,
+)
 from .procs import ROOT, Proc, Usage, stack_pid, wait_until
 from .stats import summary
 
@@ -90,18 +101,34 @@ def start_services(ctx: Ctx) -> Proc:
     return p
 
 
-def start_fusion_worker(ctx: Ctx, app: Any, tag: str = "fusion", concurrency: int | None = None) -> Proc:
+def start_fusion_worker(ctx: Ctx, app: Any, tag: str = "fusion", concurrency: int | None = None,
+                        env: dict[str, str] | None = None) -> Proc:
+    """Start a fusion-celery worker serving ``bench.apps``; wait until it answers remote control.
+
+    With ``env`` (another variant on its own Redis databases, which the bench's own app cannot reach),
+    wait instead until its ``nodeps`` reactor answers a call over Kafka.
+    """
     name = f"bench-{tag}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
     prof = ctx.profile
     p = Proc(tag, [os.sys.executable, "-m", "celery", "-A", "fusion_celery", "worker", "-n", name, "-P", prof.pool,
                    "-c", str(concurrency or prof.concurrency), "-l", "warning", "--without-mingle", "--without-gossip"],
-             ctx.env, ctx.logdir)
+             env or ctx.env, ctx.logdir)
     p.worker_name = name  # type: ignore[attr-defined]
     p.start()
 
     def ready() -> bool:
         p.check()
-        return bool(_fusion_status(app, name, 1.0).get("running"))
+        if env is None:
+            return bool(_fusion_status(app, name, 1.0).get("running"))
+        from .clients import EphemeralCaller
+        caller = EphemeralCaller(servers(), tag="bench")
+        try:
+            caller.call(reactor_topic("nodeps", variant=env["BENCH_VARIANT"]), DATA, timeout=5)
+            return True
+        except Exception:
+            return False
+        finally:
+            caller.close()
 
     wait_until(ready, 90, f"fusion worker {name} to serve", interval=0.5)
     ctx.procs[tag] = p
@@ -153,7 +180,8 @@ def stop(ctx: Ctx, name: str) -> None:
 
 # -- measuring helpers --------------------------------------------------------------------------------
 def leftovers(ctx: Ctx, topics: Any, section: str, timeout: float = 60.0) -> dict[str, Any]:
-    found = {"section": section, **topics.wait_no_return_topics(timeout, ignore=ctx.before)}
+    # The pooled worker's ready topics are not leftovers while it runs (they must be gone once it stopped).
+    found = {"section": section, **topics.wait_no_return_topics(timeout, ignore=ctx.before, ignore_prefix=POOL_PREFIX)}
     ctx.leftovers.append(found)
     _say(f"return topics left after {section}: {found['left']}"
          + (f" (zero after {found['seconds_to_zero']}s)" if found["left"] == 0 else ""))
@@ -265,6 +293,10 @@ def section_latency(ctx: Ctx, app: Any, plain_app: Any) -> dict[str, Any]:
              eph(caller, clj_topic(shape)), exp),
             (f"celery.{shape}", "baseline", shape, "plain Celery chord, no Kafka", plain(shape), None),
         ]
+        if shape != "nodeps" and "fusion-pool" in ctx.procs:  # nodeps creates no return topic
+            scenarios.append((f"fusion-pool.kafka.{shape}", "fusion-celery + pool", shape,
+                              f"over Kafka, return-topic pool of {POOL_SIZE}",
+                              eph(caller, reactor_topic(shape, variant="pool")), exp))
 
     samples: dict[str, list[float]] = {s[0]: [] for s in scenarios}
     round_p50: dict[str, list[float]] = {s[0]: [] for s in scenarios}
@@ -315,7 +347,11 @@ def section_throughput(ctx: Ctx, topics: Any, churn: Any) -> dict[str, Any]:
     prof = ctx.profile
     corr = CorrelationCaller(servers(), f"bench.{ctx.run}.replies.load")
     rows = []
-    for design, topic in (("fusion-celery", reactor_topic("onedep")), ("consumer-per-wait", clj_topic("onedep"))):
+    designs = [("fusion-celery", reactor_topic("onedep"))]
+    if "fusion-pool" in ctx.procs:
+        designs.append(("fusion-celery + pool", reactor_topic("onedep", variant="pool")))
+    designs.append(("consumer-per-wait", clj_topic("onedep")))
+    for design, topic in designs:
         survived = True
         for k in prof.levels:
             if not survived:
@@ -534,15 +570,20 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         ratio = lat["fusion.kafka.onedep"]["p50_ms"] / lat["floor.ephemeral"]["p50_ms"]
         out.append({"target": "one-dep round trip p50 within 2x the raw ephemeral-topic floor",
                     "value": f"{ratio:.2f}x", "ratio": round(ratio, 2), "met": ratio <= 2.0})
+    if lat.get("fusion-pool.kafka.onedep", {}).get("p50_ms") and lat.get("floor.ephemeral", {}).get("p50_ms"):
+        ratio = lat["fusion-pool.kafka.onedep"]["p50_ms"] / lat["floor.ephemeral"]["p50_ms"]
+        out.append({"target": f"the same, with a return-topic pool of {POOL_SIZE}",
+                    "value": f"{ratio:.2f}x", "ratio": round(ratio, 2), "met": ratio <= 2.0})
     tp = {(r["design"], r["in_flight"]): r for r in result.get("throughput", {}).get("rows", [])}
-    f, c = tp.get(("fusion-celery", 100), {}), tp.get(("consumer-per-wait", 100), {})
-    if f.get("rps") and c.get("rps"):
-        ratio = f["rps"] / c["rps"]
-        out.append({"target": "at 100 in flight, >= 5x the throughput of consumer-per-wait",
-                    "value": f"{ratio:.1f}x", "ratio": round(ratio, 2), "met": ratio >= 5.0})
-    elif f.get("rps") and c:
-        out.append({"target": "at 100 in flight, >= 5x the throughput of consumer-per-wait",
-                    "value": "consumer-per-wait did not survive 100 in flight", "met": True})
+    c = tp.get(("consumer-per-wait", 100), {})
+    for design, label in (("fusion-celery", "at 100 in flight, >= 5x the throughput of consumer-per-wait"),
+                          ("fusion-celery + pool", f"the same, with a return-topic pool of {POOL_SIZE}")):
+        f = tp.get((design, 100), {})
+        if f.get("rps") and c.get("rps"):
+            ratio = f["rps"] / c["rps"]
+            out.append({"target": label, "value": f"{ratio:.1f}x", "ratio": round(ratio, 2), "met": ratio >= 5.0})
+        elif f.get("rps") and c:
+            out.append({"target": label, "value": "consumer-per-wait did not survive 100 in flight", "met": True})
     w = result.get("waiting", {})
     fus = {r["pending"]: r for r in w.get("fusion-celery", []) if r.get("pending")}
     clj = {r["pending"]: r for r in w.get("consumer-per-wait", []) if r.get("pending") and r.get("survived")}
@@ -600,7 +641,7 @@ def run(profile: Profile, out_dir: Path) -> dict[str, Any]:
         result["return_topics_before"] = len(before)
         _say(f"note: {len(before)} return topics existed before this run (not ours; not counted as leftovers)")
     ours = [svc(n) for n in SERVICE_NAMES] + [f"bench.{rid}.ctl"]
-    reactors = [reactor_topic(s) for s in SHAPES]
+    reactors = [reactor_topic(s, variant=v) for v in ("", "pool") for s in SHAPES]
     cljs = [clj_topic(s) for s in [*SHAPES, "hold"]]
     topics.create(ours, 1)
     topics.create(reactors + [f"{t}.dlq" for t in reactors], 3)
@@ -610,6 +651,7 @@ def run(profile: Profile, out_dir: Path) -> dict[str, Any]:
     try:
         start_services(ctx)
         start_fusion_worker(ctx, app)
+        start_fusion_worker(ctx, app, tag="fusion-pool", env=pool_env(env, base, rid))
         start_plain_worker(ctx, plain_app)
         start_clj(ctx, threads=max([*profile.levels, *profile.waiting_levels]) + 10)
         churn.start()
@@ -647,7 +689,8 @@ def run(profile: Profile, out_dir: Path) -> dict[str, Any]:
                                   "examples": sorted(final_ours)[:5]})
             if final_ours:
                 topics.delete(final_ours)
-            topics.delete(topics.names(f"bench.{rid}.") | {f"fusion.waits.bench-{rid}"})
+            registries = {f"fusion.waits.bench-{rid}", f"fusion.waits.bench-{rid}-pool"}
+            topics.delete(topics.names(f"bench.{rid}.") | registries)
         except Exception as exc:
             _say(f"note: deleting the run's topics: {exc}")
         _delete_groups(rid)
@@ -660,6 +703,16 @@ def run(profile: Profile, out_dir: Path) -> dict[str, Any]:
     result["duration_s"] = round(time.time() - started, 1)
     result["targets"] = targets(result)
     return result
+
+
+def pool_env(env: dict[str, str], base: str, rid: str) -> dict[str, str]:
+    """The environment of the second fusion-celery worker: a return-topic pool, its own reactor topics,
+    Redis databases and registry, and its own return-topic prefix (its callers' topics allowed too)."""
+    import json
+    return {**env, "BENCH_VARIANT": "pool", "CELERY_BROKER_URL": f"{base}/8", "CELERY_RESULT_BACKEND": f"{base}/9",
+            "FUSION_REGISTRY_URL": f"kafka://fusion.waits.bench-{rid}-pool",
+            "FUSION_RETURN_TOPIC_POOL": str(POOL_SIZE), "FUSION_RETURN_TOPIC_PREFIX": POOL_PREFIX,
+            "FUSION_REPLY_ALLOWLIST": json.dumps([r"bench\..*", r"fusion\.rt\..*"])}
 
 
 def _delete_groups(rid: str) -> None:
@@ -680,9 +733,9 @@ def _delete_groups(rid: str) -> None:
 
 
 def _flush_redis(base: str) -> None:
-    """Empty the Redis databases the run used (6 and 7: its broker queues and results)."""
+    """Empty the Redis databases the run used (6 to 9: the broker queues and results of its two fusion workers)."""
     import redis
-    for db in (6, 7):
+    for db in (6, 7, 8, 9):
         try:
             redis.Redis.from_url(f"{base}/{db}").flushdb()
         except Exception as exc:

@@ -11,13 +11,16 @@ from typing import Any
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from .common import RETURN_PREFIX
+from .common import POOL_PREFIX, RETURN_PREFIX
 
 __all__ = ["ChurnSampler", "Topics", "owner_of"]
 
 
 def owner_of(name: str) -> str:
-    """Who made a return topic: ``clj`` (consumer-per-wait design), ``client`` (the bench callers) or ``fusion``."""
+    """Who made a return topic: ``clj`` (consumer-per-wait design), ``client`` (the bench callers), ``fusion`` or
+    ``fusion-pool`` (the worker with a return-topic pool)."""
+    if name.startswith(POOL_PREFIX):
+        return "fusion-pool"
     rest = name[len(RETURN_PREFIX):].split(".", 1)[-1]
     if rest.startswith("clj-"):
         return "clj"
@@ -58,17 +61,26 @@ class Topics:
                 except KafkaException:
                     pass  # already gone
 
-    def wait_no_return_topics(self, timeout: float, ignore: set[str] = frozenset()) -> dict[str, Any]:
-        """Wait until no return topic (but those in ``ignore``) is left; say how many were left and how long it took."""
+    def wait_no_return_topics(self, timeout: float, ignore: set[str] = frozenset(),
+                              ignore_prefix: str | None = None) -> dict[str, Any]:
+        """Wait until no return topic (but those in ``ignore`` or starting with ``ignore_prefix``) is left;
+        say how many were left, how long it took, and how many were ignored by prefix."""
         t0 = time.monotonic()
         left: set[str] = set()
+        held: set[str] = set()
         while True:
             left = self.return_topics() - ignore
+            if ignore_prefix:
+                held = {t for t in left if t.startswith(ignore_prefix)}
+                left -= held
             if not left or time.monotonic() - t0 > timeout:
                 break
             time.sleep(0.25)
-        return {"left": len(left), "seconds_to_zero": None if left else round(time.monotonic() - t0, 2),
-                "examples": sorted(left)[:5]}
+        out = {"left": len(left), "seconds_to_zero": None if left else round(time.monotonic() - t0, 2),
+               "examples": sorted(left)[:5]}
+        if ignore_prefix:
+            out["held_by_pool"] = len(held)
+        return out
 
 
 @dataclass

@@ -12,6 +12,9 @@ from .config import defaults, stack_env
 
 __all__ = ["app", "install", "create_app"]
 
+#: 0, 0.5, 1, ... 3, 3, ... seconds between tries: about 60 s in all.
+_OUTAGE_RETRY: dict[str, Any] = {"max_retries": 24, "interval_start": 0, "interval_step": 0.5, "interval_max": 3}
+
 _CELERY_DEFAULTS: dict[str, Any] = {
     # Flower needs events; fusion turns them on by default.
     "worker_send_task_events": True,
@@ -27,6 +30,11 @@ _CELERY_DEFAULTS: dict[str, Any] = {
     "result_expires": timedelta(days=7),
     "result_chord_expires": timedelta(days=7),
     "broker_connection_retry_on_startup": True,
+    # Ride out a Redis (broker or result backend) outage of about a minute, like Kafka calls do
+    # (fusion_kafka_retry_timeout): a task published or a result stored while Redis restarts
+    # waits for it instead of failing after Celery's default second or twenty.
+    "task_publish_retry_policy": _OUTAGE_RETRY,
+    "result_backend_transport_options": {"retry_policy": _OUTAGE_RETRY},
 }
 
 

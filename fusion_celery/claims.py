@@ -10,8 +10,10 @@ before it replies.  Claims are ``SET NX`` keys in the Redis result backend.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Ignore
@@ -44,23 +46,38 @@ def _key(name: str) -> str:
     return f"fusion-claim-{name}"
 
 
+def _ensure(app: Celery, fun: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fun(*args)`` on the backend's Redis client, retrying while Redis is unreachable with the
+    backend's own ``retry_policy`` (about a minute in the fusion app), as Celery does for results."""
+    client = _client(app)
+    ensure = getattr(app.backend, "ensure", None)
+    if ensure is None:
+        return fun(client, *args)
+    return ensure(fun, (client, *args))
+
+
+def _set_nx(client: Any, key: str, token: str, ttl: int) -> bool:
+    # A retried SET whose first try went through (its reply lost with the connection) finds its own token.
+    return bool(client.set(key, token, nx=True, ex=ttl)) or client.get(key) == token.encode()
+
+
 def claim(app: Celery, name: str, ttl: float) -> bool:
     """Take the marker ``name`` for ``ttl`` seconds; False if somebody holds it already."""
-    return bool(_client(app).set(_key(name), b"1", nx=True, ex=max(1, int(ttl))))
+    return _ensure(app, _set_nx, _key(name), uuid.uuid4().hex, max(1, int(ttl)))
 
 
 def extend(app: Celery, name: str, ttl: float) -> None:
     """Keep a taken marker for ``ttl`` seconds from now."""
-    _client(app).expire(_key(name), max(1, int(ttl)))
+    _ensure(app, lambda c, k, t: c.expire(k, t), _key(name), max(1, int(ttl)))
 
 
 def release(app: Celery, name: str) -> None:
     """Drop the marker (the claimed work failed before it did anything visible)."""
-    _client(app).delete(_key(name))
+    _ensure(app, lambda c, k: c.delete(k), _key(name))
 
 
 def is_claimed(app: Celery, name: str) -> bool:
-    return bool(_client(app).exists(_key(name)))
+    return bool(_ensure(app, lambda c, k: c.exists(k), _key(name)))
 
 
 @contextmanager

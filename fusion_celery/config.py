@@ -87,6 +87,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Partitions of the Kafka registry topic, or buckets of the ZooKeeper registry: the unit in which "
             "waits are divided among workers (the same value in every process).", int),
     Setting("fusion_return_topic_prefix", "fusion.rt.", "Prefix of the ephemeral return topics."),
+    Setting("fusion_return_topic_pool", 0,
+            "Return topics each process creates ahead of time, in one request per batch, so that a dispatch "
+            "does not wait for the Kafka controller (0: create each topic when it is needed). Unused ones are "
+            "deleted when the process stops, and none older than half of the reaper's grace is handed out.", int),
     Setting("fusion_return_topic_retention_ms", 7 * 24 * 3600 * 1000,
             "`retention.ms` of return topics: a safety net should a topic outlive the reaper.", int),
     Setting("fusion_reply_allowlist", [], "Regular expressions of extra topics a reactor may reply to "

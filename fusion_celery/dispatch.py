@@ -9,7 +9,6 @@ completes the task when the reply arrives (see :mod:`fusion_celery.completion`).
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import Any
 
 from celery import Celery, Task
@@ -23,6 +22,7 @@ from .graph import Dep, inject
 from .kafka import clients
 from .protocol import PARENT_HEADER, ROOT_HEADER, check_size, encode_request
 from .registry import Wait, now_ms
+from .returntopics import new_return_topic
 from .runtime import registry
 
 __all__ = ["DispatchTask", "merge_results", "open_wait", "new_return_topic"]
@@ -39,11 +39,6 @@ def merge_results(prior: Any) -> dict[str, Any]:
         for item in prior:
             merged.update(merge_results(item))
     return merged
-
-
-def new_return_topic(app: Celery) -> str:
-    """A fresh return topic name: prefix, creation time in ms (the reaper reads it), random part."""
-    return f"{setting(app, 'fusion_return_topic_prefix')}{now_ms()}.{uuid.uuid4().hex}"
 
 
 def lineage_headers(task: Task) -> list[tuple[str, bytes]]:
@@ -75,9 +70,7 @@ def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | N
     body = encode_request(data, None, id=task.request.id, deadline=wait_deadline)
     check_size(body, int(setting(app, "fusion_max_message_bytes")), f"the request to topic {topic!r}")
 
-    return_topic = new_return_topic(app)
-    c.create_topics([return_topic], partitions=1, visible=True,
-                    config={"retention.ms": str(setting(app, "fusion_return_topic_retention_ms"))})
+    return_topic = c.return_topic()
     wait = Wait(id=task.request.id, return_topic=return_topic, topic=topic, deadline=wait_deadline,
                 request=save_request(task.request), task_name=task.request.shadow or task.name, dep=dep,
                 carry=carry, reactor=reactor, owner=task.request.hostname or "", created=created)

@@ -8,6 +8,7 @@ them gets fresh ones and never touches its parent's.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -21,6 +22,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from .config import setting
 from .errors import ConfigurationError, FusionError
+from .returntopics import ReturnTopicPool, new_return_topic, topic_config
 
 __all__ = ["Clients", "clients", "close_clients", "client_config", "consume_ready"]
 
@@ -129,6 +131,7 @@ class Clients:
         self._producer: Producer | None = None
         self._admin: AdminClient | None = None
         self._known_topics: dict[str, float] = {}
+        self._pool: ReturnTopicPool | None = None
 
     @property
     def retry_timeout(self) -> float:
@@ -303,6 +306,26 @@ class Clients:
                 if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
                     logger.warning("cannot delete topic %s: %s", name, exc.args[0].str())
 
+    @property
+    def pool(self) -> ReturnTopicPool | None:
+        """This process's pool of ready return topics (``fusion_return_topic_pool``; None when 0)."""
+        size = int(setting(self.app, "fusion_return_topic_pool"))
+        if size <= 0:
+            return None
+        with self._lock:
+            if self._pool is None:
+                self._pool = ReturnTopicPool(self.app, self, size)
+            return self._pool
+
+    def return_topic(self) -> str:
+        """A new, existing return topic for one wait: from the pool when it has one ready, else made now."""
+        pool = self.pool
+        name = pool.take() if pool is not None else None
+        if name is None:
+            name = new_return_topic(self.app)
+            self.create_topics([name], partitions=1, config=topic_config(self.app), visible=True)
+        return name
+
     def check_reachable(self, timeout: float) -> None:
         """Raise :class:`ConfigurationError` unless a Kafka broker answers within ``timeout`` seconds."""
         servers = setting(self.app, "fusion_kafka_bootstrap_servers")
@@ -314,7 +337,11 @@ class Clients:
                 f"check fusion_kafka_bootstrap_servers / FUSION_KAFKA_BOOTSTRAP_SERVERS") from None
 
     def close(self) -> None:
-        """Flush the producer and drop the clients."""
+        """Delete the pool's unused return topics, flush the producer and drop the clients."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
         with self._lock:
             producer, self._producer, self._admin = self._producer, None, None
         if producer is not None:
@@ -335,6 +362,9 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+# Flush and drop the clients while the interpreter is whole: a client destroyed during
+# finalization may call its Python callbacks (logger, error_cb) too late and crash the process.
+atexit.register(lambda: close_all_clients())
 
 
 def clients(app: Celery) -> Clients:

@@ -229,12 +229,16 @@ launch() {
 port_bindable() {
   "$PYTHON" - "$HOST" "$1" 2>/dev/null <<'PY'
 import socket, sys
-s = socket.socket()  # no SO_REUSEADDR: like Kafka's acceptor, a TIME-WAIT socket on the port blocks it too
+s = socket.socket()
+# SO_REUSEADDR, as Redis, ZooKeeper and Kafka's NIO acceptor set it: a TIME-WAIT socket left by the
+# stopped server does not block them, but a live socket bound to the port (a client that connected
+# to itself on a port in the ephemeral range) does.
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((sys.argv[1], int(sys.argv[2])))
 PY
 }
 
-# Wait (up to 90 s: TIME-WAIT lasts 60 s) until every port of SERVICE can be bound.
+# Wait (up to 90 s) until every port of SERVICE can be bound.
 wait_ports_bindable() {
   local svc="$1" port i
   for port in $(port_of "$svc") $([[ "$svc" == kafka ]] && echo "$KAFKA_CONTROLLER_PORT $KAFKA_SASL_PORT"); do
