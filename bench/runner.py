@@ -62,6 +62,7 @@ class Profile:
     park_timeout_s: float = 300.0   # to park one level's waits
     clj_park_timeout_s: float = 150.0
     waiting_concurrency: int = 4    # pool of the worker that parks the waits (parking is bound by topic creation)
+    waiting_topic_pool: int = 64    # and its return-topic pool, so that 5,000 waits park within the time budget
     pool: str = "prefork"
     concurrency: int = 2
     sections: tuple[str, ...] = ("latency", "throughput", "waiting")
@@ -70,7 +71,7 @@ class Profile:
 FULL = Profile()
 SMOKE = Profile(name="smoke", rounds=1, samples=2, warmup=1, scenario_budget_s=10.0, levels=(1, 4), window_s=1.5,
                 warmup_completions_max=2, waiting_levels=(5,), cpu_window_s=0.5, waiting_warmup=5, park_timeout_s=60.0,
-                clj_park_timeout_s=60.0)
+                clj_park_timeout_s=60.0, waiting_topic_pool=4)
 
 
 @dataclass
@@ -411,7 +412,8 @@ def section_waiting(ctx: Ctx, app: Any, topics: Any, churn: Any) -> dict[str, An
 
     # fusion-celery: a fresh worker, so its memory is not what earlier sections left behind.
     stop(ctx, "fusion")
-    worker = start_fusion_worker(ctx, app, "fusion", concurrency=prof.waiting_concurrency)
+    worker = start_fusion_worker(ctx, app, "fusion", concurrency=prof.waiting_concurrency,
+                                 env=pooled(ctx.env, prof.waiting_topic_pool, variant=""))
     hold = Pipeline(svc("hold"), app=app)
     echo = Pipeline(svc("echo"), app=app)
     # Warm up past the pool children's working-set plateau (they grow ~100 MiB over their first few hundred
@@ -705,14 +707,19 @@ def run(profile: Profile, out_dir: Path) -> dict[str, Any]:
     return result
 
 
+def pooled(env: dict[str, str], size: int, variant: str) -> dict[str, str]:
+    """``env`` with a return-topic pool of ``size`` under the pool's own prefix (its callers' topics allowed)."""
+    import json
+    return {**env, "BENCH_VARIANT": variant, "FUSION_RETURN_TOPIC_POOL": str(size),
+            "FUSION_RETURN_TOPIC_PREFIX": POOL_PREFIX,
+            "FUSION_REPLY_ALLOWLIST": json.dumps([r"bench\..*", r"fusion\.rt\..*"])}
+
+
 def pool_env(env: dict[str, str], base: str, rid: str) -> dict[str, str]:
     """The environment of the second fusion-celery worker: a return-topic pool, its own reactor topics,
-    Redis databases and registry, and its own return-topic prefix (its callers' topics allowed too)."""
-    import json
-    return {**env, "BENCH_VARIANT": "pool", "CELERY_BROKER_URL": f"{base}/8", "CELERY_RESULT_BACKEND": f"{base}/9",
-            "FUSION_REGISTRY_URL": f"kafka://fusion.waits.bench-{rid}-pool",
-            "FUSION_RETURN_TOPIC_POOL": str(POOL_SIZE), "FUSION_RETURN_TOPIC_PREFIX": POOL_PREFIX,
-            "FUSION_REPLY_ALLOWLIST": json.dumps([r"bench\..*", r"fusion\.rt\..*"])}
+    Redis databases and registry."""
+    return {**pooled(env, POOL_SIZE, variant="pool"), "CELERY_BROKER_URL": f"{base}/8",
+            "CELERY_RESULT_BACKEND": f"{base}/9", "FUSION_REGISTRY_URL": f"kafka://fusion.waits.bench-{rid}-pool"}
 
 
 def _delete_groups(rid: str) -> None:
