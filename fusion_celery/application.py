@@ -34,6 +34,9 @@ _CELERY_DEFAULTS: dict[str, Any] = {
     # (fusion_kafka_retry_timeout): a task published or a result stored while Redis restarts
     # waits for it instead of failing after Celery's default second or twenty.
     "task_publish_retry_policy": _OUTAGE_RETRY,
+    # Celery's consumer, but a lost broker connection with tasks prefetched does not stop the worker
+    # (see fusion_celery.worker.Consumer).
+    "worker_consumer": "fusion_celery.worker:Consumer",
     "result_backend_transport_options": {"retry_policy": _OUTAGE_RETRY},
 }
 

@@ -9,6 +9,7 @@ them gets fresh ones and never touches its parent's.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import logging
 import os
 import threading
@@ -132,6 +133,7 @@ class Clients:
         self._admin: AdminClient | None = None
         self._known_topics: dict[str, float] = {}
         self._pool: ReturnTopicPool | None = None
+        self._unawaited: list[Any] = []  # futures of admin requests nobody waits for (see close)
 
     @property
     def retry_timeout(self) -> float:
@@ -298,6 +300,8 @@ class Clients:
             return
         futures = self.admin.delete_topics(names, operation_timeout=timeout, request_timeout=timeout)
         if not wait:
+            with self._lock:
+                self._unawaited = [f for f in self._unawaited if not f.done()] + list(futures.values())
             return
         for name, fut in futures.items():
             try:
@@ -337,17 +341,28 @@ class Clients:
                 f"check fusion_kafka_bootstrap_servers / FUSION_KAFKA_BOOTSTRAP_SERVERS") from None
 
     def close(self) -> None:
-        """Delete the pool's unused return topics, flush the producer and drop the clients."""
+        """Delete the pool's unused return topics, flush the producer, and destroy the clients.
+
+        Destroyed here, not left to the garbage collector: the cyclic collector may run on a
+        librdkafka thread (it runs Python callbacks of admin requests), and a client destroyed
+        from one of librdkafka's own threads aborts the process.
+        """
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
         with self._lock:
-            producer, self._producer, self._admin = self._producer, None, None
+            producer, admin, self._producer, self._admin = self._producer, self._admin, None, None
+            unawaited, self._unawaited = self._unawaited, []
         if producer is not None:
             remaining = producer.flush(10)
             if remaining:
                 logger.warning("%d Kafka message(s) were not delivered before close", remaining)
+                producer.purge()
+            producer.close()
+        if admin is not None:
+            concurrent.futures.wait(unawaited, timeout=10)  # e.g. the waiter's last topic deletions
+            admin.__exit__(None, None, None)
 
 
 _clients: dict[tuple[int, int], Clients] = {}

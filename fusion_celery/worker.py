@@ -14,6 +14,7 @@ from typing import Any
 
 from celery import bootsteps
 from celery.signals import worker_process_shutdown
+from celery.worker.consumer import Consumer as CeleryConsumer
 
 from .config import setting
 from .errors import ConfigurationError
@@ -147,6 +148,30 @@ class RestorePrefetched(bootsteps.StartStopStep):
             except Exception as exc:  # the visibility timeout will bring it back
                 logger.warning("cannot restore prefetched task %s: %s", tag, exc)
         logger.info("restored %d task(s) prefetched before the broker connection was lost", restored)
+
+
+class Consumer(CeleryConsumer):
+    """Celery's worker consumer, made to survive a broker connection lost while tasks are prefetched.
+
+    On a lost connection Celery 5.7 collects the broken connection and then closes it; kombu's
+    Redis channel, closing, tries to put the prefetched messages back through a transport already
+    torn down and raises ``AttributeError`` ("'NoneType' object has no attribute 'hostname'"),
+    which stops the worker ("Unrecoverable error").  Those messages are put back by
+    :class:`RestorePrefetched` once the connection is back, so the closing channel need not try.
+    The fusion app selects this class through Celery's ``worker_consumer`` setting.
+    """
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        for qos in {id(q): q for q in (RestorePrefetched._qos(self), _default_qos(self.connection))
+                    if q is not None}.values():
+            qos.restore_at_shutdown = False
+        super().on_connection_error_after_connected(exc)
+
+
+def _default_qos(connection: Any) -> Any:
+    # The attribute, not the property: the property would open a new channel.
+    channel = getattr(connection, "_default_channel", None)
+    return getattr(channel, "_qos", None)
 
 
 @worker_process_shutdown.connect

@@ -6,6 +6,7 @@ fails with a message naming it (never a skip): run `make up` or `make test`.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -169,8 +170,11 @@ class KafkaKit:
 
     def close(self) -> None:
         if self.created:
-            self.admin.delete_topics(self.created)
+            for f in self.admin.delete_topics(self.created).values():
+                f.exception(30)  # waited for: a client is never destroyed with its requests in flight
         self.producer.flush(10)
+        self.producer.close()
+        self.admin.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="session")
@@ -224,6 +228,9 @@ class Service(threading.Thread):
     def stop(self) -> None:
         self.stop_event.set()
         self.join(10)
+        if not self.is_alive():
+            self.producer.flush(10)
+            self.producer.close()
 
 
 @pytest.fixture
@@ -392,6 +399,15 @@ def committed_total(servers: str, group: str, topic: str, partitions: int) -> in
         return sum(max(0, p.offset) for p in parts)
     finally:
         c.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Collect a test's garbage (the frames of a failure keep Kafka clients in reference cycles) here, on
+    the main thread: left to the cyclic collector, it may run on a librdkafka thread while that thread
+    runs the Python callback of an admin request, and a client destroyed on its own thread aborts."""
+    yield
+    gc.collect()
 
 
 @pytest.hookimpl(trylast=True)  # after pytest grouped the items by their parametrized session fixtures

@@ -14,7 +14,7 @@ import signal
 import time
 
 import pytest
-from conftest import isolated_env, wait_for
+from conftest import isolated_env, return_topic_name, wait_for
 from reliability import Load, check, collect, long_run, outage, report, start_gate
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]
@@ -98,9 +98,39 @@ def test_redis_stopped_for_20s(scale, request, kit, worker_factory, gates, redis
     outcome = collect(load, redis_client, timeout=300)
     report(request.node.name, {"parked": n, "in_flight": m, "down_s": round(out.down_s, 1),
                                "restart_s": round(out.restart_s, 1), **outcome.summary()})
+    for w in (a, b):
+        assert w.proc.poll() is None, f"worker {w.name} died during the Redis outage:\n{w.log()[-3000:]}"
     check(outcome)
-    assert a.proc.poll() is None and b.proc.poll() is None, "a worker died during the Redis outage"
     still_serves(load, redis_client)
+
+
+def test_a_worker_with_prefetched_tasks_survives_a_redis_restart(kit, worker_factory, redis_client):
+    """Tasks prefetched when the broker connection breaks run once it is back, and the worker stays up.
+
+    Celery 5.7's consumer, closing the broken connection, lets kombu try to put prefetched messages back
+    through a torn-down transport; depending on which socket sees the error first that raised
+    "AttributeError: 'NoneType' object has no attribute 'hostname'" and stopped the worker (seen in CI).
+    fusion's consumer class turns that close-time restore off; RestorePrefetched puts them back instead."""
+    import json
+
+    import redis
+    env = isolated_env("kafka", db=6)
+    w = worker_factory(name="prefetch", env=env, concurrency=1)
+    broker = redis.Redis.from_url(env["CELERY_BROKER_URL"])
+    back = kit.topic(return_topic_name())
+    n = 5
+    for i in range(n):
+        kit.send(f"{env['FUSION_TEST_RUN']}.slow", {"data": 2, "return-topic": back, "id": f"slow-{i}"})
+    # One task runs (2 s each), the others are prefetched: delivered to the worker, not acknowledged.
+    wait_for(lambda: broker.hlen("unacked") >= 3, 60, "tasks prefetched by the one-slot worker", interval=0.1)
+    outage("redis", 5.0, redis_client=redis_client)
+    replies = kit.read(back, n, timeout=180)
+    got = {dict(m.headers() or {}).get("fusion-id", b"?").decode() for m in replies}
+    assert w.proc.poll() is None, f"the worker died when Redis went away:\n{w.log()[-3000:]}"
+    assert "Unrecoverable error" not in w.log(), w.log()[-3000:]
+    assert "prefetched before the broker connection was lost" in w.log(), w.log()[-3000:]
+    assert got == {f"slow-{i}" for i in range(n)}, got
+    assert all(json.loads(m.value()) == 2 for m in replies)
 
 
 @pytest.mark.parametrize("scale", SCALES)

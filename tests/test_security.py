@@ -93,6 +93,7 @@ def sasl(kit):
                                 b.permission_type) for b in bindings]
     for f in admin.delete_acls(filters).values():
         f.result(30)
+    admin.__exit__(None, None, None)
 
 
 PROBE = """
