@@ -19,7 +19,7 @@ VENV        := .venv
 PY          := $(VENV)/bin/python
 STACK       := bash stack/stack.sh
 WITH_STACK  := bash stack/with-stack.sh
-PYTEST_ARGS ?= -ra
+PYTEST_ARGS ?= -ra --durations=25
 
 .PHONY: help venv up down status test demo bench soak docs clean
 
