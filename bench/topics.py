@@ -53,7 +53,7 @@ class Topics:
                     raise
 
     def delete(self, names: Iterable[str]) -> None:
-        names = list(names)
+        names = list(dict.fromkeys(names))  # a name twice in one request crashes librdkafka's result handling
         for i in range(0, len(names), 500):
             for fut in self.admin.delete_topics(names[i:i + 500], operation_timeout=60).values():
                 try:

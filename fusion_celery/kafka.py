@@ -254,7 +254,7 @@ class Clients:
         partition with a leader: a consumer that *subscribes* to a topic it does
         not see yet only looks again at its next metadata refresh (minutes).
         """
-        names = list(names)
+        names = list(dict.fromkeys(names))  # a name twice in one request crashes librdkafka's result handling
         if not names:
             return
         pending = list(names)
@@ -295,7 +295,7 @@ class Clients:
 
     def delete_topics(self, names: Iterable[str], wait: bool = False, timeout: float = 30.0) -> None:
         """Delete topics; missing ones are fine.  With ``wait`` block until the controller answered."""
-        names = list(names)
+        names = list(dict.fromkeys(names))  # a name twice in one request crashes librdkafka's result handling
         if not names:
             return
         futures = self.admin.delete_topics(names, operation_timeout=timeout, request_timeout=timeout)

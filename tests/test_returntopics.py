@@ -83,3 +83,20 @@ def test_a_worker_with_a_pool_answers_and_leaves_no_topic_after_shutdown(kit, wo
     log = w.log()
     assert "return-topic pool: closed" in log and "'taken': 0," not in log, log[-3000:]
     wait_for(lambda: not kit.topics(prefix), 60, "no return topic of the worker to be left")
+
+
+def test_deleting_topics_named_twice_in_one_call_is_safe(kit, stack):
+    """confluent-kafka 2.16 segfaults on a DeleteTopics result that names a topic twice; fusion's
+    Clients send each name once (run in a process of its own, so a crash fails this test only)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    names = [kit.topic() for _ in range(2)]
+    code = ("import sys; from fusion_celery.application import create_app; from fusion_celery.kafka import Clients\n"
+            "app = create_app('dup'); app.conf.fusion_kafka_bootstrap_servers = sys.argv[1]\n"
+            "c = Clients(app); c.delete_topics([sys.argv[2], sys.argv[3], sys.argv[3]], wait=True); c.close()\n")
+    out = subprocess.run([sys.executable, "-c", code, stack["kafka"], *names], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, f"exit {out.returncode}: {out.stderr[-2000:]}"
+    wait_for(lambda: not set(names) & kit.topics(), 60, "both topics to be deleted")
