@@ -22,7 +22,7 @@ from .errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["claim", "extend", "release", "is_claimed", "once", "lifetime"]
+__all__ = ["claim", "extend", "release", "is_claimed", "once", "lifetime", "with_retry"]
 
 
 def _client(app: Celery):
@@ -46,7 +46,7 @@ def _key(name: str) -> str:
     return f"fusion-claim-{name}"
 
 
-def _ensure(app: Celery, fun: Callable[..., Any], *args: Any) -> Any:
+def with_retry(app: Celery, fun: Callable[..., Any], *args: Any) -> Any:
     """Run ``fun(*args)`` on the backend's Redis client, retrying while Redis is unreachable with the
     backend's own ``retry_policy`` (about a minute in the fusion app), as Celery does for results."""
     client = _client(app)
@@ -63,21 +63,21 @@ def _set_nx(client: Any, key: str, token: str, ttl: int) -> bool:
 
 def claim(app: Celery, name: str, ttl: float) -> bool:
     """Take the marker ``name`` for ``ttl`` seconds; False if somebody holds it already."""
-    return _ensure(app, _set_nx, _key(name), uuid.uuid4().hex, max(1, int(ttl)))
+    return with_retry(app, _set_nx, _key(name), uuid.uuid4().hex, max(1, int(ttl)))
 
 
 def extend(app: Celery, name: str, ttl: float) -> None:
     """Keep a taken marker for ``ttl`` seconds from now."""
-    _ensure(app, lambda c, k, t: c.expire(k, t), _key(name), max(1, int(ttl)))
+    with_retry(app, lambda c, k, t: c.expire(k, t), _key(name), max(1, int(ttl)))
 
 
 def release(app: Celery, name: str) -> None:
     """Drop the marker (the claimed work failed before it did anything visible)."""
-    _ensure(app, lambda c, k: c.delete(k), _key(name))
+    with_retry(app, lambda c, k: c.delete(k), _key(name))
 
 
 def is_claimed(app: Celery, name: str) -> bool:
-    return bool(_ensure(app, lambda c, k: c.exists(k), _key(name)))
+    return bool(with_retry(app, lambda c, k: c.exists(k), _key(name)))
 
 
 @contextmanager

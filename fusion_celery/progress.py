@@ -7,9 +7,11 @@ each time the waiter completes one of them; read by ``celery fusion call``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
-from .claims import lifetime
+from .claims import lifetime, with_retry
 
 __all__ = ["start", "advance", "read"]
 
@@ -18,16 +20,20 @@ def _key(task_id: str) -> str:
     return f"fusion-progress-{task_id}"
 
 
-def start(app: Celery, task_id: str, total: int) -> None:
-    client = app.backend.client
+def _start(client: Any, key: str, total: int, ttl: int) -> None:
     with client.pipeline() as pipe:
-        pipe.hset(_key(task_id), mapping={"total": total, "done": 0})
-        pipe.expire(_key(task_id), int(lifetime(app)))  # as long as the run's result
+        pipe.hset(key, mapping={"total": total, "done": 0})
+        pipe.expire(key, ttl)  # as long as the run's result
         pipe.execute()
 
 
+def start(app: Celery, task_id: str, total: int) -> None:
+    """Record that the run ``task_id`` has ``total`` deps (retried while Redis restarts, as results are)."""
+    with_retry(app, _start, _key(task_id), total, int(lifetime(app)))
+
+
 def advance(app: Celery, task_id: str) -> None:
-    app.backend.client.hincrby(_key(task_id), "done", 1)
+    with_retry(app, lambda c, k: c.hincrby(k, "done", 1), _key(task_id))
 
 
 def read(app: Celery, task_id: str) -> tuple[int, int] | None:
