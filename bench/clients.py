@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from fusion_celery.protocol import decode_reply
@@ -125,7 +125,16 @@ class CorrelationCaller:
                                   "enable.auto.commit": False, "fetch.wait.max.ms": 100,
                                   "auto.offset.reset": "earliest", "client.id": f"{tag}-corr"})
         warm_metadata(self.consumer, reply_topic)
-        _, high = self.consumer.get_watermark_offsets(TopicPartition(reply_topic, 0), timeout=10)
+        deadline = time.monotonic() + 60
+        while True:  # a busy broker may answer the creation before its metadata lists the partition
+            try:
+                _, high = self.consumer.get_watermark_offsets(TopicPartition(reply_topic, 0), timeout=10)
+                break
+            except KafkaException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+                warm_metadata(self.consumer, reply_topic)
         self.consumer.assign([TopicPartition(reply_topic, 0, high)])
         self.pending: dict[str, _Pending] = {}
         self.lock = threading.Lock()
