@@ -95,7 +95,7 @@ def test_redis_stopped_for_20s(scale, request, kit, worker_factory, gates, redis
         gate.release()
 
     out = outage("redis", OUTAGE_S, during=replies_arrive_while_redis_is_down, redis_client=redis_client)
-    outcome = collect(load, redis_client, timeout=300, settle=60)
+    outcome = collect(load, redis_client, timeout=300, settle=30)
     report(request.node.name, {"parked": n, "in_flight": m, "down_s": round(out.down_s, 1),
                                "restart_s": round(out.restart_s, 1), "lost": outcome.missing, **outcome.summary()})
     for w in (a, b):
