@@ -74,8 +74,6 @@ def call(ctx: click.Context, topic: str, data: str, wait: bool, timeout: float, 
     from confluent_kafka import TopicPartition
 
     from . import progress
-    from .config import setting
-    from .dispatch import new_return_topic
     from .errors import FusionError, ProtocolError, RemoteError
     from .intake import run_id
     from .pipeline import delivery_record
@@ -97,9 +95,7 @@ def call(ctx: click.Context, topic: str, data: str, wait: bool, timeout: float, 
         click.echo(json.dumps(delivery_record(rec)))
         return
 
-    return_topic = new_return_topic(app)
-    c.create_topics([return_topic], partitions=1, visible=True,
-                    config={"retention.ms": str(setting(app, "fusion_return_topic_retention_ms"))})
+    return_topic = c.return_topic()
     consumer = c.consumer(**{"group.id": "fusion.cli", "enable.auto.commit": False, "auto.offset.reset": "earliest"})
     tty = sys.stderr.isatty()
     try:

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from collections import deque
 from typing import TYPE_CHECKING
 
 from .config import setting
+from .registry import now_ms
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -36,13 +36,9 @@ __all__ = ["new_return_topic", "ReturnTopicPool"]
 logger = logging.getLogger(__name__)
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def new_return_topic(app: Celery, created_ms: int | None = None) -> str:
     """A fresh return topic name: prefix, creation time in ms (the reaper reads it), random part."""
-    stamp = _now_ms() if created_ms is None else created_ms
+    stamp = now_ms() if created_ms is None else created_ms
     return f"{setting(app, 'fusion_return_topic_prefix')}{stamp}.{uuid.uuid4().hex}"
 
 
@@ -73,7 +69,7 @@ class ReturnTopicPool:
         """A ready return topic (now the caller's), or ``None`` when none is ready."""
         if self._closed.is_set():
             return None
-        oldest = _now_ms() - self.max_age_ms
+        oldest = now_ms() - self.max_age_ms
         stale: list[str] = []
         name = None
         with self._lock:
@@ -113,7 +109,7 @@ class ReturnTopicPool:
             need = self.size - self.ready()
             if need <= 0:
                 continue
-            created = _now_ms()
+            created = now_ms()
             names = [new_return_topic(self.app, created) for _ in range(need)]
             try:
                 self.clients.create_topics(names, partitions=1, config=topic_config(self.app), visible=True)

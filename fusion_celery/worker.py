@@ -162,9 +162,9 @@ class Consumer(CeleryConsumer):
     """
 
     def on_connection_error_after_connected(self, exc: Exception) -> None:
-        for qos in {id(q): q for q in (RestorePrefetched._qos(self), _default_qos(self.connection))
-                    if q is not None}.values():
-            qos.restore_at_shutdown = False
+        for qos in (RestorePrefetched._qos(self), _default_qos(self.connection)):
+            if qos is not None:
+                qos.restore_at_shutdown = False
         super().on_connection_error_after_connected(exc)
 
 
