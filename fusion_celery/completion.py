@@ -4,9 +4,9 @@ A dispatching subtask saves its request context in its wait and raises
 ``Ignore``: the worker then stores nothing, sends no event and runs no callback.
 When the reply arrives the waiter does what Celery's tracer would have done:
 
-1. ``backend.mark_as_done`` / ``mark_as_failure`` with the saved context, which
-   stores the result and counts the chord part (Redis counts a part once even if
-   it is completed twice, and fires the body once);
+1. stores the outcome and counts the chord part with the saved context (what
+   ``backend.mark_as_done`` / ``mark_as_failure`` do; Redis counts a part once even
+   if it is completed twice, and fires the body once);
 2. sends the ``link`` callbacks and the rest of the ``chain`` (the receivers are
    idempotent, see :mod:`fusion_celery.claims`);
 3. sends the ``task-succeeded`` / ``task-failed`` event the worker did not, with
@@ -115,21 +115,34 @@ def complete(app: Celery, wait: Wait, *, result: Any = None, exc: BaseException 
     ctx = Context(wait.request)
     ctx.args, ctx.kwargs = [], {}
     backend = app.backend
-    if not done.get("stored") and backend.get_state(wait.id) in states.READY_STATES:
-        # Completed before (a waiter died between completing and removing the wait):
-        # completing again could only overwrite the outcome or resend callbacks.
-        logger.info("waiter: %s (task %s) was already completed", wait.label, wait.id)
-        if exc is not None and wait.reactor:
-            fail_reactor(app, wait.reactor, exc, events=events, strict=True)  # sent once (claimed)
-        return
+    if not done.get("stored"):
+        meta = backend.get_task_meta(wait.id)
+        if meta["status"] in states.READY_STATES:
+            # Completed before (a waiter died between completing and removing the wait):
+            # completing again could only overwrite the outcome or resend callbacks.  The chord
+            # part is counted again, as that waiter may have died (or lost Redis) between
+            # storing the outcome and counting it; the count is idempotent per task id.
+            logger.info("waiter: %s (task %s) was already completed", wait.label, wait.id)
+            if meta["status"] == states.SUCCESS and ctx.chord:
+                backend.on_chord_part_return(ctx, states.SUCCESS, meta["result"])
+            if exc is not None and wait.reactor:
+                fail_reactor(app, wait.reactor, exc, events=events, strict=True)  # sent once (claimed)
+            return
     runtime = max(0.0, time.time() - wait.created / 1000)
     if exc is None:
         value = {**(wait.carry or {}), wait.dep: result} if wait.dep else result
+        # Celery's mark_as_done in two steps, each done once: storing the outcome can be
+        # retried by the backend, counting the chord part cannot (a retry of the whole
+        # call must still count it, and must not store again).
         if not done.get("stored"):
-            backend.mark_as_done(wait.id, value, request=ctx)
+            if not ctx.ignore_result:
+                backend.store_result(wait.id, value, states.SUCCESS, request=ctx)
             done["stored"] = True
             if wait.reactor:
                 progress.advance(app, wait.reactor["id"])
+        if ctx.chord and not done.get("counted"):
+            backend.on_chord_part_return(ctx, states.SUCCESS, value)
+            done["counted"] = True
         _send_callbacks_and_chain(app, value, ctx)
         if events:
             events.send("task-succeeded", uuid=wait.id, result=repr(value)[:1024], runtime=runtime)
