@@ -50,11 +50,11 @@ class Profile:
 
     name: str = "full"
     rounds: int = 3                 # interleaved repetitions of the latency scenarios
-    samples: int = 10               # timed calls per scenario per round
-    warmup: int = 5                 # untimed calls per scenario before the first round
-    scenario_budget_s: float = 12.0  # per scenario per round; slower ones take fewer samples (at least 3)
+    samples: int = 7                # timed calls per scenario per round
+    warmup: int = 3                 # untimed calls per scenario before the first round
+    scenario_budget_s: float = 8.0  # per scenario per round; slower ones take fewer samples (at least 3)
     levels: tuple[int, ...] = (1, 10, 100, 1000)
-    window_s: float = 6.0
+    window_s: float = 5.0
     warmup_completions_max: int = 50
     waiting_levels: tuple[int, ...] = (100, 1000, 5000)
     cpu_window_s: float = 5.0
