@@ -123,9 +123,10 @@ def complete(app: Celery, wait: Wait, *, result: Any = None, exc: BaseException 
             # part is counted again, as that waiter may have died (or lost Redis) between
             # storing the outcome and counting it; the count is idempotent per task id.
             logger.info("waiter: %s (task %s) was already completed", wait.label, wait.id)
-            if meta["status"] == states.SUCCESS and ctx.chord:
-                backend.on_chord_part_return(ctx, states.SUCCESS, meta["result"])
-            if exc is not None and wait.reactor:
+            if meta["status"] == states.SUCCESS:
+                if ctx.chord:
+                    backend.on_chord_part_return(ctx, states.SUCCESS, meta["result"])
+            elif exc is not None and wait.reactor:
                 fail_reactor(app, wait.reactor, exc, events=events, strict=True)  # sent once (claimed)
             return
     runtime = max(0.0, time.time() - wait.created / 1000)

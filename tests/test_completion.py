@@ -84,3 +84,19 @@ def test_a_completion_replayed_by_a_new_waiter_counts_a_part_stored_but_never_co
     assert _bodies(stack, queue) == 1, "the replayed completion did not count the stored part"
     complete(app, second, result=2, done={})
     assert _bodies(stack, queue) == 1, "a second replay must not send the body again"
+
+
+def test_a_replayed_failure_of_a_part_already_stored_as_a_success_sends_no_error_reply(app, stack):
+    """A waiter replaying a wait whose outcome is already a success (its deadline passed meanwhile)
+    must not answer the reactor with an error: the success stands and the chord goes on."""
+    from fusion_celery import claims
+    from fusion_celery.errors import DependencyTimeout
+
+    _gid, queue, (first, second) = _chord(app, 2)
+    reactor_id = str(uuid.uuid4())
+    second.reactor = {"id": reactor_id, "topic": "r", "message": {"return_topic": "nowhere", "id": "m"}}
+    complete(app, first, result=1, done={})
+    app.backend.store_result(second.id, 2, "SUCCESS")
+    complete(app, second, exc=DependencyTimeout("dep 'x' did not reply"), done={})
+    assert not claims.is_claimed(app, f"reply-{reactor_id}"), "an error reply was sent for a stored success"
+    assert _bodies(stack, queue) == 1, "the stored success was not counted"
