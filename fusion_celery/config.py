@@ -112,6 +112,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds a Kafka operation on the request path (looking up or creating a topic, sending a request, "
             "reply or registry record) keeps retrying while Kafka is unreachable or restarting, before it fails "
             "with an error naming the topic; also the producer's `message.timeout.ms`.", float),
+    Setting("fusion_kafka_client_recycle_topics", 1000,
+            "Distinct topics a long-lived Kafka client (a process's producer and admin client, a waiter's reply "
+            "consumers) may touch before it is replaced by a fresh one (0: never). librdkafka keeps every topic "
+            "a client touched, deleted return topics included, and scans them all every second and on every "
+            "metadata answer: without this, CPU per request grows with the requests a worker served.", int),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

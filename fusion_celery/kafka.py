@@ -134,6 +134,8 @@ class Clients:
         self._known_topics: dict[str, float] = {}
         self._pool: ReturnTopicPool | None = None
         self._unawaited: list[Any] = []  # futures of admin requests nobody waits for (see close)
+        self._touched: dict[str, set[str]] = {"producer": set(), "admin": set()}
+        self._retired: list[tuple[float, str, Any]] = []  # (when, kind, client) replaced, closed after a grace
 
     @property
     def retry_timeout(self) -> float:
@@ -162,6 +164,55 @@ class Clients:
                 _errors_logger.warning("kafka: %s: %s; retrying", what, err.str())
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    def _touch(self, kind: str, topics: Iterable[str]) -> None:
+        """Count the distinct topics the shared ``kind`` client touched; past the limit, replace it.
+
+        librdkafka keeps an object for every topic a client produced to or looked up, for the
+        client's lifetime (deleted topics included), and walks them all every second and on every
+        metadata answer.  With a new return topic per request, a worker's CPU per request would
+        grow with the requests it served.  After ``fusion_kafka_client_recycle_topics`` distinct
+        topics the client is retired: the next call makes a fresh one, and the old one is closed
+        once no call can still be using it.
+        """
+        limit = int(setting(self.app, "fusion_kafka_client_recycle_topics"))
+        if limit > 0:
+            retired = None
+            with self._lock:
+                seen = self._touched[kind]
+                seen.update(topics)
+                if len(seen) >= limit:
+                    seen.clear()
+                    retired = getattr(self, f"_{kind}")
+                    setattr(self, f"_{kind}", None)
+                    if retired is not None:
+                        self._retired.append((time.monotonic(), kind, retired))
+            if retired is not None:
+                logger.info("kafka: replacing this process's %s after %d topics (librdkafka keeps every topic "
+                            "a client touched; setting fusion_kafka_client_recycle_topics)", kind, limit)
+        self._close_retired()
+
+    def _close_retired(self, force: bool = False) -> None:
+        """Close the retired clients that no call can still be using (all of them with ``force``)."""
+        if not self._retired:
+            return
+        # A call holds its client at most this long: produce() waits retry_timeout + 10 s for its
+        # delivery report, admin requests answer within 35 s.
+        grace = max(self.retry_timeout + 15, 45.0)
+        now = time.monotonic()
+        with self._lock:
+            due = [r for r in self._retired if force or now - r[0] > grace]
+            self._retired = [r for r in self._retired if r not in due]
+        for _, kind, client in due:
+            try:
+                if kind == "producer":
+                    if client.flush(10):
+                        client.purge()
+                    client.close()
+                else:
+                    client.__exit__(None, None, None)
+            except Exception as exc:  # a client that cannot close cleanly must not fail the caller
+                logger.warning("kafka: closing a retired %s: %s", kind, exc)
 
     @property
     def producer(self) -> Producer:
@@ -223,6 +274,7 @@ class Clients:
             producer.poll(min(remaining, 0.5))
         if outcome["err"] is not None:
             raise FusionError(f"cannot send to Kafka topic {topic!r}: {outcome['err'].str()}")
+        self._touch("producer", (topic,))
         return outcome["msg"]
 
     def topic_exists(self, topic: str, ttl: float = 60.0, wait: float = 2.0) -> bool:
@@ -238,6 +290,7 @@ class Clients:
         while True:
             md = self.retrying(f"cannot look up Kafka topic {topic!r}",
                                lambda: self.producer.list_topics(topic, timeout=10))
+            self._touch("producer", (topic,))
             tmd = md.topics.get(topic)
             if tmd is not None and tmd.error is None and tmd.partitions:
                 self._known_topics[topic] = time.monotonic() + ttl
@@ -279,6 +332,7 @@ class Clients:
         """Wait until the metadata shows every partition of ``names`` with a leader."""
         pending = set(names)
         deadline = time.monotonic() + timeout
+        self._touch("admin", pending)
         while pending:
             for name in list(pending):
                 md = self.retrying(f"cannot look up Kafka topic {name!r}", lambda name=name: self.admin.list_topics(
@@ -363,6 +417,7 @@ class Clients:
         if admin is not None:
             concurrent.futures.wait(unawaited, timeout=10)  # e.g. the waiter's last topic deletions
             admin.__exit__(None, None, None)
+        self._close_retired(force=True)
 
 
 _clients: dict[tuple[int, int], Clients] = {}

@@ -66,6 +66,7 @@ class Waiter(threading.Thread):
         self._unassign_due: dict[str, list[TopicPartition]] = {"replies": [], "settled": []}
         self._fresh: dict[str, float] = {}  # wait id -> when it was assigned (insertion order = age order)
         self._settled: set[str] = set()
+        self._touched = {"replies": 0, "settled": 0}  # return topics each consumer was given since it was made
         self._to_delete: list[str] = []
         self._last_delete = 0.0
         self.completed = 0
@@ -106,6 +107,7 @@ class Waiter(threading.Thread):
             self._fresh[wait_id] = now
         if parts:
             self.replies.incremental_assign(parts)
+            self._touched["replies"] += len(parts)
 
     def _settle(self) -> None:
         """Move the waits older than FRESH_SECONDS from the fresh consumer to the settled one."""
@@ -127,6 +129,7 @@ class Waiter(threading.Thread):
             self._settled.add(wait_id)
         if moved:
             self.settled.incremental_assign(moved)
+            self._touched["settled"] += len(moved)
 
     def _unassign(self, which: str, topic: str) -> None:
         """Queue ``topic`` for unassignment from consumer ``which`` (see :meth:`_flush_unassign`)."""
@@ -254,20 +257,51 @@ class Waiter(threading.Thread):
                 logger.warning("waiter: cannot delete %d return topics now (%s); the reaper will", len(names),
                                exc)
 
-    # -- the loop ----------------------------------------------------------------------------
-    def run(self) -> None:
-        self.registry = registry(self.app)
-        self.replies, self.settled = (clients(self.app).consumer(**{
+    # -- the reply consumers ---------------------------------------------------------------------
+    def _consumer(self, which: str) -> Any:
+        return clients(self.app).consumer(**{
             "group.id": "fusion.reply-readers",  # never joined nor committed: partitions are assigned
             "client.id": f"fusion-waiter-{self.worker_name}",
             "enable.auto.commit": False,
             # A return topic holds one reply: should the start offset be unknown (the broker not yet
             # serving a brand-new topic), start from its beginning, never from its end.
             "auto.offset.reset": "earliest",
-            "fetch.wait.max.ms": fetch_wait,
+            "fetch.wait.max.ms": FRESH_FETCH_WAIT_MS if which == "replies" else SETTLED_FETCH_WAIT_MS,
             "log_level": 4,  # no per-topic info lines for every return topic assigned and deleted
             "topic.metadata.refresh.interval.ms": 30000,
-        }) for fetch_wait in (FRESH_FETCH_WAIT_MS, SETTLED_FETCH_WAIT_MS))
+        })
+
+    def _recycle(self) -> None:
+        """Replace a reply consumer that was given ``fusion_kafka_client_recycle_topics`` return topics
+        more than it holds now (see :meth:`fusion_celery.kafka.Clients._touch` for why).
+
+        Runs between two polls, when every record the old consumer returned has been handled: the
+        new one is assigned the waits the old one held, from offset 0, so no reply is missed.
+        """
+        limit = int(setting(self.app, "fusion_kafka_client_recycle_topics"))
+        if limit <= 0:
+            return
+        for which, holding in (("replies", list(self._fresh)), ("settled", list(self._settled))):
+            if self._touched[which] - len(holding) < limit:
+                continue
+            parts = [TopicPartition(self.waits[w].return_topic, 0, 0) for w in holding if w in self.waits]
+            new, old = self._consumer(which), getattr(self, which)
+            if parts:
+                new.incremental_assign(parts)
+            setattr(self, which, new)
+            self._unassign_due[which] = []
+            touched, self._touched[which] = self._touched[which], len(parts)
+            try:
+                old.close()
+            except Exception as exc:
+                logger.warning("waiter: closing a replaced %s consumer: %s", which, exc)
+            logger.info("waiter: replaced its %s consumer after %d return topics (%d waits carried over)", which,
+                        touched, len(parts))
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> None:
+        self.registry = registry(self.app)
+        self.replies, self.settled = self._consumer("replies"), self._consumer("settled")
         watcher = self.registry.watch(self.worker_name)
         self.ready.set()
         try:
@@ -290,6 +324,7 @@ class Waiter(threading.Thread):
                 self._expire()
                 self._retry_due()
                 self._flush_unassign()
+                self._recycle()
                 self._delete_topics()
                 clients(self.app).producer.poll(0)
         except Exception:

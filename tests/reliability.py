@@ -260,7 +260,8 @@ def report(name: str, figures: dict[str, Any]) -> None:
 
 
 class Sampler(threading.Thread):
-    """Samples a worker main process's RSS and open files every ``interval`` seconds."""
+    """Samples a worker main process's RSS and open files, and the CPU time of the worker and its pool
+    children, every ``interval`` seconds."""
 
     def __init__(self, pid: int, interval: float = 1.0, extra: Any = None) -> None:
         super().__init__(daemon=True)
@@ -272,7 +273,15 @@ class Sampler(threading.Thread):
 
     def sample(self) -> dict[str, Any]:
         s = {"t": time.monotonic(), "rss_mb": self.proc.memory_info().rss / 2**20, "fds": self.proc.num_fds(),
-             "threads": self.proc.num_threads()}
+             "threads": self.proc.num_threads(), "cpu_s": 0.0, "children_rss_mb": 0.0}
+        for i, proc in enumerate([self.proc, *self.proc.children()]):
+            try:
+                t = proc.cpu_times()
+                s["cpu_s"] += t.user + t.system
+                if i:
+                    s["children_rss_mb"] += proc.memory_info().rss / 2**20
+            except Exception:  # a pool child that just went away
+                continue
         if self.extra is not None:
             s.update(self.extra())
         return s

@@ -92,12 +92,24 @@ def test_steady_rate_of_pipelines_with_deps(scale, request, kit, worker_factory)
     samples = sampler.samples
     warm = [s for s in samples if s["t"] - start >= min(seconds * 0.25, 120)] or samples
     latencies = sorted(done.values())
+
+    def cpu_ms_per_pipeline(first: dict, last: dict) -> float:
+        """Worker CPU (main process and pool children) per pipeline sent between two samples."""
+        sent_between = rate * (last["t"] - first["t"])
+        return round((last["cpu_s"] - first["cpu_s"]) * 1000 / max(sent_between, 1), 1)
+
+    quarter = max(1, len(warm) // 4)
+    cpu_early = cpu_ms_per_pipeline(warm[0], warm[quarter])
+    cpu_late = cpu_ms_per_pipeline(warm[-1 - quarter], warm[-1])
     figures = {
         "seconds": seconds, "rate_per_s": rate, "pipelines": len(sent), "answered": len(done), "wrong": len(wrong),
         "latency_s_p50": round(statistics.median(latencies), 2) if latencies else None,
         "latency_s_p99": round(latencies[int(len(latencies) * 0.99) - 1], 2) if latencies else None,
         "rss_mb_after_warmup": round(warm[0]["rss_mb"], 1), "rss_mb_end": round(warm[-1]["rss_mb"], 1),
         "rss_mb_peak": round(max(s["rss_mb"] for s in samples), 1),
+        "children_rss_mb_after_warmup": round(warm[0]["children_rss_mb"], 1),
+        "children_rss_mb_end": round(warm[-1]["children_rss_mb"], 1),
+        "cpu_ms_per_pipeline_early": cpu_early, "cpu_ms_per_pipeline_late": cpu_late,
         "fds_after_warmup": warm[0]["fds"], "fds_max": max(s["fds"] for s in warm), "fds_end": warm[-1]["fds"],
         "threads_max": max(s["threads"] for s in warm),
         "return_topics_max": max(s["return_topics"] for s in samples), "return_topics_after_drain":
@@ -110,6 +122,10 @@ def test_steady_rate_of_pipelines_with_deps(scale, request, kit, worker_factory)
     assert len(done) == len(sent), f"{len(sent) - len(done)} pipelines never finished: {figures}"
     assert warm[-1]["rss_mb"] - warm[0]["rss_mb"] < (40 if long_run(request) else 25), f"memory grew: {figures}"
     assert max(s["fds"] for s in warm) - warm[0]["fds"] < 30, f"open files grew: {figures}"
+    if long_run(request):
+        # The worker's CPU per pipeline stays flat (it grew ~10x in 15 minutes while librdkafka clients
+        # kept every return topic they had touched: fusion_kafka_client_recycle_topics).
+        assert cpu_late < 1.5 * cpu_early, f"CPU per pipeline grew: {figures}"
     # Every pipeline has three return topics (its own and its two deps'), each alive for about one
     # round trip: the live ones are bounded by the rate times the latency, not by the run's length.
     assert figures["return_topics_max"] <= max(30, 3 * rate * (figures["latency_s_p99"] or 10) * 2), figures
