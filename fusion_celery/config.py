@@ -116,7 +116,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Distinct topics a long-lived Kafka client (a process's producer and admin client, a waiter's reply "
             "consumers) may touch before it is replaced by a fresh one (0: never). librdkafka keeps every topic "
             "a client touched, deleted return topics included, and scans them all every second and on every "
-            "metadata answer: without this, CPU per request grows with the requests a worker served.", int),
+            "metadata answer: without this, the CPU a request costs grows with the requests a worker served.", int),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

@@ -176,6 +176,11 @@ class Waiter(threading.Thread):
         self.by_topic.pop(wait.return_topic, None)
         self._retry.pop(wait_id, None)
         self._done.pop(wait_id, None)
+        if len(self._deadlines) > 2 * len(self.waits) + 1024:
+            # Finished waits leave their deadline in the heap until it is due (an hour by default):
+            # drop them now and then, so that the heap follows the waits held, not the waits served.
+            self._deadlines = [(due, i) for due, i in self._deadlines if i in self.waits]
+            heapq.heapify(self._deadlines)
         if wait_id in self._settled:
             self._settled.discard(wait_id)
             self._unassign("settled", wait.return_topic)
