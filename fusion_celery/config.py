@@ -117,6 +117,10 @@ SETTINGS: tuple[Setting, ...] = (
             "consumers) may touch before it is replaced by a fresh one (0: never). librdkafka keeps every topic "
             "a client touched, deleted return topics included, and scans them all every second and on every "
             "metadata answer: without this, the CPU a request costs grows with the requests a worker served.", int),
+    Setting("fusion_malloc_arena_max", 2,
+            "glibc malloc arenas a worker may use (0: glibc's default, eight per core), set when the worker "
+            "starts, as `MALLOC_ARENA_MAX` does (which wins when set): with librdkafka's many threads the "
+            "default lets a worker's resident memory creep up with free memory the arenas keep.", int),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

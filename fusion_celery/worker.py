@@ -20,6 +20,7 @@ from .config import setting
 from .errors import ConfigurationError
 from .intake import Intake
 from .kafka import clients, close_clients
+from .memory import limit_malloc_arenas
 from .reaper import Reaper
 from .runtime import close_registry, reactors
 from .waiter import Waiter
@@ -65,6 +66,8 @@ class FusionStep(bootsteps.StartStopStep):
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
+        # Before any of the worker's threads start and before its pool forks (children inherit it).
+        limit_malloc_arenas(int(setting(worker.app, "fusion_malloc_arena_max")))
         self.intake: Intake | None = None
         self.waiter: Waiter | None = None
         self.reaper: Reaper | None = None

@@ -1,0 +1,25 @@
+"""The malloc arena cap a worker sets at start (fusion_celery.memory)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fusion_celery.memory import limit_malloc_arenas
+
+glibc = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt(M_ARENA_MAX) is glibc's")
+
+
+@glibc
+def test_the_cap_is_set_on_glibc_and_left_to_the_environment_when_it_says():
+    code = "from fusion_celery.memory import limit_malloc_arenas as f; print(f(2))"
+    run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,  # noqa: E731
+                                     text=True, check=True).stdout.strip()
+    assert run({"PATH": "/usr/bin:/bin"}) == "True"
+    assert run({"PATH": "/usr/bin:/bin", "MALLOC_ARENA_MAX": "4"}) == "False", "MALLOC_ARENA_MAX must win"
+
+
+def test_zero_leaves_the_default():
+    assert limit_malloc_arenas(0) is False
