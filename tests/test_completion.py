@@ -8,18 +8,10 @@ import uuid
 import pytest
 import redis
 
-from fusion_celery.application import create_app
 from fusion_celery.completion import complete
 from fusion_celery.registry import Wait, now_ms
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def app(stack):
-    a = create_app("completion-test", backend=stack["backend"], broker=stack["broker"])
-    yield a
-    a.close()
 
 
 def _chord(app, parts: int) -> tuple[str, str, list[Wait]]:
