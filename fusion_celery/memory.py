@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 
 __all__ = ["limit_malloc_arenas"]
@@ -33,7 +34,6 @@ def limit_malloc_arenas(count: int) -> bool:
     """
     if count <= 0 or not sys.platform.startswith("linux"):
         return False
-    import os
     if os.environ.get("MALLOC_ARENA_MAX"):
         return False
     try:

@@ -15,8 +15,11 @@ glibc = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt
 @glibc
 def test_the_cap_is_set_on_glibc_and_left_to_the_environment_when_it_says():
     code = "from fusion_celery.memory import limit_malloc_arenas as f; print(f(2))"
-    run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,  # noqa: E731
-                                     text=True, check=True).stdout.strip()
+
+    def run(env: dict[str, str]) -> str:  # a fresh interpreter: the cap is process-wide
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
     assert run({"PATH": "/usr/bin:/bin"}) == "True"
     assert run({"PATH": "/usr/bin:/bin", "MALLOC_ARENA_MAX": "4"}) == "False", "MALLOC_ARENA_MAX must win"
 
