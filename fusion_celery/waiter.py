@@ -286,7 +286,7 @@ class Waiter(threading.Thread):
         limit = int(setting(self.app, "fusion_kafka_client_recycle_topics"))
         if limit <= 0:
             return
-        for which, holding in (("replies", list(self._fresh)), ("settled", list(self._settled))):
+        for which, holding in (("replies", self._fresh), ("settled", self._settled)):
             if self._touched[which] - len(holding) < limit:
                 continue
             parts = [TopicPartition(self.waits[w].return_topic, 0, 0) for w in holding if w in self.waits]
