@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,11 +188,28 @@ class Outcome:
 CLEAR_ERRORS = {"DependencyFailed", "DependencyTimeout", "WorkerLostError", "RequestExpired"}
 
 
-def collect(load: Load, redis_client, timeout: float = 300.0, settle: float | None = None) -> Outcome:
+def broker_idle(broker_url: str) -> Callable[[], bool]:
+    """A check that the Celery broker (Redis) of a test's workers holds no task: none queued, none
+    delivered and unacknowledged (a killed worker's prefetched tasks stay there until restored)."""
+    import redis
+    r = redis.Redis.from_url(broker_url)
+
+    def idle() -> bool:
+        try:
+            return r.llen("celery") == 0 and r.hlen("unacked") == 0
+        except redis.RedisError:
+            return False
+
+    return idle
+
+
+def collect(load: Load, redis_client, timeout: float = 300.0, settle: float | None = None,
+            quiet: Callable[[], bool] | None = None) -> Outcome:
     """Read the answers of every request of ``load`` (until all came or ``timeout``), then classify them.
 
     With ``settle``, stop early once no new answer came for ``settle`` seconds (for a test that
-    expects some requests to stay unanswered)."""
+    expects some requests to stay unanswered); with ``quiet`` too, only seconds during which
+    ``quiet()`` held count (e.g. :func:`broker_idle`: no task is left that could still answer)."""
     c = Consumer({"bootstrap.servers": load.kit.servers, "group.id": f"rel-{uuid.uuid4().hex}",
                   "enable.auto.commit": False})
     c.assign([TopicPartition(load.back, 0, OFFSET_BEGINNING)])
@@ -200,6 +218,8 @@ def collect(load: Load, redis_client, timeout: float = 300.0, settle: float | No
     last_new = time.monotonic()
     try:
         while time.monotonic() < deadline and not set(load.expected) <= set(replies):
+            if settle is not None and quiet is not None and not quiet():
+                last_new = time.monotonic()
             if settle is not None and time.monotonic() - last_new > settle:
                 break
             for m in c.consume(500, timeout=0.5):

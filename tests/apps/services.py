@@ -88,8 +88,10 @@ if os.environ.get("FUSION_TEST_RESULT_EXPIRES"):
     _app.conf.result_expires = _app.conf.result_chord_expires = int(os.environ["FUSION_TEST_RESULT_EXPIRES"])
 
 if os.environ.get("FUSION_TEST_VISIBILITY_TIMEOUT"):
-    # Messages a worker had prefetched when it lost Redis come back after this many seconds.
-    _app.conf.broker_transport_options = {"visibility_timeout": int(os.environ["FUSION_TEST_VISIBILITY_TIMEOUT"])}
+    # Messages a killed worker had prefetched come back after this many seconds, found by a sweep every
+    # 5 s (kombu's default sweep: every unacked_restore_interval x unacked_restore_throttle = 100 s).
+    _app.conf.broker_transport_options = {"visibility_timeout": int(os.environ["FUSION_TEST_VISIBILITY_TIMEOUT"]),
+                                          "unacked_restore_interval": 5, "unacked_restore_throttle": 1}
 
 
 @_app.task(name="tests.ping")
@@ -124,3 +126,42 @@ def _observe(sender=None, task_id=None, message=None, result=None, exception=Non
 def big(message):
     """Answers with a string of ``message.data`` characters (for the size limits)."""
     return "x" * int(message.data)
+
+
+if os.environ.get("FUSION_TEST_MEMPROBE"):
+    # Diagnosis aid (not used by the suite): every N seconds the worker's main process appends counts of
+    # its gc-tracked Python objects by type, and its biggest containers, to a JSON-lines file.
+    import threading as _threading
+
+    from celery.signals import worker_ready as _worker_ready
+
+    @_worker_ready.connect
+    def _memprobe(**_kw):
+        import collections
+        import gc
+        import json
+
+        every = float(os.environ.get("FUSION_TEST_MEMPROBE_EVERY", "60"))
+        path = os.environ["FUSION_TEST_MEMPROBE"]
+
+        def probe():
+            while True:
+                time.sleep(every)
+                counts: collections.Counter = collections.Counter()
+                big = []
+                for o in gc.get_objects():
+                    t = type(o)
+                    counts[f"{getattr(t, '__module__', '?')}.{t.__name__}"] += 1
+                    if isinstance(o, (dict, list, set, collections.deque)) and len(o) > 200:
+                        big.append([len(o), t.__name__, repr(list(o)[:3] if not isinstance(o, dict)
+                                                         else list(o.items())[:3])[:300]])
+                big.sort(key=lambda b: -b[0])
+                import ctypes
+                import sys
+                sys._debugmallocstats()  # pymalloc's arenas and blocks, on the process's stderr (fd 2)
+                ctypes.CDLL(None).malloc_stats()  # glibc's arenas, likewise
+                with open(path, "a") as f:
+                    f.write(json.dumps({"t": time.time(), "blocks": sys.getallocatedblocks(),
+                                        "types": counts.most_common(150), "big": big[:30]}) + "\n")
+
+        _threading.Thread(target=probe, daemon=True, name="memprobe").start()
