@@ -37,6 +37,12 @@ def gates(kit):
         g.stop()
 
 
+def fault_env() -> dict[str, str]:
+    """Two isolated workers' settings.  Each parked request is a run in flight until answered, and a
+    worker pauses a reactor's intake at ``fusion_max_in_flight`` (100) of them: allow the 300 parked."""
+    return {**isolated_env("kafka", db=6), "FUSION_MAX_IN_FLIGHT": "1000"}
+
+
 def sizes(request) -> tuple[int, int]:
     """(parked waits, requests in flight) for this scale."""
     return (300, 100) if long_run(request) else (100, 30)
@@ -59,7 +65,7 @@ def still_serves(load: Load, redis_client) -> None:
 @pytest.mark.parametrize("scale", SCALES)
 def test_kafka_stopped_for_20s(scale, request, kit, worker_factory, gates, redis_client):
     n, m = sizes(request)
-    env = isolated_env("kafka", db=6)
+    env = fault_env()
     a = worker_factory(name="kafkaA", env=env, concurrency=2)
     b = worker_factory(name="kafkaB", env=env, concurrency=2)
     gate = gates()
@@ -82,7 +88,7 @@ def test_redis_stopped_for_20s(scale, request, kit, worker_factory, gates, redis
     n, m = sizes(request)
     # Celery's default visibility timeout (1 hour): tasks a worker had prefetched when Redis went away
     # are put back by fusion-celery's RestorePrefetched consumer step when the connection returns.
-    env = isolated_env("kafka", db=6)
+    env = fault_env()
     a = worker_factory(name="redisA", env=env, concurrency=2)
     b = worker_factory(name="redisB", env=env, concurrency=2)
     gate = gates()
@@ -145,7 +151,7 @@ def test_kill_9_one_worker_then_the_other_then_a_fresh_one(scale, request, kit, 
     when it starts), at most one run per pool slot; what it had prefetched comes back after the
     broker's visibility timeout (30 s here)."""
     n, m = sizes(request)
-    env = {**isolated_env("kafka", db=6), "FUSION_TEST_VISIBILITY_TIMEOUT": "30"}
+    env = {**fault_env(), "FUSION_TEST_VISIBILITY_TIMEOUT": "30"}
     a = worker_factory(name="k9A", env=env, concurrency=2)
     b = worker_factory(name="k9B", env=env, concurrency=2)
     gate = gates()
@@ -183,7 +189,7 @@ def _answered(load: Load, redis_client) -> int:
 @pytest.mark.parametrize("scale", SCALES)
 def test_sigterm_while_replies_arrive(scale, request, kit, worker_factory, gates, redis_client):
     n, m = sizes(request)
-    env = isolated_env("kafka", db=6)
+    env = fault_env()
     a = worker_factory(name="termA", env=env, concurrency=2)
     b = worker_factory(name="termB", env=env, concurrency=2)
     gate = gates()
