@@ -121,6 +121,11 @@ SETTINGS: tuple[Setting, ...] = (
             "glibc malloc arenas a worker may use (0: glibc's default, eight per core), set when the worker "
             "starts, as `MALLOC_ARENA_MAX` does (which wins when set): with librdkafka's many threads the "
             "default lets a worker's resident memory creep up with free memory the arenas keep.", int),
+    Setting("fusion_malloc_mmap_threshold", 262144,
+            "Bytes from which glibc serves an allocation with a mapping of its own, returned to the system when "
+            "freed; set when the worker starts, as `MALLOC_MMAP_THRESHOLD_` does (which wins when set). 0: "
+            "glibc's default, which raises the threshold after large frees and so lets librdkafka's large "
+            "buffers leave holes in the heap that a long-running worker's resident memory keeps.", int),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

@@ -9,6 +9,14 @@ marks, not with what it holds (the 30-minute soak measured 157 MB taken from the
 system for 29 MB in use).  Capping the number of arenas, as ``MALLOC_ARENA_MAX``
 does, is the usual remedy; :func:`limit_malloc_arenas` does it from inside the
 process, before the worker starts its threads and forks its pool.
+
+The arena cap alone still let the 30-minute soak's main process grow by ~50 MB,
+in ~10 MB steps of free memory (glibc's in-use bytes stayed flat): when glibc
+frees a large block it served with ``mmap``, it raises its mmap threshold to that
+block's size (up to 32 MB), so librdkafka's later large buffers come from the
+arenas and leave holes there.  :func:`fix_mmap_threshold` pins the threshold, as
+``MALLOC_MMAP_THRESHOLD_`` does: large blocks keep their own mappings and go back
+to the system when freed (the soak then stayed flat).
 """
 
 from __future__ import annotations
@@ -18,12 +26,29 @@ import ctypes.util
 import logging
 import os
 import sys
+from typing import Any
 
-__all__ = ["limit_malloc_arenas"]
+__all__ = ["fix_mmap_threshold", "limit_malloc_arenas"]
 
 logger = logging.getLogger(__name__)
 
-_M_ARENA_MAX = -8  # from glibc's malloc.h
+# from glibc's malloc.h
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+
+
+def _mallopt() -> Any:
+    """glibc's ``mallopt``, or None where the C library has none (musl, macOS, Windows)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return mallopt
 
 
 def limit_malloc_arenas(count: int) -> bool:
@@ -32,18 +57,34 @@ def limit_malloc_arenas(count: int) -> bool:
     Returns False (and changes nothing) where the C library is not glibc or ``count`` is 0.
     The ``MALLOC_ARENA_MAX`` environment variable, when set, is left to win.
     """
-    if count <= 0 or not sys.platform.startswith("linux"):
+    if count <= 0 or os.environ.get("MALLOC_ARENA_MAX"):
         return False
-    if os.environ.get("MALLOC_ARENA_MAX"):
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others: no mallopt
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     if mallopt(_M_ARENA_MAX, count) != 1:
         logger.debug("mallopt(M_ARENA_MAX, %d) was refused", count)
+        return False
+    return True
+
+
+def fix_mmap_threshold(nbytes: int) -> bool:
+    """Serve allocations of ``nbytes`` or more with mappings of their own, for good.
+
+    Sets glibc's mmap threshold, and its trim threshold to the same size, which also
+    turns off glibc's raising of the mmap threshold.  Returns False (and changes
+    nothing) where the C library is not glibc, ``nbytes`` is 0, or the environment
+    sets either threshold (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
+    ``GLIBC_TUNABLES``): the environment wins.
+    """
+    if nbytes <= 0 or any(os.environ.get(v) for v in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    if "threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    if mallopt(_M_MMAP_THRESHOLD, nbytes) != 1 or mallopt(_M_TRIM_THRESHOLD, nbytes) != 1:
+        logger.debug("mallopt(M_MMAP_THRESHOLD / M_TRIM_THRESHOLD, %d) was refused", nbytes)
         return False
     return True

@@ -20,7 +20,7 @@ from .config import setting
 from .errors import ConfigurationError
 from .intake import Intake
 from .kafka import clients, close_clients
-from .memory import limit_malloc_arenas
+from .memory import fix_mmap_threshold, limit_malloc_arenas
 from .reaper import Reaper
 from .runtime import close_registry, reactors
 from .waiter import Waiter
@@ -68,6 +68,7 @@ class FusionStep(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         # Before any of the worker's threads start and before its pool forks (children inherit it).
         limit_malloc_arenas(int(setting(worker.app, "fusion_malloc_arena_max")))
+        fix_mmap_threshold(int(setting(worker.app, "fusion_malloc_mmap_threshold")))
         self.intake: Intake | None = None
         self.waiter: Waiter | None = None
         self.reaper: Reaper | None = None
