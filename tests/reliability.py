@@ -188,16 +188,30 @@ class Outcome:
 CLEAR_ERRORS = {"DependencyFailed", "DependencyTimeout", "WorkerLostError", "RequestExpired"}
 
 
-def broker_idle(broker_url: str) -> Callable[[], bool]:
-    """A check that the Celery broker (Redis) of a test's workers holds no task: none queued, none
-    delivered and unacknowledged (a killed worker's prefetched tasks stay there until restored)."""
+def nothing_left(env: dict[str, str], servers: str,
+                 reactors: tuple[str, ...] = ("generic", "math", "add", "subtract")) -> Callable[[], bool]:
+    """A check that no work of a test's workers is left that could still answer: the Celery broker (Redis)
+    holds no task (none queued, none delivered and unacknowledged: a killed worker's prefetched tasks stay
+    there until restored), and each reactor's consumer group has committed every record of its topic (a
+    killed worker's uncommitted records are read again by the group's next member)."""
     import redis
-    r = redis.Redis.from_url(broker_url)
+    r = redis.Redis.from_url(env["CELERY_BROKER_URL"])
+    topics = [f"{env['FUSION_TEST_RUN']}.{name}" for name in reactors]
+
+    def lag(topic: str) -> int:
+        c = Consumer({"bootstrap.servers": servers, "group.id": f"fusion.reactor.{topic}",
+                      "enable.auto.commit": False})
+        try:
+            parts = [TopicPartition(topic, p) for p in c.list_topics(topic, timeout=10).topics[topic].partitions]
+            end = sum(c.get_watermark_offsets(tp, timeout=10)[1] for tp in parts)
+            return end - sum(max(0, tp.offset) for tp in c.committed(parts, timeout=10))
+        finally:
+            c.close()
 
     def idle() -> bool:
         try:
-            return r.llen("celery") == 0 and r.hlen("unacked") == 0
-        except redis.RedisError:
+            return not (r.llen("celery") or r.hlen("unacked")) and not any(lag(t) for t in topics)
+        except Exception:  # Redis or Kafka unreachable: not known to be idle
             return False
 
     return idle
@@ -209,17 +223,19 @@ def collect(load: Load, redis_client, timeout: float = 300.0, settle: float | No
 
     With ``settle``, stop early once no new answer came for ``settle`` seconds (for a test that
     expects some requests to stay unanswered); with ``quiet`` too, only seconds during which
-    ``quiet()`` held count (e.g. :func:`broker_idle`: no task is left that could still answer)."""
+    ``quiet()`` held count (checked every 3 s; e.g. :func:`nothing_left`)."""
     c = Consumer({"bootstrap.servers": load.kit.servers, "group.id": f"rel-{uuid.uuid4().hex}",
                   "enable.auto.commit": False})
     c.assign([TopicPartition(load.back, 0, OFFSET_BEGINNING)])
     replies: dict[str, list[tuple[str, Any]]] = defaultdict(list)
     deadline = time.monotonic() + timeout
-    last_new = time.monotonic()
+    last_new = last_quiet_check = time.monotonic()
     try:
         while time.monotonic() < deadline and not set(load.expected) <= set(replies):
-            if settle is not None and quiet is not None and not quiet():
-                last_new = time.monotonic()
+            if settle is not None and quiet is not None and time.monotonic() - last_quiet_check >= 3:
+                last_quiet_check = time.monotonic()
+                if not quiet():
+                    last_new = time.monotonic()
             if settle is not None and time.monotonic() - last_new > settle:
                 break
             for m in c.consume(500, timeout=0.5):

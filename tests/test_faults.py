@@ -15,7 +15,7 @@ import time
 
 import pytest
 from conftest import isolated_env, return_topic_name, wait_for
-from reliability import Load, broker_idle, check, collect, long_run, outage, report, start_gate
+from reliability import Load, check, collect, long_run, nothing_left, outage, report, start_gate
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]
 
@@ -101,7 +101,7 @@ def test_redis_stopped_for_20s(scale, request, kit, worker_factory, gates, redis
         gate.release()
 
     out = outage("redis", OUTAGE_S, during=replies_arrive_while_redis_is_down, redis_client=redis_client)
-    outcome = collect(load, redis_client, timeout=300, settle=20, quiet=broker_idle(env["CELERY_BROKER_URL"]))
+    outcome = collect(load, redis_client, timeout=300, settle=20, quiet=nothing_left(env, kit.servers))
     report(request.node.name, {"parked": n, "in_flight": m, "down_s": round(out.down_s, 1),
                                "restart_s": round(out.restart_s, 1), "lost": outcome.missing, **outcome.summary()})
     for w in (a, b):
@@ -167,8 +167,9 @@ def test_kill_9_one_worker_then_the_other_then_a_fresh_one(scale, request, kit, 
     b.kill()  # the other one too, while replies are arriving
     t0 = time.monotonic()
     worker_factory(name="k9C", env=env, concurrency=2)
-    # Stop once no answer came for 20 s while the broker held no task (prefetched ones are restored first).
-    outcome = collect(load, redis_client, timeout=400, settle=20, quiet=broker_idle(env["CELERY_BROKER_URL"]))
+    # Stop once no answer came for 20 s while no task nor record was left (prefetched tasks are restored and
+    # uncommitted records read again first).
+    outcome = collect(load, redis_client, timeout=400, settle=20, quiet=nothing_left(env, kit.servers))
     report(request.node.name, {"parked": n, "in_flight": m, "collect_s":
                                round(time.monotonic() - t0, 1), "lost": outcome.missing, **outcome.summary()})
     check(outcome, max_lost=2 * 2)  # two killed workers with two pool slots each
