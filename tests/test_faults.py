@@ -149,7 +149,7 @@ def test_kill_9_one_worker_then_the_other_then_a_fresh_one(scale, request, kit, 
                                                            redis_client):
     """Waits survive both kills; what a killed worker was *executing* is lost (Celery acknowledges a task
     when it starts), at most one run per pool slot; what it had prefetched comes back after the
-    broker's visibility timeout (30 s here)."""
+    broker's visibility timeout (30 s here) and kombu's next sweep for it (every 5 s here)."""
     n, m = sizes(request)
     env = {**fault_env(), "FUSION_TEST_VISIBILITY_TIMEOUT": "30"}
     a = worker_factory(name="k9A", env=env, concurrency=2)
