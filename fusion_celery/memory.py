@@ -79,7 +79,8 @@ def fix_mmap_threshold(nbytes: int) -> bool:
     """
     if nbytes <= 0 or any(os.environ.get(v) for v in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
         return False
-    if "threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.mmap_threshold" in tunables or "glibc.malloc.trim_threshold" in tunables:
         return False
     mallopt = _mallopt()
     if mallopt is None:
