@@ -391,6 +391,17 @@ def isolated_env(registry: str = "kafka", db: int = 2) -> dict[str, str]:
             "FUSION_TEST_RUN": f"{RUN_ID}{tag}"}
 
 
+def high_watermark(servers: str, topic: str) -> int:
+    """Sum of the end offsets of all partitions of ``topic`` (records ever written to it)."""
+    from confluent_kafka import Consumer, TopicPartition
+    c = Consumer({"bootstrap.servers": servers, "group.id": "hw", "enable.auto.commit": False})
+    try:
+        md = c.list_topics(topic, timeout=10).topics[topic]
+        return sum(c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in md.partitions)
+    finally:
+        c.close()
+
+
 def committed_total(servers: str, group: str, topic: str, partitions: int) -> int:
     """Sum of the committed offsets of ``group`` on ``topic``."""
     from confluent_kafka import Consumer, TopicPartition

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-from conftest import ROOT, Service, return_topic_name, wait_for
+from conftest import ROOT, Service, committed_total, high_watermark, return_topic_name, wait_for
 
 from fusion_celery.config import stack_env
 
@@ -198,15 +198,8 @@ def nothing_left(env: dict[str, str], servers: str,
     r = redis.Redis.from_url(env["CELERY_BROKER_URL"])
     topics = [f"{env['FUSION_TEST_RUN']}.{name}" for name in reactors]
 
-    def lag(topic: str) -> int:
-        c = Consumer({"bootstrap.servers": servers, "group.id": f"fusion.reactor.{topic}",
-                      "enable.auto.commit": False})
-        try:
-            parts = [TopicPartition(topic, p) for p in c.list_topics(topic, timeout=10).topics[topic].partitions]
-            end = sum(c.get_watermark_offsets(tp, timeout=10)[1] for tp in parts)
-            return end - sum(max(0, tp.offset) for tp in c.committed(parts, timeout=10))
-        finally:
-            c.close()
+    def lag(topic: str) -> int:  # reactor topics have fusion_reactor_partitions (3) partitions
+        return high_watermark(servers, topic) - committed_total(servers, f"fusion.reactor.{topic}", topic, 3)
 
     def idle() -> bool:
         try:

@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-from conftest import isolated_env, return_topic_name, topic_name, wait_for
+from conftest import high_watermark, isolated_env, return_topic_name, topic_name, wait_for
 from reliability import Load, Sampler, check, collect, report
 
 LIMIT = 20_000  # fusion_max_message_bytes of the flood's worker
@@ -232,7 +232,7 @@ def test_no_reply_lands_outside_the_allow_list(request, kit, worker_factory):
     rng = random.Random(7)
     names = fuzzed_topics(rng, traps, "replies.team-a")
     topic = f"{run}.add"
-    before = {t: high_watermark(kit, t) for t in traps}
+    before = {t: high_watermark(kit.servers, t) for t in traps}
     spellings = ["return-topic", "return_topic", "response-topic"]
     n_sent = 0
     for i, name in enumerate(names):
@@ -247,12 +247,12 @@ def test_no_reply_lands_outside_the_allow_list(request, kit, worker_factory):
     kit.producer.flush(60)
     refused = sum(1 for n in names if not allowed(n, "fusion.rt.", patterns))
     dlq = f"{topic}.dlq"
-    wait_for(lambda: high_watermark(kit, dlq) >= refused, 180, f"{refused} refused requests dead-lettered")
+    wait_for(lambda: high_watermark(kit.servers, dlq) >= refused, 180, f"{refused} refused requests dead-lettered")
     import redis
     backend = redis.Redis.from_url(env["CELERY_RESULT_BACKEND"])
     wait_for(lambda: sum(1 for _ in backend.scan_iter("celery-task-meta-*")) >= n_sent - refused, 180,
              f"{n_sent - refused} allowed requests answered (or their reply dropped: no such topic)", interval=0.5)
-    after = {t: high_watermark(kit, t) for t in traps}
+    after = {t: high_watermark(kit.servers, t) for t in traps}
     report(request.node.name, {"fuzzed": n_sent, "refused": refused, "trap_writes": {
         t: after[t] - before[t] for t in traps}})
     # The reactor's own topic receives only what the test produced; the other traps nothing.
@@ -260,14 +260,5 @@ def test_no_reply_lands_outside_the_allow_list(request, kit, worker_factory):
     for t in traps:
         if t != f"{run}.add" and t != dlq:
             assert after[t] == before[t], f"a reply landed on {t}"
-    assert high_watermark(kit, dlq) == refused
-
-
-def high_watermark(kit, topic: str) -> int:
-    c = Consumer({"bootstrap.servers": kit.servers, "group.id": "hw", "enable.auto.commit": False})
-    try:
-        md = c.list_topics(topic, timeout=10).topics[topic]
-        return sum(c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in md.partitions)
-    finally:
-        c.close()
+    assert high_watermark(kit.servers, dlq) == refused
 

@@ -138,8 +138,10 @@ if os.environ.get("FUSION_TEST_MEMPROBE"):
     @_worker_ready.connect
     def _memprobe(**_kw):
         import collections
+        import ctypes
         import gc
         import json
+        import sys
 
         every = float(os.environ.get("FUSION_TEST_MEMPROBE_EVERY", "60"))
         path = os.environ["FUSION_TEST_MEMPROBE"]
@@ -156,8 +158,6 @@ if os.environ.get("FUSION_TEST_MEMPROBE"):
                         big.append([len(o), t.__name__, repr(list(o)[:3] if not isinstance(o, dict)
                                                          else list(o.items())[:3])[:300]])
                 big.sort(key=lambda b: -b[0])
-                import ctypes
-                import sys
                 sys._debugmallocstats()  # pymalloc's arenas and blocks, on the process's stderr (fd 2)
                 ctypes.CDLL(None).malloc_stats()  # glibc's arenas, likewise
                 with open(path, "a") as f:
