@@ -3,11 +3,13 @@
 One consumer (and one thread) per reactor, in the worker's main process, in the
 reactor's consumer group.  Delivery is at-least-once: a record's offset is
 stored for commit only after its task was handed to the Celery broker (or the
-record was dead-lettered).  Backpressure: at most ``fusion_max_in_flight`` runs
-per reactor are unfinished at a time; past that the consumer pauses its
-partitions and resumes when runs finish, so a backlog stays in Kafka instead of
-flooding the Celery broker.  Bad input goes to the dead-letter topic with its
-reason in the headers, and consumption goes on.
+record was dead-lettered); a record whose hand-over fails (the broker is away)
+is kept, in order, and handed over again, its partitions paused meanwhile.
+Backpressure: at most ``fusion_max_in_flight`` runs per reactor are unfinished
+at a time; past that the consumer pauses its partitions and resumes when runs
+finish, so a backlog stays in Kafka instead of flooding the Celery broker.  Bad
+input goes to the dead-letter topic with its reason in the headers, and
+consumption goes on.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 from celery import Celery
@@ -80,6 +83,8 @@ class ReactorIntake(threading.Thread):
         self.max_in_flight = int(setting(app, "fusion_max_in_flight"))
         self.in_flight: set[str] = set()
         self.paused = False
+        self.full = False  # at fusion_max_in_flight; until half of it is left
+        self.pending: deque[KafkaMessage] = deque()  # read, not yet handed to Celery, in order
         self.consumer: Consumer | None = None
         self.counts = {"received": 0, "dead_lettered": 0, "started": 0}
 
@@ -136,7 +141,8 @@ class ReactorIntake(threading.Thread):
         assignment = self.consumer.assignment()
         if paused:
             self.consumer.pause(assignment)
-            logger.info("reactor %s: %d runs in flight, pausing", self.topic, len(self.in_flight))
+            logger.info("reactor %s: %d runs in flight, pausing (%d records not yet handed over)",
+                        self.topic, len(self.in_flight), len(self.pending))
         else:
             self.consumer.resume(assignment)
             logger.info("reactor %s: %d runs in flight, resuming", self.topic, len(self.in_flight))
@@ -149,37 +155,18 @@ class ReactorIntake(threading.Thread):
             **{"group.id": consumer_group(self.app, self.task),
                "enable.auto.commit": True,
                "enable.auto.offset.store": False})
-        self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=lambda c, parts: self._commit())
+        self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         last_check = 0.0
         try:
             while not self.stop_event.is_set():
-                capacity = self.max_in_flight - len(self.in_flight)
-                if capacity <= 0:
-                    self._set_paused(True)
-                elif self.paused and len(self.in_flight) <= self.max_in_flight // 2:
-                    self._set_paused(False)
-                # Never take more records than may be in flight: the bound holds within a batch too.
-                msgs = consume_ready(self.consumer, min(100, max(1, capacity)), 0.2)
-                if self.paused and msgs:
-                    self._rewind(msgs)  # fetched just before the pause: read them again later
-                    msgs = []
-                for i, msg in enumerate(msgs):
-                    err = msg.error()
-                    if err is not None:
-                        if err.code() != KafkaError._PARTITION_EOF:
-                            logger.warning("reactor %s: consume error: %s", self.topic, err.str())
-                        continue
-                    self.counts["received"] += 1
-                    try:
-                        self._start(msg)
-                    except Exception:
-                        # The broker or Kafka is unreachable: keep the offset, re-read from here later.
-                        logger.exception("reactor %s: cannot hand %s[%d]@%d to Celery; retrying", self.topic,
-                                         msg.topic(), msg.partition(), msg.offset())
-                        self._rewind(msgs[i:])
-                        self.stop_event.wait(1.0)
-                        break
-                    self.consumer.store_offsets(message=msg)
+                try:
+                    self._step()
+                except Exception:
+                    # Not a failed hand-over (that is handled in _step) but, e.g., Kafka refusing a pause:
+                    # the records not handed over stay in ``pending`` and are handed over next time.
+                    logger.exception("reactor %s: intake step failed (%d records not yet handed over); retrying",
+                                     self.topic, len(self.pending))
+                    self.stop_event.wait(1.0)
                 now = time.monotonic()
                 if now - last_check > 0.25 or len(self.in_flight) >= self.max_in_flight:
                     last_check = now
@@ -193,15 +180,46 @@ class ReactorIntake(threading.Thread):
             self.consumer.close()
             logger.info("reactor %s: intake stopped (%s)", self.topic, self.counts)
 
-    def _rewind(self, unhandled: list[KafkaMessage]) -> None:
-        """Seek every partition back to its first record not yet handed to Celery."""
-        first: dict[tuple[str, int], int] = {}
-        for m in unhandled:
-            if m.error() is None:
-                key = (m.topic(), m.partition())
-                first[key] = min(first.get(key, m.offset()), m.offset())
-        for (topic, partition), offset in first.items():
-            self.consumer.seek(TopicPartition(topic, partition, offset))
+    def _step(self) -> None:
+        """Read what may be read, then hand records to Celery in order while capacity allows.
+
+        Records read but not handed over (the broker failed, or the pause came after
+        the fetch) wait in ``pending``; while any wait, the partitions are paused
+        so Kafka keeps the backlog.  No seek: librdkafka resumes a paused partition
+        after the last record it returned, and ``pending`` holds the rest.
+        """
+        if len(self.in_flight) >= self.max_in_flight:
+            self.full = True
+        elif self.full and len(self.in_flight) <= self.max_in_flight // 2:
+            self.full = False
+        self._set_paused(self.full or bool(self.pending))
+        # Never take more records than may be in flight: the bound holds within a batch too.
+        capacity = self.max_in_flight - len(self.in_flight) - len(self.pending)
+        for msg in consume_ready(self.consumer, min(100, max(1, capacity)), 0.2):
+            err = msg.error()
+            if err is None:
+                self.counts["received"] += 1
+                self.pending.append(msg)
+            elif err.code() != KafkaError._PARTITION_EOF:
+                logger.warning("reactor %s: consume error: %s", self.topic, err.str())
+        while self.pending and len(self.in_flight) < self.max_in_flight:
+            msg = self.pending[0]
+            try:
+                self._start(msg)
+            except Exception:
+                logger.exception("reactor %s: cannot hand %s[%d]@%d to Celery; retrying", self.topic,
+                                 msg.topic(), msg.partition(), msg.offset())
+                self._set_paused(True)
+                self.stop_event.wait(1.0)
+                return
+            self.pending.popleft()
+            self.consumer.store_offsets(message=msg)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Commit what was handed over; forget what was not (the partitions' next owner reads it)."""
+        gone = {(p.topic, p.partition) for p in partitions}
+        self.pending = deque(m for m in self.pending if (m.topic(), m.partition()) not in gone)
+        self._commit()
 
     def _commit(self) -> None:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -276,6 +277,25 @@ def check(outcome: Outcome, *, allow_errors: bool = True, max_lost: int = 0) -> 
         assert outcome.body_runs[rid] == 1, f"{rid} was answered but its body ran {outcome.body_runs[rid]} times"
     if not allow_errors:
         assert not outcome.errors, f"requests failed: {list(outcome.errors.items())[:5]}: {s}"
+
+
+_INTAKE_STOPPED = re.compile(r"reactor (\S+): intake stopped \(\{'received': (\d+), 'dead_lettered': (\d+), "
+                             r"'started': (\d+)\}\)")
+
+
+def intake_counts(log: str) -> dict[str, tuple[int, int, int]]:
+    """Each reactor's intake counts at a worker's shutdown: (received, dead-lettered, started)."""
+    return {m[1]: (int(m[2]), int(m[3]), int(m[4])) for m in _INTAKE_STOPPED.finditer(log)}
+
+
+def check_all_handed(worker) -> None:
+    """Stop ``worker`` and check that each of its intakes handed every record it read to Celery (or to the
+    dead-letter topic): none was kept back, unhanded and uncommitted, when the worker stopped."""
+    assert worker.stop() == 0, f"worker {worker.name} did not stop cleanly:\n{worker.log()[-3000:]}"
+    counts = intake_counts(worker.log())
+    assert counts, f"worker {worker.name} logged no intake counts"
+    kept = {topic: c for topic, c in counts.items() if c[0] != c[1] + c[2]}
+    assert not kept, f"intakes of {worker.name} read records they never handed over (received, dlq, started): {kept}"
 
 
 def report(name: str, figures: dict[str, Any]) -> None:

@@ -93,6 +93,12 @@ if os.environ.get("FUSION_TEST_VISIBILITY_TIMEOUT"):
     _app.conf.broker_transport_options = {"visibility_timeout": int(os.environ["FUSION_TEST_VISIBILITY_TIMEOUT"]),
                                           "unacked_restore_interval": 5, "unacked_restore_throttle": 1}
 
+if os.environ.get("FUSION_TEST_PUBLISH_RETRIES"):
+    # A hand-over to the Celery broker gives up after this many quick tries (the fusion app rides out about a
+    # minute), so a test can break it without a minute-long outage.
+    _app.conf.task_publish_retry_policy = {"max_retries": int(os.environ["FUSION_TEST_PUBLISH_RETRIES"]),
+                                           "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+
 
 @_app.task(name="tests.ping")
 def ping(x):

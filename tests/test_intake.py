@@ -1,0 +1,250 @@
+"""A reactor's intake hands every record it reads to Celery, also when the Celery broker fails at hand-over.
+
+The unit tests drive ``ReactorIntake._step`` against a stand-in consumer that behaves like
+librdkafka's (a paused partition returns nothing; a resumed one goes on after the last record
+returned) and a task whose ``apply_async`` fails when told.  The integration test breaks a real
+worker's broker connection (its own Redis, stopped) while requests arrive and starts it again.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from conftest import isolated_env, return_topic_name, wait_for
+from reliability import check_all_handed, intake_counts
+
+from fusion_celery.application import create_app
+from fusion_celery.intake import ReactorIntake
+
+
+@dataclass
+class Record:
+    """Enough of confluent_kafka.Message for the intake."""
+
+    _topic: str
+    _partition: int
+    _offset: int
+
+    def error(self):
+        return None
+
+    def topic(self):
+        return self._topic
+
+    def partition(self):
+        return self._partition
+
+    def offset(self):
+        return self._offset
+
+    def timestamp(self):
+        return (1, 1_700_000_000_000 + self._offset)
+
+    def key(self):
+        return None
+
+    def headers(self):
+        return None
+
+    def value(self):
+        return json.dumps({"data": [self._partition, self._offset]}).encode()
+
+
+@dataclass
+class Part:
+    topic: str
+    partition: int
+
+
+@dataclass
+class StandInConsumer:
+    """Two partitions of records; pause, resume and positions as librdkafka has them."""
+
+    topic: str
+    log: dict[int, int] = field(default_factory=lambda: {0: 0, 1: 0})  # partition -> records written
+    position: dict[int, int] = field(default_factory=lambda: {0: 0, 1: 0})
+    paused: set[int] = field(default_factory=set)
+    stored: list[tuple[int, int]] = field(default_factory=list)
+    revoke: Any = None
+
+    def write(self, partition: int, n: int) -> None:
+        self.log[partition] += n
+
+    def _take(self, n: int) -> list[Record]:
+        out = []
+        for p in sorted(self.log):
+            while p not in self.paused and self.position[p] < self.log[p] and len(out) < n:
+                out.append(Record(self.topic, p, self.position[p]))
+                self.position[p] += 1
+        return out
+
+    def poll(self, timeout):
+        got = self._take(1)
+        return got[0] if got else None
+
+    def consume(self, n, timeout=0):
+        return self._take(n)
+
+    def assignment(self):
+        return [Part(self.topic, p) for p in self.log]
+
+    def pause(self, parts):
+        self.paused |= {p.partition for p in parts}
+
+    def resume(self, parts):
+        self.paused -= {p.partition for p in parts}
+
+    def store_offsets(self, message):
+        self.stored.append((message.partition(), message.offset()))
+
+
+class FlakyTask:
+    name = "fusion.test.flaky"
+    group_id = None
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.fail = 0
+        self.handed: list[tuple[int, int]] = []
+
+    def apply_async(self, kwargs, task_id, **_):
+        if self.fail:
+            self.fail -= 1
+            raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        self.handed.append(tuple(kwargs["message"]["data"]))
+
+
+@pytest.fixture
+def intake():
+    app = create_app("intake-test", broker="memory://", backend="cache+memory://")
+    app.conf.fusion_max_in_flight = 1000
+    task = FlakyTask("intake.test")
+    it = ReactorIntake(app, task, threading.Event())
+    it.stop_event.wait = lambda timeout=None: False  # no 1-s backoff in a unit test
+    it.consumer = StandInConsumer(task.topic)
+    yield it, task, it.consumer
+    app.close()
+
+
+def test_records_whose_hand_over_failed_are_handed_next_time_in_order(intake):
+    it, task, consumer = intake
+    consumer.write(0, 5)
+    consumer.write(1, 3)
+    task.fail = 3
+    it._step()  # reads all 8; the first hand-over fails
+    assert task.handed == [] and len(it.pending) == 8
+    assert consumer.paused == {0, 1}, "partitions stay paused while records wait to be handed over"
+    consumer.write(0, 4)  # arrives while paused: stays in Kafka
+    for _ in range(10):
+        it._step()
+    assert [o for p, o in task.handed if p == 0] == list(range(9)), "each partition in order"
+    assert [o for p, o in task.handed if p == 1] == list(range(3))
+    assert consumer.stored == task.handed, "an offset is stored only after its record was handed over"
+    assert not it.pending and not consumer.paused
+    assert it.counts["received"] == it.counts["started"] == 12
+
+
+def test_a_failure_in_the_middle_of_a_batch_keeps_the_rest(intake):
+    it, task, consumer = intake
+    consumer.write(0, 6)
+    real = task.apply_async
+
+    def fail_at_third(kwargs, task_id, **kw):
+        if len(task.handed) == 2 and not getattr(task, "failed_once", False):
+            task.failed_once = True
+            raise ConnectionError("Connection closed by server.")
+        real(kwargs, task_id, **kw)
+
+    task.apply_async = fail_at_third
+    it._step()
+    assert task.handed == [(0, 0), (0, 1)] and [m.offset() for m in it.pending] == [2, 3, 4, 5]
+    it._step()
+    assert task.handed == [(0, i) for i in range(6)] and consumer.stored == task.handed
+
+
+def test_revoked_partitions_forget_their_waiting_records(intake):
+    it, task, consumer = intake
+    consumer.write(0, 2)
+    consumer.write(1, 2)
+    task.fail = 1
+    it._step()
+    it._on_revoke(consumer, [Part(consumer.topic, 1)])  # the next owner reads them from the committed offset
+    assert {m.partition() for m in it.pending} == {0}
+    it._step()
+    assert task.handed == [(0, 0), (0, 1)]
+
+
+def test_at_max_in_flight_records_wait_and_are_not_read_beyond_the_bound(intake):
+    it, task, consumer = intake
+    it.max_in_flight = 3
+    consumer.write(0, 10)
+    it._step()
+    assert len(task.handed) == 3 and not it.pending
+    it.in_flight = {"a", "b", "c"}
+    it._step()
+    assert consumer.paused == {0, 1} and len(task.handed) == 3
+    it.in_flight = {"a"}  # at half the bound or less: resume
+    it._step()
+    assert not consumer.paused and len(task.handed) == 5
+
+
+# -- a real worker whose Celery broker goes away while requests arrive ---------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _redis(port: int, tmp_path) -> subprocess.Popen:
+    server = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
+                               "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def up():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            return server.poll() is not None
+
+    wait_for(up, 30, f"redis-server on port {port}", interval=0.05)
+    assert server.poll() is None, f"redis-server on port {port} exited with {server.returncode}"
+    return server
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_requests_that_arrive_while_the_celery_broker_is_down_are_all_answered(kit, worker_factory, tmp_path):
+    """The worker's own broker Redis is stopped; requests arrive and every hand-over to Celery fails; the
+    broker comes back: each request is answered once, and the intake started every record it received."""
+    port = _free_port()
+    broker = _redis(port, tmp_path)
+    try:
+        env = {**isolated_env(), "CELERY_BROKER_URL": f"redis://127.0.0.1:{port}/0", "FUSION_TEST_PUBLISH_RETRIES": "2"}
+        w = worker_factory(name="handover", env=env, concurrency=2)
+        topic = f"{env['FUSION_TEST_RUN']}.add"
+        back = kit.topic(return_topic_name())
+        kit.send(topic, {"data": [0, 0], "return-topic": back, "id": "before"})
+        kit.read(back, 1, timeout=60)  # the worker serves
+        broker.terminate()
+        broker.wait(10)
+        n = 20
+        for i in range(1, n + 1):
+            kit.send(topic, {"data": [i, i], "return-topic": back, "id": f"r{i}"})
+        wait_for(lambda: w.log().count("cannot hand") >= 3, 60, "the intake to fail hand-overs to the stopped broker")
+        broker = _redis(port, tmp_path)
+        replies = kit.read(back, n + 1, timeout=120)
+        answers = sorted(json.loads(m.value()) for m in replies)
+        assert answers == [2 * i for i in range(n + 1)], answers
+        check_all_handed(w)
+        assert intake_counts(w.log())[topic] == (n + 1, 0, n + 1), "each record read once and handed once"
+    finally:
+        broker.terminate()
+        broker.wait(10)
