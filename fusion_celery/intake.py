@@ -131,9 +131,14 @@ class ReactorIntake(threading.Thread):
             self.in_flight &= _unfinished(self.app, list(self.in_flight))
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Take the partitions and give each the pause state in force now, both ways: librdkafka keeps
+        a partition's pause across a revoke and a later re-assignment, so a partition paused while
+        assigned here and resumed while another member held it would come back paused for good."""
         consumer.assign(partitions)
         if self.paused:
-            consumer.pause(partitions)  # newly assigned partitions obey a pause in force
+            consumer.pause(partitions)
+        else:
+            consumer.resume(partitions)
 
     def _set_paused(self, paused: bool) -> None:
         if paused == self.paused:

@@ -118,7 +118,8 @@ class FlakyTask:
         if self.fail:
             self.fail -= 1
             raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
-        self.handed.append(tuple(kwargs["message"]["data"]))
+        data = kwargs["message"]["data"]
+        self.handed.append(tuple(data) if isinstance(data, list) else data)
 
 
 @pytest.fixture
@@ -248,3 +249,60 @@ def test_requests_that_arrive_while_the_celery_broker_is_down_are_all_answered(k
     finally:
         broker.terminate()
         broker.wait(10)
+
+
+# -- pause and rebalance with a real broker ----------------------------------------------------------------
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_a_partition_resumed_while_another_member_held_it_is_read_when_it_comes_back(kit):
+    """librdkafka keeps a partition's pause across a revoke and a later re-assignment.  The intake pauses
+    (at its bound), a second member joins and takes a partition, the intake resumes what it holds, the
+    second member leaves: the partition it gives back must be read, not stay paused for good."""
+    from confluent_kafka import Consumer
+
+    topic = kit.topic(partitions=3)
+    n = 60
+    for i in range(n):
+        kit.producer.produce(topic, json.dumps({"data": i}), partition=i % 3)
+    kit.producer.flush(30)
+    app = create_app("intake-rebalance", broker="memory://", backend="cache+memory://")
+    app.conf.fusion_kafka_bootstrap_servers = kit.servers
+    app.conf.fusion_max_in_flight = 6
+    task = FlakyTask(topic)
+    task.group_id = f"intake-rebalance-{topic}"
+    it = ReactorIntake(app, task, threading.Event())
+    drain = threading.Event()  # while set, every run handed over counts as finished
+    it._refresh_in_flight = lambda: it.in_flight.clear() if drain.is_set() else None
+    assigned: list[int] = []  # partitions per assignment (the intake's consumer is not asked from here:
+    on_assign = it._on_assign  # a call from another thread can block on its rebalance callback)
+
+    def record_assign(consumer, partitions):
+        on_assign(consumer, partitions)
+        assigned.append(len(partitions))
+
+    it._on_assign = record_assign
+    it.start()
+    other = None
+    try:
+        wait_for(lambda: it.paused and len(task.handed) == 6, 60, "the intake to pause at its bound")
+        other = Consumer({"bootstrap.servers": kit.servers, "group.id": task.group_id,
+                          "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+        other.subscribe([topic])
+
+        def other_holds_a_partition() -> bool:
+            other.poll(0.2)  # serves its rebalance (the records it reads are not committed)
+            return bool(other.assignment()) and len(assigned) >= 2 and 0 < assigned[-1] < 3
+
+        wait_for(other_holds_a_partition, 60, "the second member to take a partition from the intake")
+        drain.set()
+        wait_for(lambda: not it.paused, 30, "the intake to resume the partitions it holds")
+        other.close()
+        other = None
+        wait_for(lambda: len(task.handed) >= n, 60, f"all {n} records handed over once the partition came back")
+        assert set(task.handed) == set(range(n))
+    finally:
+        it.stop_event.set()
+        it.join(30)
+        if other is not None:
+            other.close()
+        app.close()
