@@ -223,7 +223,9 @@ class ReactorIntake(threading.Thread):
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Commit what was handed over; forget what was not (the partitions' next owner reads it)."""
         gone = {(p.topic, p.partition) for p in partitions}
-        self.pending = deque(m for m in self.pending if (m.topic(), m.partition()) not in gone)
+        kept = deque(m for m in self.pending if (m.topic(), m.partition()) not in gone)
+        self.counts["received"] -= len(self.pending) - len(kept)  # received = started + dead-lettered + pending
+        self.pending = kept
         self._commit()
 
     def _commit(self) -> None:

@@ -180,6 +180,7 @@ def test_revoked_partitions_forget_their_waiting_records(intake):
     assert {m.partition() for m in it.pending} == {0}
     it._step()
     assert task.handed == [(0, 0), (0, 1)]
+    assert it.counts["received"] == it.counts["started"] == 2, "records given up on a revoke are not counted"
 
 
 def test_at_max_in_flight_records_wait_and_are_not_read_beyond_the_bound(intake):
