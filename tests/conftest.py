@@ -9,7 +9,9 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -389,6 +391,31 @@ def isolated_env(registry: str = "kafka", db: int = 2) -> dict[str, str]:
     return {"CELERY_BROKER_URL": f"{base}/{db}", "CELERY_RESULT_BACKEND": f"{base}/{db + 1}",
             "FUSION_TEST_REDIS": BACKEND, "FUSION_REGISTRY_URL": registry_url(registry, tag),
             "FUSION_TEST_RUN": f"{RUN_ID}{tag}"}
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_server(port: int, data_dir: Path) -> subprocess.Popen:
+    """Start a private, non-persistent ``redis-server`` on ``port`` and wait until it accepts connections."""
+    server = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
+                               "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(data_dir)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            return server.poll() is not None
+
+    wait_for(up, 30, f"redis-server on port {port}", interval=0.05)
+    assert server.poll() is None, f"redis-server on port {port} exited with {server.returncode}"
+    return server
 
 
 def high_watermark(servers: str, topic: str) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from conftest import wait_for
+from conftest import free_port, redis_server, wait_for
 
 from fusion_celery import claims
 from fusion_celery.application import create_app
@@ -47,14 +47,9 @@ def test_a_retried_claim_whose_first_try_went_through_is_still_ours(app):
 def test_a_claim_rides_out_a_redis_that_is_not_up_yet(tmp_path, caplog, monkeypatch):
     """Claims go through the result backend's ``ensure`` (its retry policy, about a minute in the
     fusion app): a dispatch that claims while Redis restarts waits for it instead of failing."""
-    import shutil
-    import socket
-    import subprocess
     import threading
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     monkeypatch.delenv("CELERY_RESULT_BACKEND", raising=False)  # it would win over backend=
     monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
     app = create_app("claims-late", backend=f"redis://127.0.0.1:{port}/0", broker=f"redis://127.0.0.1:{port}/1")
@@ -64,9 +59,7 @@ def test_a_claim_rides_out_a_redis_that_is_not_up_yet(tmp_path, caplog, monkeypa
     # The backend logs each failed try ("Connection to Redis lost: Retry (1/24) ...").
     wait_for(lambda: not t.is_alive() or "Retry (" in caplog.text, 30, "the claim to fail a first try")
     assert t.is_alive(), f"the claim did not wait for Redis: {outcome} {caplog.text[-2000:]}"
-    server = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
-                               "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = redis_server(port, tmp_path)
     try:
         wait_for(lambda: not t.is_alive(), 60, "the claim to go through once Redis is up")
         assert outcome == [True]

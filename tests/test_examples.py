@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, RUN_ID, isolated_env, wait_for
+from conftest import ROOT, RUN_ID, free_port, isolated_env, wait_for
 
 
 def run(module: str, *args: str, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -166,12 +165,6 @@ def test_java_caller_gets_the_math_answer(example_env, worker_factory):
 
 
 # -- examples/demo --------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_demo_once_prints_the_answer_and_flower_address_and_stops_cleanly(example_env):
     port = free_port()
     env = {**example_env, "FUSION_DEMO_ONCE": "1", "FUSION_DEMO_FLOWER_PORT": str(port)}

@@ -1,20 +1,13 @@
 """Flower, started against the real stack, shows every task of a pipeline call in its final state."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import requests
-from conftest import ROOT, topic_name, wait_for
+from conftest import ROOT, free_port, topic_name, wait_for
 
 from fusion_celery import Pipeline
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_flower_shows_the_whole_pipeline_tree(services_worker, tmp_path):

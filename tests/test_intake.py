@@ -9,15 +9,12 @@ worker's broker connection (its own Redis, stopped) while requests arrive and st
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from conftest import isolated_env, return_topic_name, wait_for
+from conftest import free_port, isolated_env, redis_server, return_topic_name, wait_for
 from reliability import check_all_handed, intake_counts
 
 from fusion_celery.application import create_app
@@ -198,36 +195,13 @@ def test_at_max_in_flight_records_wait_and_are_not_read_beyond_the_bound(intake)
 
 
 # -- a real worker whose Celery broker goes away while requests arrive ---------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _redis(port: int, tmp_path) -> subprocess.Popen:
-    server = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
-                               "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def up():
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            return server.poll() is not None
-
-    wait_for(up, 30, f"redis-server on port {port}", interval=0.05)
-    assert server.poll() is None, f"redis-server on port {port} exited with {server.returncode}"
-    return server
-
-
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_requests_that_arrive_while_the_celery_broker_is_down_are_all_answered(kit, worker_factory, tmp_path):
     """The worker's own broker Redis is stopped; requests arrive and every hand-over to Celery fails; the
     broker comes back: each request is answered once, and the intake started every record it received."""
-    port = _free_port()
-    broker = _redis(port, tmp_path)
+    port = free_port()
+    broker = redis_server(port, tmp_path)
     try:
         env = {**isolated_env(), "CELERY_BROKER_URL": f"redis://127.0.0.1:{port}/0", "FUSION_TEST_PUBLISH_RETRIES": "2"}
         w = worker_factory(name="handover", env=env, concurrency=2)
@@ -241,7 +215,7 @@ def test_requests_that_arrive_while_the_celery_broker_is_down_are_all_answered(k
         for i in range(1, n + 1):
             kit.send(topic, {"data": [i, i], "return-topic": back, "id": f"r{i}"})
         wait_for(lambda: w.log().count("cannot hand") >= 3, 60, "the intake to fail hand-overs to the stopped broker")
-        broker = _redis(port, tmp_path)
+        broker = redis_server(port, tmp_path)
         replies = kit.read(back, n + 1, timeout=120)
         answers = sorted(json.loads(m.value()) for m in replies)
         assert answers == [2 * i for i in range(n + 1)], answers

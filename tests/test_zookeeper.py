@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import socket
 import subprocess
 import uuid
 from collections import Counter
@@ -16,7 +15,7 @@ from urllib.parse import unquote
 
 import pytest
 from celery import Celery
-from conftest import ROOT, RUN_ID, isolated_env, return_topic_name, wait_for
+from conftest import ROOT, RUN_ID, free_port, isolated_env, return_topic_name, wait_for
 
 from fusion_celery.backends.memory import MemoryRegistry
 from fusion_celery.backends.zookeeper import (
@@ -217,12 +216,6 @@ def test_exclusive_runs_a_job_in_one_place_at_a_time(zk_registry):
             assert other
     with rb.exclusive("reaper") as after:
         assert after
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_unreachable_zookeeper_fails_new_waits_with_a_clear_error(zk_registry):
