@@ -377,12 +377,19 @@ class Clients:
                 self._pool = ReturnTopicPool(self.app, self, size)
             return self._pool
 
-    def return_topic(self) -> str:
-        """A new, existing return topic for one wait: from the pool when it has one ready, else made now."""
-        pool = self.pool
+    def return_topic(self, deadline_ms: int | None = None, *, registered: bool = False) -> str:
+        """A new, existing return topic for one wait that ends at ``deadline_ms`` (epoch ms).
+
+        A topic made here carries ``deadline_ms`` in its name, so the reaper leaves it
+        alone until that deadline plus ``fusion_reaper_grace`` even though no registered
+        wait names it.  A pooled topic was named before its wait existed and carries no
+        deadline: only a caller that names its topic in a registered wait at once
+        (``registered``) gets one, ready in the pool when there is one.
+        """
+        pool = self.pool if registered else None
         name = pool.take() if pool is not None else None
         if name is None:
-            name = new_return_topic(self.app)
+            name = new_return_topic(self.app, deadline_ms=deadline_ms)
             self.create_topics([name], partitions=1, config=topic_config(self.app), visible=True)
         return name
 

@@ -4,11 +4,16 @@ A return topic is deleted by the waiter once its reply was handled.  What can
 leave one behind: a crash between removing the wait and deleting the topic, a
 dispatch that failed after creating its topic, a client that gave up.  The
 reaper lists the topics with the return-topic prefix, reads their creation time
-from their name, and deletes those older than ``fusion_reaper_grace`` that no
-pending wait names (a topic whose name carries no creation time is never
-deleted automatically: it was not made by fusion-celery).  It runs every
-``fusion_reaper_interval`` seconds in every
-worker, one at a time when the registry can coordinate (ZooKeeper: a lock, see
+and deadline from their name (:func:`~fusion_celery.returntopics.name_times`),
+and deletes those that no pending wait names once ``fusion_reaper_grace`` has
+passed since their creation and since their deadline, whichever is later
+(:func:`is_orphan`).  So the topic of a caller that registers no wait
+(``celery fusion call``, another language) lives as long as that caller waits,
+plus the grace.  A topic whose name carries no creation time is never deleted
+automatically: nothing tells how long its caller waits.
+
+It runs every ``fusion_reaper_interval`` seconds in every worker, one at a time
+when the registry can coordinate (ZooKeeper: a lock, see
 :meth:`~fusion_celery.registry.Registry.exclusive`; elsewhere deleting twice is
 harmless), and on demand with ``celery fusion reap``.
 """
@@ -24,20 +29,25 @@ from celery import Celery
 
 from .config import setting
 from .kafka import clients
+from .registry import now_ms
+from .returntopics import name_times, reapable_from
 from .runtime import registry
 
-__all__ = ["ReturnTopic", "return_topics", "reap", "Reaper"]
+__all__ = ["ReturnTopic", "return_topics", "is_orphan", "reap", "Reaper"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class ReturnTopic:
+    """A live return topic: the times its name carries and, when a pending wait names it, that wait."""
+
     name: str
     created_ms: int | None
     wait_id: str | None
     owner: str | None
     target: str | None
+    deadline_ms: int | None = None
 
     @property
     def age_s(self) -> float | None:
@@ -51,19 +61,31 @@ def return_topics(app: Celery) -> list[ReturnTopic]:
     by_topic = {w.return_topic: w for w in registry(app).pending()}
     out = []
     for name in sorted(names):
-        stamp = name[len(prefix):].split(".", 1)[0]
-        created = int(stamp) if stamp.isdigit() else None
+        created, deadline = name_times(name, prefix)
         wait = by_topic.get(name)
         out.append(ReturnTopic(name, created, wait.id if wait else None, wait.owner if wait else None,
-                               wait.topic if wait else None))
+                               wait.topic if wait else None, deadline))
     return out
 
 
+def is_orphan(topic: ReturnTopic, now: int, grace: float) -> bool:
+    """Whether the reaper deletes ``topic`` at ``now`` (epoch ms) with a grace of ``grace`` seconds.
+
+    Yes when no pending wait names it and ``grace`` has passed since both the
+    creation and the deadline its name carries; never when its name carries no
+    creation time.
+    """
+    if topic.wait_id is not None:
+        return False
+    due = reapable_from(topic.created_ms, topic.deadline_ms, int(grace * 1000))
+    return due is not None and now >= due
+
+
 def reap(app: Celery, grace: float | None = None) -> list[str]:
-    """Delete orphan return topics now; return their names."""
+    """Delete orphan return topics now (see :func:`is_orphan`); return their names."""
     grace = float(setting(app, "fusion_reaper_grace") if grace is None else grace)
-    orphans = [t.name for t in return_topics(app)
-               if t.wait_id is None and t.age_s is not None and t.age_s >= grace]
+    now = now_ms()
+    orphans = [t.name for t in return_topics(app) if is_orphan(t, now, grace)]
     if orphans:
         clients(app).delete_topics(orphans, wait=True)
         logger.info("reaper: deleted %d orphan return topic(s)", len(orphans))

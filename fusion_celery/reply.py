@@ -13,6 +13,7 @@ from .config import setting
 from .errors import FusionError, ProtocolError
 from .kafka import clients
 from .protocol import check_return_topic, check_size, encode_error, encode_reply, reply_headers
+from .returntopics import name_times
 from .signals import reactor_result
 
 __all__ = ["send_reply", "reply_once"]
@@ -37,11 +38,13 @@ def _patience(app: Celery, topic: str) -> float:
     topic; a fast service would otherwise drop its reply to a return topic its
     caller just made (librdkafka's ``topic.metadata.propagation.max.ms`` makes
     the same allowance for produce).  Return topics carry their creation time in
-    their name (``<prefix><ms>.<uuid>``), so only young ones get the long wait
-    and a reply to a topic its caller deleted does not hold a worker slot long.
+    their name (``<prefix><created ms>.<deadline ms>.<random>``, or
+    ``<prefix><created ms>.<unique>``; see :func:`~fusion_celery.returntopics.name_times`),
+    so only young ones get the long wait and a reply to a topic its caller
+    deleted does not hold a worker slot long.
     """
-    stamp = topic[len(setting(app, "fusion_return_topic_prefix")):].split(".", 1)[0]
-    young = stamp.isdigit() and abs(time.time() * 1000 - int(stamp)) < 60_000
+    created, _ = name_times(topic, setting(app, "fusion_return_topic_prefix"))
+    young = created is not None and abs(time.time() * 1000 - created) < 60_000
     return NEW_TOPIC_PATIENCE if young else OTHER_TOPIC_PATIENCE
 
 

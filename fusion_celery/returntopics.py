@@ -1,25 +1,35 @@
 """Return topics: their names, and a per-process pool of topics created ahead of time, in batches.
 
-Every wait needs a fresh, single-use return topic.  Creating one is a round trip
-through the Kafka controller (tens of milliseconds, and a broker serves only a few
-dozen separate CreateTopics requests a second), while one request creating many
-topics costs about the same as one creating a single topic.  With
-``fusion_return_topic_pool`` > 0, each process keeps that many topics ready and
-refills them in the background with one request per batch, so that a dispatch
-takes a topic without waiting for the controller.
+Every wait needs a fresh, single-use return topic, named
+``<prefix><created ms>.<deadline ms>.<random>``: the time it was made, the time
+its caller stops waiting (both epoch milliseconds), and 128 random bits in hex.
+The reaper reads both times from the name (see :func:`name_times`), so a topic
+whose caller registers no wait (``celery fusion call``, a caller in another
+language) is kept until its deadline has passed, plus ``fusion_reaper_grace``.
 
-A pooled topic is named, as any return topic, with the time it was created, and
-no wait names it until it is taken: the reaper counts it as an orphan after
-``fusion_reaper_grace``.  The pool therefore never hands out a topic older than
-half that grace (it deletes it instead), and deletes what it holds when its
-process closes its clients.
+Creating a topic is a round trip through the Kafka controller (tens of
+milliseconds, and a broker serves only a few dozen separate CreateTopics
+requests a second), while one request creating many topics costs about the same
+as one creating a single topic.  With ``fusion_return_topic_pool`` > 0, each
+process keeps that many topics ready and refills them in the background with one
+request per batch, so that a dispatch takes a topic without waiting for the
+controller.
+
+A pooled topic is made before anyone knows the deadline of the wait it will
+serve, so its name carries its creation time as its deadline too: unless a wait
+names it, the reaper deletes it once it is ``fusion_reaper_grace`` old.  The pool
+therefore hands its topics only to callers that name them in a registered wait
+(the registry then protects them; see :meth:`fusion_celery.kafka.Clients.return_topic`),
+never hands out a topic older than half that grace (it deletes it instead), and
+deletes what it holds when its process closes its clients.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import secrets
 import threading
-import uuid
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -31,15 +41,66 @@ if TYPE_CHECKING:
 
     from .kafka import Clients
 
-__all__ = ["new_return_topic", "ReturnTopicPool"]
+__all__ = ["new_return_topic", "name_times", "reapable_from", "ReturnTopicPool"]
 
 logger = logging.getLogger(__name__)
 
+#: Random bytes in a return topic's name (hex-encoded: twice as many characters).  128 bits keep two
+#: names made in the same millisecond apart, and a name infeasible to guess.
+RANDOM_BYTES = 16
 
-def new_return_topic(app: Celery, created_ms: int | None = None) -> str:
-    """A fresh return topic name: prefix, creation time in ms (the reaper reads it), random part."""
-    stamp = now_ms() if created_ms is None else created_ms
-    return f"{setting(app, 'fusion_return_topic_prefix')}{stamp}.{uuid.uuid4().hex}"
+_MS = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also accepts digits int() cannot read
+
+
+def new_return_topic(app: Celery, created_ms: int | None = None, deadline_ms: int | None = None) -> str:
+    """A fresh return topic name: ``<prefix><created ms>.<deadline ms>.<32 hex digits>``.
+
+    ``deadline_ms`` (epoch ms) is when the caller stops waiting; the reaper leaves
+    the topic alone until then plus ``fusion_reaper_grace`` even when no registered
+    wait names it.  Without one (a pooled topic) the name carries the creation
+    time as its deadline, and so does a deadline that lies before the creation.
+    """
+    created = now_ms() if created_ms is None else int(created_ms)
+    deadline = created if deadline_ms is None else max(int(deadline_ms), created)
+    return f"{setting(app, 'fusion_return_topic_prefix')}{created}.{deadline}.{secrets.token_hex(RANDOM_BYTES)}"
+
+
+def name_times(name: str, prefix: str) -> tuple[int | None, int | None]:
+    """The creation time and the deadline (epoch ms) a return topic's name carries; ``None`` for each it lacks.
+
+    The name after ``prefix`` is split at its dots:
+
+    - ``<created>.<deadline>.<random>`` (what fusion-celery makes): both; a third
+      field after two numbers is required, so a foreign ``<created>.<digits>``
+      name is not misread as carrying a deadline;
+    - ``<created>.<unique>`` (older fusion-celery versions, other callers): the
+      creation time only;
+    - anything whose first field is not a number (or a name without ``prefix``):
+      neither.
+
+    Misreading a foreign name can only keep its topic longer: the reaper waits for
+    the later of the two times (see :func:`reapable_from`).
+    """
+    if not name.startswith(prefix):
+        return None, None
+    fields = name[len(prefix):].split(".")
+    if not _MS.fullmatch(fields[0]):
+        return None, None
+    deadline = int(fields[1]) if len(fields) >= 3 and _MS.fullmatch(fields[1]) else None
+    return int(fields[0]), deadline
+
+
+def reapable_from(created_ms: int | None, deadline_ms: int | None, grace_ms: int) -> int | None:
+    """When (epoch ms) the reaper may delete a return topic that no pending wait names; ``None``: never.
+
+    That is ``grace_ms`` after the creation or after the deadline, whichever is
+    later.  A topic whose name carries no creation time is not named as the
+    protocol asks, so nothing tells how long its caller waits: it is never
+    deleted automatically.
+    """
+    if created_ms is None:
+        return None
+    return max(created_ms, created_ms if deadline_ms is None else deadline_ms) + grace_ms
 
 
 def topic_config(app: Celery) -> dict[str, str]:
@@ -52,7 +113,8 @@ class ReturnTopicPool:
 
     :meth:`take` never blocks on Kafka: it returns a ready topic, or ``None`` when the
     pool is empty (the caller then creates one itself), and asks for a refill when
-    the pool is half empty.
+    the pool is half empty.  A taken topic is protected from the reaper only for
+    the rest of its grace: its taker must name it in a registered wait.
     """
 
     def __init__(self, app: Celery, clients: Clients, size: int) -> None:
@@ -110,6 +172,7 @@ class ReturnTopicPool:
             if need <= 0:
                 continue
             created = now_ms()
+            # No deadline yet: the name carries the creation time twice (see the module's docstring).
             names = [new_return_topic(self.app, created) for _ in range(need)]
             try:
                 self.clients.create_topics(names, partitions=1, config=topic_config(self.app), visible=True)

@@ -8,7 +8,7 @@ import sys
 import time
 import uuid
 
-from conftest import ROOT, topic_name, wait_for
+from conftest import ROOT, isolated_env, topic_name, wait_for
 
 
 def fusion(*args, timeout=120, env=None):
@@ -37,6 +37,29 @@ def test_call_without_wait_prints_the_delivery_record(services_worker, kit):
     record = json.loads(out.stdout)
     assert {k: record[k] for k in ("topic", "partition", "offset")} == {"topic": topic, "partition": 0, "offset": 0}
     assert record["timestamp"] > 0
+
+
+def test_call_gets_an_answer_that_comes_after_the_reaper_grace(worker_factory, kit):
+    """`call --wait` registers no wait, so only its return topic's name keeps the workers' reapers away: the
+    name carries the call's deadline, and the topic lives until then plus the grace, not the grace alone."""
+    prefix = f"fusion.rt.grace{uuid.uuid4().hex[:6]}."  # this worker's reaper, with its short grace, sees only these
+    grace = 2.0
+    env = {**isolated_env(), "FUSION_RETURN_TOPIC_PREFIX": prefix, "FUSION_REAPER_GRACE": str(grace),
+           "FUSION_REAPER_INTERVAL": "0.5"}
+    worker_factory(name="grace", env=env, concurrency=1)
+    now = int(time.time() * 1000)
+    orphan = kit.topic(f"{prefix}{now - 60_000}.{uuid.uuid4().hex}")  # its deletion shows the reaper at work
+    no_time = kit.topic(f"{prefix}no-time-{uuid.uuid4().hex}")
+    wait_for(lambda: orphan not in kit.topics(prefix), 60, "the worker's reaper to delete a past-due orphan")
+    kit.created.remove(orphan)
+
+    started = time.monotonic()
+    out = fusion("call", f"{env['FUSION_TEST_RUN']}.slow", "6", "--wait", "--timeout", "30", env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == 6
+    assert time.monotonic() - started > 6 > 2 * grace, "the answer came after more than the grace"
+    wait_for(lambda: kit.topics(prefix) == {no_time}, 60,
+             "the call to delete its return topic, and the reaper to leave the name without a time alone")
 
 
 def test_call_errors_are_one_line(services_worker):

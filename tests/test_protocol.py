@@ -47,6 +47,7 @@ def test_metadata_from_headers():
     (b'{"data": 1, "id": [1]}', "bad-field"),
     (b'{"data": 1, "return-topic": "payments"}', "return-topic-not-allowed"),
     (b'{"data": 1, "return-topic": "../etc"}', "return-topic-not-allowed"),
+    (b'{"data": 1, "return-topic": "fusion.rt.x\\n"}', "return-topic-not-allowed"),
 ])
 def test_malformed_requests_have_typed_reasons(value, reason):
     with pytest.raises(ProtocolError) as exc:
@@ -153,14 +154,62 @@ def test_any_reply_is_a_result_or_a_typed_error(value, hdrs):
         json.dumps(result)
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.text(max_size=60) | st.sampled_from(["fusion.rt.", "fusion.rt.x", "fusion.rtx", "replies.team-a",
-                                               "replies.team-a.x", "xreplies.team-a", "..", "."]))
+#: Kafka's rules for a topic name, written out here rather than taken from the code under test: 1 to 249
+#: characters, each an ASCII letter, digit, ".", "_" or "-"; not "." or "..".
+KAFKA_TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def kafka_legal(name: str) -> bool:
+    return 1 <= len(name) <= 249 and all(ch in KAFKA_TOPIC_CHARS for ch in name) and name not in {".", ".."}
+
+
+def allowed(name: str) -> bool:
+    """What check_return_topic(name, "fusion.rt.", [r"replies\\.team-a"]) must let through."""
+    return kafka_legal(name) and (name.startswith("fusion.rt.") or name == "replies.team-a")
+
+
+ALLOW_LIST_TRAPS = [
+    "fusion.rt.", "fusion.rt.x", "fusion.rtx", "replies.team-a", "replies.team-a.x", "xreplies.team-a", "..", ".",
+    # with the prefix, and still not a legal name
+    "fusion.rt.\n", "fusion.rt.x\n", "fusion.rt.1700000000000.abc\n", "fusion.rt.x\r", "fusion.rt.x\r\n",
+    "fusion.rt.x\x00", "fusion.rt.x y", "fusion.rt.\t", "\nfusion.rt.x", "fusion.rt./../x", "fusion.rt./etc/passwd",
+    "fusion.rt.x/", "fusion.rt.x:y", "fusion.rt.*", "replies.team-a\n",
+    "fusion.rt." + "x" * 239, "fusion.rt." + "x" * 240, "fusion.rt." + "x" * 1000,  # 249 (legal), 250, 1010
+    # unicode look-alikes of legal characters
+    "fusion.rt.\uff11\uff12\uff13", "fusion\u2024rt.x", "fusion.rt\uff0ex", "fusion.rt.\u0430", "\uff46usion.rt.x",
+    "fusion.rt.x\u200b", "fusion.rt.x\u00a0", "fusion.rt.\u2010x", "fusion.rt.\u2170", "fusion.rt.\u00b9",
+    "fusion.rt.x\u2028", "fusion.rt.x\x85", "replies.team\u2011a",
+]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=60)
+       | st.sampled_from(ALLOW_LIST_TRAPS)
+       | st.text(max_size=40).map(lambda rest: "fusion.rt." + rest)
+       | st.text(alphabet="abc.-_\n\r/ ", max_size=20).map(lambda rest: "fusion.rt." + rest)
+       | st.integers(225, 260).map(lambda n: "fusion.rt." + "x" * (n - len("fusion.rt."))))
 def test_allow_list_holds_for_any_name(name):
-    import re
+    assert_allow_list_holds(name)
+
+
+@pytest.mark.parametrize("name", ALLOW_LIST_TRAPS)
+def test_allow_list_holds_for_every_trap(name):
+    """Every trap, every run (the fuzz test above only samples them)."""
+    assert_allow_list_holds(name)
+
+
+def assert_allow_list_holds(name: str) -> None:
     try:
         check_return_topic(name, "fusion.rt.", [r"replies\.team-a"])
     except ReplyNotAllowed:
-        return
-    assert re.fullmatch(r"[A-Za-z0-9._-]{1,249}", name) and name not in {".", ".."}
-    assert name.startswith("fusion.rt.") or name == "replies.team-a"
+        assert not allowed(name), f"{name!r} was refused"
+    else:
+        assert allowed(name), f"{name!r} was allowed"
+
+
+def test_the_independent_rules_see_the_traps():
+    """The expectation above is not vacuous: it refuses and allows what it should."""
+    assert allowed("fusion.rt.x") and allowed("fusion.rt." + "x" * 239) and allowed("replies.team-a")
+    for trap in ["fusion.rt.x\n", "fusion.rt./../x", "fusion.rt." + "x" * 240, "fusion.rt.\u0430", "..",
+                 "replies.team-a.x"]:
+        assert not allowed(trap), trap
