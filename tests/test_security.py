@@ -1,5 +1,7 @@
-"""Kafka with authentication and ACLs: fusion-celery works with credentials from its settings, a client
-without them is refused, and the password never shows in logs, task arguments, events or errors.
+"""Kafka with authentication and ACLs: fusion-celery works with credentials from its settings and exactly
+the ACLs `celery fusion acls` grants, a client without them is refused, another principal can neither
+write nor read the registry nor touch return topics, and the password never shows in logs, task
+arguments, events, Redis or errors.
 
 The local broker has a SASL_PLAINTEXT listener (SCRAM-SHA-256, StandardAuthorizer, see stack/stack.sh);
 the test creates its SCRAM users and ACLs with the admin API over the PLAINTEXT listener, whose
@@ -8,16 +10,20 @@ anonymous principal is a super user.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Iterator
 
 import pytest
 import redis
+from celery import Celery
 from confluent_kafka.admin import (
     AclBinding,
     AclBindingFilter,
@@ -28,9 +34,10 @@ from confluent_kafka.admin import (
     ResourceType,
     ScramCredentialInfo,
     ScramMechanism,
+    UserScramCredentialDeletion,
     UserScramCredentialUpsertion,
 )
-from conftest import RUN_ID, Worker, isolated_env, return_topic_name, wait_for
+from conftest import ROOT, RUN_ID, Worker, high_watermark, isolated_env, return_topic_name, wait_for
 from reliability import stack, stack_ports
 
 from fusion_celery.config import stack_env
@@ -39,6 +46,7 @@ from fusion_celery.config import stack_env
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 
 PASSWORD = f"S3cr3t-{uuid.uuid4().hex}"  # unique, so a grep for it finds nothing else
+STRANGER_PASSWORD = f"stranger-{uuid.uuid4().hex}"
 
 
 def sasl_servers() -> str:
@@ -57,9 +65,18 @@ def listening(servers: str) -> bool:
         return False
 
 
+def fusion_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``celery -A fusion_celery fusion ARGS`` with the test reactors imported, in ``env``."""
+    full = {**os.environ, "FUSION_IMPORTS": "tests.apps.services", "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run([sys.executable, "-m", "celery", "-A", "fusion_celery", "fusion", *args], env=full,
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
 @pytest.fixture(scope="module")
 def sasl(kit):
-    """The SASL endpoint, a user ``fusion-<run>`` with ACLs for a fusion deployment, and a user without any."""
+    """The SASL endpoint; a user ``fusion-<run>`` with exactly the ACLs ``celery fusion acls`` grants a
+    deployment of tests/apps/services.py (its own registry topic and reactor topics), and a user
+    ``stranger-<run>`` that may use nothing but a consumer group of its own."""
     if stack_ports() and not listening(sasl_servers()):
         stack("restart", "kafka")  # the config with the SASL listener is written on start
     servers = sasl_servers()
@@ -67,31 +84,36 @@ def sasl(kit):
     admin = AdminClient({"bootstrap.servers": kit.servers})
     user, stranger = f"fusion-{RUN_ID}", f"stranger-{RUN_ID}"
     creds = [UserScramCredentialUpsertion(u, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_256, 4096), p.encode())
-             for u, p in ((user, PASSWORD), (stranger, "stranger-pw"))]
+             for u, p in ((user, PASSWORD), (stranger, STRANGER_PASSWORD))]
     for f in admin.alter_user_scram_credentials(creds).values():
         f.result(30)
     env = isolated_env("kafka", db=14)
     run = env["FUSION_TEST_RUN"]
-    principal = f"User:{user}"
-    bindings = [AclBinding(rtype, name, pattern, principal, "*", AclOperation.ALL, AclPermissionType.ALLOW)
-                for rtype, name, pattern in (
-                    (ResourceType.TOPIC, run, ResourcePatternType.PREFIXED),            # reactors, their DLQs
-                    (ResourceType.TOPIC, "fusion.rt.", ResourcePatternType.PREFIXED),   # return topics
-                    (ResourceType.TOPIC, "fusion.waits", ResourcePatternType.PREFIXED),  # the registry
-                    (ResourceType.GROUP, "fusion.", ResourcePatternType.PREFIXED))]     # its consumer groups
-    bindings += [AclBinding(ResourceType.BROKER, "kafka-cluster", ResourcePatternType.LITERAL, principal, "*", op,
-                            AclPermissionType.ALLOW) for op in (AclOperation.DESCRIBE, AclOperation.IDEMPOTENT_WRITE)]
-    for f in admin.create_acls(bindings).values():
+    principals = [f"User:{user}", f"User:{stranger}"]
+    # Applied over the PLAINTEXT listener (the super user), as an administrator would.
+    out = fusion_cli("acls", "--principal", principals[0], "--apply", "--format", "json", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "applied" in out.stderr and "warning" not in out.stderr, out.stderr
+    grants = json.loads(out.stdout)
+    stranger_group = f"stranger-{RUN_ID}"
+    for f in admin.create_acls([AclBinding(ResourceType.GROUP, stranger_group, ResourcePatternType.LITERAL,
+                                           principals[1], "*", op, AclPermissionType.ALLOW)
+                                for op in (AclOperation.READ, AclOperation.DESCRIBE)]).values():
         f.result(30)
     # ACLs reach the broker's authorizer through the metadata log: wait until they hold.
-    wait_for(lambda: authorized(servers, user, PASSWORD, f"{run}.probe", kit), 60, "the ACLs to be in force",
+    wait_for(lambda: authorized(servers, user, PASSWORD, return_topic_name(), kit), 60, "the ACLs to be in force",
              interval=1.0)
     config = {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "SCRAM-SHA-256",
               "sasl.username": user, "sasl.password": PASSWORD}
-    yield {"servers": servers, "user": user, "stranger": stranger, "env": env, "run": run, "config": config}
-    filters = [AclBindingFilter(b.restype, b.name, b.resource_pattern_type, b.principal, b.host, b.operation,
-                                b.permission_type) for b in bindings]
+    yield {"servers": servers, "user": user, "stranger": stranger, "stranger_group": stranger_group, "env": env,
+           "run": run, "config": config, "grants": grants,
+           "registry": env["FUSION_REGISTRY_URL"].removeprefix("kafka://")}
+    filters = [AclBindingFilter(ResourceType.ANY, None, ResourcePatternType.ANY, principal, None, AclOperation.ANY,
+                                AclPermissionType.ANY) for principal in principals]
     for f in admin.delete_acls(filters).values():
+        f.result(30)
+    for f in admin.alter_user_scram_credentials([UserScramCredentialDeletion(u, ScramMechanism.SCRAM_SHA_256)
+                                                 for u in (user, stranger)]).values():
         f.result(30)
     admin.__exit__(None, None, None)
 
@@ -127,11 +149,135 @@ def authorized(servers: str, user: str, password: str, topic: str, kit) -> bool:
                  topic)["delivered"]
 
 
-def test_fusion_celery_works_with_credentials_from_its_settings(sasl, kit, worker_factory, request):
+ATTEMPT = """
+import json, sys
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+config, action, topic, group = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+quiet = {**config, "log_level": 0}
+error = "NO_ANSWER"
+if action == "write":  # a tombstone for a key no wait has: harmless should it be written
+    done = {}
+    p = Producer({**quiet, "message.timeout.ms": 10000})
+    p.produce(topic, None, key=b"intruder", on_delivery=lambda err, msg: done.update(err=err and err.name()))
+    p.flush(15)
+    error = done.get("err", error)
+elif action in ("read", "join"):  # read partition 0 from the beginning, or join the group on the topic
+    c = Consumer({**quiet, "group.id": group, "enable.auto.commit": False, "enable.partition.eof": True,
+                  "auto.offset.reset": "earliest"})
+    if action == "read":
+        c.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+    else:
+        c.subscribe([topic])
+    for _ in range(40):
+        m = c.poll(0.5)
+        if m is not None:
+            error = m.error().name() if m.error() else None
+            break
+    c.close()
+else:  # delete or create a topic
+    a = AdminClient(quiet)
+    fs = a.delete_topics([topic], operation_timeout=10) if action == "delete" else \
+        a.create_topics([NewTopic(topic, 1)], operation_timeout=10)
+    try:
+        fs[topic].result(20)
+        error = None
+    except KafkaException as exc:
+        error = exc.args[0].name()
+print(json.dumps({"error": error}))
+"""
+
+
+def attempt(config: dict, action: str, topic: str, group: str = "") -> str | None:
+    """Try ``action`` (write, read, join, delete, create) on ``topic`` with a client of ``config``, in a
+    process of its own; the name of the Kafka error it met (``_PARTITION_EOF``: read to the end), or None."""
+    out = subprocess.run([sys.executable, "-c", ATTEMPT, json.dumps(config), action, topic, group],
+                         capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])["error"]
+
+
+def secret_forms(secret: str) -> list[bytes]:
+    """``secret`` as it would show in stored data: as is, and inside base64 at each of the three alignments
+    (kombu's Redis transport keeps task message bodies base64-encoded)."""
+    raw = secret.encode()
+    forms = [raw]
+    for k in range(3):
+        encoded = base64.b64encode(b"\0" * k + raw)
+        # drop the characters that depend on the padding bytes before or on what follows the secret
+        forms.append(encoded[(4 * k + 2) // 3:((k + len(raw)) // 3) * 4])
+    return forms
+
+
+def db_of(url: str) -> bytes:
+    return url.rsplit("/", 1)[1].encode()
+
+
+class RedisTraffic(threading.Thread):
+    """Every command Redis runs on the databases of ``urls`` while this runs (MONITOR), as Redis shows it:
+    task messages pushed to the broker's queues and their acknowledgements, results, chord counters, events."""
+
+    def __init__(self, *urls: str) -> None:
+        super().__init__(daemon=True)
+        self.client = redis.Redis.from_url(urls[0])
+        self.dbs = {db_of(u) for u in urls}
+        self.lines: dict[bytes, list[bytes]] = {db: [] for db in self.dbs}
+        self.should_stop = False
+        self.monitor = self.client.monitor().__enter__()  # MONITOR is on once this returns
+        self.start()
+
+    def run(self) -> None:
+        while not self.should_stop:
+            try:
+                line = self.monitor.connection.read_response()
+            except Exception:
+                return
+            m = re.match(rb"\S+ \[(\d+) ", line if isinstance(line, bytes) else b"")
+            if m and m.group(1) in self.dbs:
+                self.lines[m.group(1)].append(line)
+
+    def stop(self) -> None:
+        self.should_stop = True
+        self.client.ping()  # wakes the reader up: MONITOR shows every command
+        self.join(10)
+        self.monitor.__exit__(None, None, None)
+        self.client.close()
+
+
+def stored_values(url: str) -> Iterator[tuple[bytes, bytes]]:
+    """Every key of the Redis database ``url`` with its value, read according to its type."""
+    r = redis.Redis.from_url(url)
+    try:
+        for key in r.scan_iter("*"):
+            kind = r.type(key)
+            if kind == b"string":
+                values = [r.get(key)]
+            elif kind == b"list":
+                values = r.lrange(key, 0, -1)
+            elif kind == b"hash":
+                values = [x for item in r.hgetall(key).items() for x in item]
+            elif kind == b"set":
+                values = list(r.smembers(key))
+            elif kind == b"zset":
+                values = r.zrange(key, 0, -1)
+            elif kind == b"stream":
+                values = [repr(entry).encode() for entry in r.xrange(key)]
+            else:  # gone meanwhile
+                values = []
+            yield key, b"\n".join(v or b"" for v in values)
+    finally:
+        r.close()
+
+
+def test_fusion_celery_works_with_credentials_from_its_settings(sasl, kit, worker_factory, monkeypatch):
+    # librdkafka's "security" debug context logs each SASL login ("Authenticated as <user> using <mechanism>");
+    # the worker logs at debug level so that those lines, and everything else, reach its log.
     env = {**sasl["env"], "FUSION_KAFKA_BOOTSTRAP_SERVERS": sasl["servers"],
-           "FUSION_KAFKA_CONFIG": json.dumps(sasl["config"])}
-    w = worker_factory(name="sasl", env=env, concurrency=2)
-    events = capture_events(sasl["env"]["CELERY_BROKER_URL"])
+           "FUSION_KAFKA_CONFIG": json.dumps({**sasl["config"], "debug": "security"})}
+    broker, backend = sasl["env"]["CELERY_BROKER_URL"], sasl["env"]["CELERY_RESULT_BACKEND"]
+    traffic = RedisTraffic(broker, backend)
+    w = worker_factory(name="sasl", env=env, concurrency=2, extra_args=("-l", "debug"))
+    events = capture_events(broker)
     back = kit.topic(return_topic_name())
     # math has two chained deps: intake, return topics, registry, requests and replies all go through SASL
     kit.send(f"{sasl['run']}.math", {"data": [1, 2, 3], "return-topic": back, "id": "s-1"})
@@ -145,17 +291,118 @@ def test_fusion_celery_works_with_credentials_from_its_settings(sasl, kit, worke
     body = json.loads(err.value())
     assert dict(err.headers())["fusion-status"] == b"error" and "dep 'x'" in body["error"]["message"]
     assert PASSWORD not in err.value().decode()
+    # A canary in the arguments of a task message left in a queue no worker reads: the search below must find
+    # it, in the traffic and in the stored values, or it proves nothing.
+    canary, queue = f"canary-{uuid.uuid4().hex}", f"canary-{RUN_ID}"
+    monkeypatch.setenv("CELERY_BROKER_URL", broker)  # Celery prefers it to the app's own broker setting
+    sender = Celery("canary", set_as_current=False)
+    sender.send_task("tests.ping", args=[canary], queue=queue)
+    sender.close()
     events.stop()
-    # The secret is nowhere: worker log, task arguments and results in Redis, the events Flower shows.
+    traffic.stop()
+    # The worker logged in over SASL/SCRAM as the user: librdkafka says so for its connections ...
     log = w.log()
-    assert "SASL" in log or "serving" in log
+    assert f"Authenticated as {sasl['user']} using SCRAM-SHA-256" in log, "no SASL login in the worker's log"
+    # ... and it acted as that user, not as the PLAINTEXT listener's super user, who may write anywhere:
+    # the topic outside its ACLs received nothing.
+    assert high_watermark(kit.servers, forbidden) == 0
+    # The secret is nowhere: the worker's (debug) log, the events Flower shows, and Redis: both the broker's
+    # and the result backend's database, every command run on them during the run (the task messages
+    # pushed to the broker's queues, base64 bodies included) and every key's value left at the end.
     assert PASSWORD not in log
-    backend = redis.Redis.from_url(sasl["env"]["CELERY_RESULT_BACKEND"])
-    for key in backend.scan_iter("*"):
-        value = backend.dump(key) or b""
-        assert PASSWORD.encode() not in value, f"the password is in Redis key {key!r}"
     assert events.seen, "no task events were captured"
     assert PASSWORD not in json.dumps(events.seen, default=str)
+    forms = secret_forms(PASSWORD)
+    pushed = [line for line in traffic.lines[db_of(broker)] if b'"LPUSH"' in line.upper()]
+    assert pushed, "no task message was seen going into the broker's queues"
+    assert any(b"celery-task-meta-" in line for line in traffic.lines[db_of(backend)]), "no result was seen stored"
+    for db, lines in traffic.lines.items():
+        for line in lines:
+            assert not any(f in line for f in forms), f"the password went through Redis db {db!r}: {line[:300]!r}"
+    canaries = secret_forms(canary)
+    assert any(f in line for line in traffic.lines[db_of(broker)] for f in canaries), "the canary was not seen"
+    assert any(f in value for _key, value in stored_values(broker) for f in canaries), "the canary was not found"
+    redis.Redis.from_url(broker).delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
+    for url in (broker, backend):
+        for key, value in stored_values(url):
+            assert not any(f in key + value for f in forms), f"the password is in Redis key {key!r} of {url}"
+
+
+def test_the_acls_command_grants_the_deployment_to_one_principal(sasl):
+    out = fusion_cli("acls", "--principal", "User:someone", "--host", "10.0.0.1", "--calls", "prices.*",
+                     "--calls", "tax", "--format", "json", env=sasl["env"])
+    assert out.returncode == 0, out.stderr
+    rows = {(r["resource_type"], r["pattern_type"], r["name"]): r for r in json.loads(out.stdout)}
+    assert {(r["principal"], r["host"], r["permission"]) for r in rows.values()} == {("User:someone", "10.0.0.1",
+                                                                                       "ALLOW")}
+    ops = {k: set(r["operations"]) for k, r in rows.items()}
+    registry, run = sasl["registry"], sasl["run"]
+    assert ops[("TOPIC", "LITERAL", registry)] == {"CREATE", "DESCRIBE", "READ", "WRITE"}
+    assert ops[("GROUP", "LITERAL", f"fusion.waiters.{registry}")] == {"DESCRIBE", "READ"}
+    assert ops[("TOPIC", "PREFIXED", "fusion.rt.")] == {"CREATE", "DELETE", "DESCRIBE", "READ", "WRITE"}
+    assert ops[("TOPIC", "LITERAL", f"{run}.math")] == {"CREATE", "DESCRIBE", "READ", "WRITE"}
+    assert ops[("TOPIC", "LITERAL", f"{run}.math.dlq")] == {"CREATE", "DESCRIBE", "WRITE"}
+    assert ops[("GROUP", "LITERAL", f"fusion.reactor.{run}.math")] == {"DESCRIBE", "READ"}
+    assert ops[("TOPIC", "PREFIXED", "prices.")] == ops[("TOPIC", "LITERAL", "tax")] == {"DESCRIBE", "WRITE"}
+    assert ops[("BROKER", "LITERAL", "kafka-cluster")] == {"IDEMPOTENT_WRITE"}
+    # nothing broader than the deployment's own names: no wildcard, no prefix but return topics and --calls
+    assert not any(name in ("*", "", "fusion.") for _t, _p, name in rows)
+    assert {name for _t, p, name in rows if p == "PREFIXED"} == {"fusion.rt.", "prices."}
+    # what sasl() applied for the worker's user is this list
+    assert {(r["resource_type"], r["pattern_type"], r["name"]) for r in sasl["grants"]} == \
+        set(rows) - {("TOPIC", "PREFIXED", "prices."), ("TOPIC", "LITERAL", "tax")}
+    shell = fusion_cli("acls", "--principal", "User:someone", "--format", "kafka-acls", env=sasl["env"])
+    assert f"--allow-principal User:someone --allow-host '*' --operation Create --operation Describe " \
+           f"--operation Read --operation Write --topic {registry} --resource-pattern-type literal" in shell.stdout
+    bad = fusion_cli("acls", "--principal", "someone", env=sasl["env"])
+    assert bad.returncode != 0 and "use TYPE:NAME" in bad.stderr
+
+
+def test_another_principal_can_neither_use_the_registry_nor_touch_return_topics(sasl, kit):
+    registry, waiters = sasl["registry"], f"fusion.waiters.{sasl['registry']}"
+    kit.topic(registry)  # made by the worker of the first test; made here when this test runs alone
+    stranger = {"bootstrap.servers": sasl["servers"], **sasl["config"], "sasl.username": sasl["stranger"],
+                "sasl.password": STRANGER_PASSWORD}
+    user = {"bootstrap.servers": sasl["servers"], **sasl["config"]}
+    doomed = kit.topic(return_topic_name())
+    # The stranger logs in (its errors are authorization errors, not failed logins) and may use a consumer
+    # group of its own, but it cannot write a wait into the registry, read the registry (with its own group),
+    # join the waiters' group, nor delete or create a return topic.
+    assert attempt(stranger, "write", registry) == "TOPIC_AUTHORIZATION_FAILED"
+    assert attempt(stranger, "join", registry, sasl["stranger_group"]) == "TOPIC_AUTHORIZATION_FAILED"
+    assert attempt(stranger, "read", registry, sasl["stranger_group"]) not in (None, "_PARTITION_EOF")  # no data
+    assert attempt(stranger, "join", registry, waiters) == "GROUP_AUTHORIZATION_FAILED"
+    assert attempt(stranger, "delete", doomed) == "TOPIC_AUTHORIZATION_FAILED"
+    assert doomed in kit.topics("fusion.rt.")
+    assert attempt(stranger, "create", return_topic_name()) == "TOPIC_AUTHORIZATION_FAILED"
+    # fusion's principal may do each of these (the same attempts, so the refusals above are the ACLs')
+    assert attempt(user, "write", registry) is None
+    assert attempt(user, "read", registry, "fusion.registry-reader") in (None, "_PARTITION_EOF")
+    assert attempt(user, "delete", doomed) is None
+    wait_for(lambda: doomed not in kit.topics("fusion.rt."), 30, f"{doomed} to be deleted")
+
+
+def test_the_acls_command_warns_of_other_principals_allowed_on_the_registry(sasl, kit):
+    other = f"User:other-{RUN_ID}"
+    binding = AclBinding(ResourceType.TOPIC, "fusion.waits", ResourcePatternType.PREFIXED, other, "*",
+                         AclOperation.WRITE, AclPermissionType.ALLOW)
+    admin = AdminClient({"bootstrap.servers": kit.servers})
+    try:
+        for f in admin.create_acls([binding]).values():
+            f.result(30)
+        flt = AclBindingFilter(ResourceType.TOPIC, sasl["registry"], ResourcePatternType.MATCH, other, None,
+                               AclOperation.ANY, AclPermissionType.ANY)
+        wait_for(lambda: admin.describe_acls(flt).result(30), 30, "the other principal's ACL to be listed")
+        out = fusion_cli("acls", "--principal", f"User:{sasl['user']}", "--apply", env=sasl["env"])
+        assert out.returncode == 0, out.stderr
+        assert f"warning: {other} (host *) WRITE on TOPIC PREFIXED 'fusion.waits'" in out.stderr, out.stderr
+        assert f"User:{sasl['user']}" not in out.stderr.replace(f"for User:{sasl['user']}", "")
+    finally:
+        filters = [AclBindingFilter(b.restype, b.name, b.resource_pattern_type, b.principal, b.host, b.operation,
+                                    b.permission_type) for b in [binding]]
+        for f in admin.delete_acls(filters).values():
+            f.result(30)
+        admin.__exit__(None, None, None)
 
 
 class capture_events(threading.Thread):
@@ -191,7 +438,7 @@ class capture_events(threading.Thread):
 
 
 def test_a_client_without_credentials_is_refused(sasl, kit):
-    topic = kit.topic(f"{sasl['run']}.add.refused")
+    topic = kit.topic(return_topic_name())  # one the user may write
     # no SASL at all: the broker closes the connection, nothing is written
     plain = probe({"bootstrap.servers": sasl["servers"]}, topic)
     assert not plain["delivered"]
@@ -206,8 +453,8 @@ def test_a_client_without_credentials_is_refused(sasl, kit):
 
 
 def test_acls_hold_for_an_authenticated_user_without_them(sasl, kit):
-    topic = kit.topic(f"{sasl['run']}.add.acl")
-    assert not authorized(sasl["servers"], sasl["stranger"], "stranger-pw", topic, kit)
+    topic = kit.topic(return_topic_name())
+    assert not authorized(sasl["servers"], sasl["stranger"], STRANGER_PASSWORD, topic, kit)
     assert authorized(sasl["servers"], sasl["user"], PASSWORD, topic, kit)
     outside = kit.topic(f"outside.{RUN_ID}.{uuid.uuid4().hex[:6]}")
     assert not authorized(sasl["servers"], sasl["user"], PASSWORD, outside, kit)

@@ -11,17 +11,22 @@ import json
 import subprocess
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterator
 from urllib.parse import unquote
 
 import pytest
 from celery import Celery
 from conftest import ROOT, RUN_ID, free_port, isolated_env, return_topic_name, wait_for
+from kazoo.client import KazooClient
+from kazoo.exceptions import NoAuthError
+from kazoo.security import OPEN_ACL_UNSAFE, make_digest_acl
 
 from fusion_celery.backends.memory import MemoryRegistry
 from fusion_celery.backends.zookeeper import (
     ZooKeeperRegistry,
     bucket_of,
     diff_children,
+    digest_auth,
     node_name,
     parse_url,
     share,
@@ -236,6 +241,181 @@ def test_a_wait_too_large_for_a_znode_is_refused_naming_it(zk_registry):
     w.carry = {"big": "x" * 1_100_000}
     with pytest.raises(Exception, match="more than the 1000000 a ZooKeeper znode holds"):
         reg.register(w)
+
+
+
+# -- digest authentication and ACLs ----------------------------------------------------------------
+ZK_USER = "fusion"
+ZK_PASSWORD = f"zk-{uuid.uuid4().hex}"  # unique, so a search for it finds nothing else
+
+
+def zk_client(hosts: str, auth: tuple[str, str] | None = None) -> KazooClient:
+    """A started kazoo client, unauthenticated or authenticated with the digest ``(user, password)``."""
+    zk = KazooClient(hosts=hosts, timeout=5, auth_data=[("digest", ":".join(auth))] if auth else None)
+    zk.start(10)
+    return zk
+
+
+def znodes(zk: KazooClient, path: str) -> Iterator[str]:
+    """``path`` and every znode under it."""
+    yield path
+    for child in zk.get_children(path):
+        yield from znodes(zk, f"{path}/{child}")
+
+
+@pytest.fixture
+def zk_auth(zookeeper):
+    """Makes registries that authenticate as ``ZK_USER`` on a fresh path; removes the path as that
+    identity afterwards (nobody else may)."""
+    root = f"/fusion-test-{RUN_ID}-auth-{uuid.uuid4().hex[:6]}"
+    made: list[ZooKeeperRegistry] = []
+
+    def make(**conf) -> ZooKeeperRegistry:
+        app = Celery("zk-auth-test", set_as_current=False)
+        app.conf.update({"fusion_registry_partitions": 6, "fusion_zookeeper_time_boundary": 0.3,
+                         "fusion_zookeeper_connect_timeout": 3.0, "fusion_zookeeper_username": ZK_USER,
+                         "fusion_zookeeper_password": ZK_PASSWORD, **conf})
+        reg = ZooKeeperRegistry(app, f"zookeeper://{zookeeper}{root}")
+        made.append(reg)
+        return reg
+
+    make.root = root  # type: ignore[attr-defined]
+    yield make
+    for reg in made:
+        reg.close()
+    zk = zk_client(zookeeper, (ZK_USER, ZK_PASSWORD))
+    zk.delete(root, recursive=True)
+    zk.stop()
+    zk.close()
+
+
+def test_a_registry_with_digest_auth_works_and_every_znode_it_makes_admits_only_its_identity(
+        zk_auth, zookeeper, caplog):
+    caplog.set_level(1)  # everything, kazoo's own request log (level 5 and DEBUG) included
+    reg = zk_auth()
+    old = make_wait()
+    reg.register(old)
+    held = Held(reg.watch("auth"))
+    try:
+        wait_for(lambda: held.update() == {old.id}, 30, "the stored wait to be reported")
+        new = make_wait()
+        reg.register(new)
+        wait_for(lambda: held.update() == {old.id, new.id}, 10, "the new wait to be reported")
+        reg.remove(old)
+        wait_for(lambda: held.update() == {new.id}, 10, "the removed wait to be reported gone")
+        assert [w.id for w in reg.pending()] == [new.id]
+        assert reg.open_znodes() == []
+        with reg.exclusive("reaper") as mine:
+            assert mine
+            # While a wait, the waiters' party and bucket locks and an exclusive lock all exist: every znode
+            # under the path carries the digest ACL of ZK_USER and nothing else.
+            zk = zk_client(zookeeper, (ZK_USER, ZK_PASSWORD))
+            try:
+                acls = {path: zk.get_acls(path)[0] for path in znodes(zk, zk_auth.root)}
+            finally:
+                zk.stop()
+                zk.close()
+        expected = [make_digest_acl(ZK_USER, ZK_PASSWORD, all=True)]
+        assert {path: acl for path, acl in acls.items() if acl != expected} == {}
+        kinds = {path[len(zk_auth.root) + 1:].split("/")[0] for path in acls if path != zk_auth.root}
+        assert kinds == {"buckets", "waiters", "exclusive"}
+        assert reg.wait_path(new.id) in acls
+        assert any(p.startswith(f"{zk_auth.root}/waiters/party/") for p in acls)
+        assert any(p.startswith(f"{zk_auth.root}/waiters/locks/0/") for p in acls)
+        assert any(p.startswith(f"{zk_auth.root}/exclusive/reaper/") for p in acls)
+    finally:
+        held.watcher.close()
+    assert "Auth(" in caplog.text, "kazoo's request log was not captured: the next check proves nothing"
+    assert ZK_PASSWORD not in caplog.text
+
+
+def intrusions(zk: KazooClient, reg: ZooKeeperRegistry, w: Wait) -> dict[str, Callable[[], object]]:
+    """What another client might try on the znodes of ``reg``, whose wait ``w`` is pending."""
+    root, bucket, wait_path = reg.path, reg.bucket_path(bucket_of(w.id, reg.buckets)), reg.wait_path(w.id)
+    return {
+        "read a wait": lambda: zk.get(wait_path),
+        "list a bucket": lambda: zk.get_children(bucket),
+        "list the root": lambda: zk.get_children(root),
+        "list the waiters": lambda: zk.get_children(f"{root}/waiters/party"),
+        "change a wait": lambda: zk.set(wait_path, make_wait().to_json()),
+        "plant a wait": lambda: zk.create(f"{bucket}/{uuid.uuid4()}", make_wait().to_json()),
+        "delete a wait": lambda: zk.delete(wait_path),
+        "join the waiters": lambda: zk.create(f"{root}/waiters/party/intruder", ephemeral=True),
+        "take a bucket lock": lambda: zk.create(f"{root}/waiters/locks/0/intruder", ephemeral=True),
+        "take the reaper's lock": lambda: zk.create(f"{root}/exclusive/reaper/intruder", ephemeral=True),
+        "change the root's ACL": lambda: zk.set_acls(root, OPEN_ACL_UNSAFE),
+    }
+
+
+def test_the_znodes_of_an_authenticated_registry_refuse_every_other_client(zk_auth, zookeeper):
+    reg = zk_auth()
+    w = make_wait()
+    reg.register(w)
+    held = Held(reg.watch("auth"))
+    try:
+        wait_for(lambda: held.update() == {w.id}, 30, "the wait to be reported (party and locks in place)")
+        with reg.exclusive("reaper") as mine:
+            assert mine
+            for who, auth in [("an unauthenticated client", None),
+                              ("the same user with a wrong password", (ZK_USER, "wrong-" + ZK_PASSWORD)),
+                              ("another user", ("mallory", ZK_PASSWORD))]:
+                zk = zk_client(zookeeper, auth)
+                try:
+                    for what, attempt in intrusions(zk, reg, w).items():
+                        with pytest.raises(NoAuthError):
+                            attempt()
+                            pytest.fail(f"{who} could {what}")
+                finally:
+                    zk.stop()
+                    zk.close()
+        assert [x.to_json() for x in reg.pending()] == [w.to_json()]  # untouched
+        assert held.update() == {w.id}
+    finally:
+        held.watcher.close()
+    # A registry with the wrong password fails clearly, naming the settings and not the password.
+    wrong = zk_auth(fusion_zookeeper_password="wrong-" + ZK_PASSWORD)
+    for call in (lambda: wrong.register(make_wait()), wrong.pending):
+        with pytest.raises(ConfigurationError, match="NoAuthError .*fusion_zookeeper_password") as exc:
+            call()
+        assert ZK_PASSWORD not in str(exc.value) and f"user {ZK_USER}" in str(exc.value)
+
+
+def test_a_path_made_before_authentication_was_on_is_reported_open(zk_auth, caplog):
+    open_reg = zk_auth(fusion_zookeeper_username="", fusion_zookeeper_password="")
+    open_reg.register(make_wait())  # the root and one bucket, open to anyone
+    reg = zk_auth()
+    exposed = reg.open_znodes()
+    assert zk_auth.root in exposed and f"{zk_auth.root}/buckets" in exposed
+    held = Held(reg.watch("auth"))
+    try:
+        wait_for(lambda: "do not have the registry's ACL" in caplog.text, 30, "the waiter's warning")
+    finally:
+        held.watcher.close()
+    assert ZK_PASSWORD not in caplog.text
+
+
+def test_zookeeper_credentials_come_from_masked_settings_never_from_the_url():
+    from celery.app.utils import filter_hidden_settings
+    with pytest.raises(ConfigurationError, match="credentials do not go in the URL") as exc:
+        parse_url(f"zookeeper://{ZK_USER}:{ZK_PASSWORD}@zk1:2181/fusion", "default:2181")
+    assert ZK_PASSWORD not in str(exc.value) and "zk1:2181" in str(exc.value)
+    with pytest.raises(ConfigurationError, match="fusion_zookeeper_password is empty"):
+        digest_auth(ZK_USER, "")
+    with pytest.raises(ConfigurationError, match="fusion_zookeeper_username is empty") as exc:
+        digest_auth("", ZK_PASSWORD)
+    assert ZK_PASSWORD not in str(exc.value)
+    with pytest.raises(ConfigurationError, match="cannot contain ':'"):
+        digest_auth("a:b", ZK_PASSWORD)
+    assert digest_auth("", "") == ([], None)
+    # Flower and `celery inspect conf` show the settings through Celery's filter
+    shown = filter_hidden_settings({"fusion_zookeeper_username": ZK_USER, "fusion_zookeeper_password": ZK_PASSWORD})
+    assert ZK_PASSWORD not in json.dumps(shown) and ZK_USER in json.dumps(shown)
+    app = Celery("zk-where", set_as_current=False)
+    app.conf.update(fusion_zookeeper_username=ZK_USER, fusion_zookeeper_password=ZK_PASSWORD)
+    reg = ZooKeeperRegistry(app, "zookeeper://127.0.0.1:1/where")
+    assert reg.where == f"ZooKeeper at 127.0.0.1:1 (path /where, user {ZK_USER})"
+    assert ZK_PASSWORD not in repr(vars(reg)).replace(repr(reg._auth_data), "")
+    reg.close()
 
 
 # -- a ZooKeeper restart in the middle of a run (real workers) -------------------------------------

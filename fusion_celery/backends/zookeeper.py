@@ -24,6 +24,17 @@ waits fail clearly; waits already stored are completed once it is back.
 Every process has its own :class:`~kazoo.client.KazooClient`, made on first use
 (never at import, so a fork never inherits a live session) and closed by
 :meth:`ZooKeeperRegistry.close`.
+
+A wait names the task a waiter completes and the signatures it applies, so
+whoever can write these znodes decides what the workers run.  With
+``fusion_zookeeper_username`` and ``fusion_zookeeper_password`` set, the client
+authenticates with ZooKeeper's ``digest`` scheme and every znode it creates
+(the root path, buckets, waits, the waiters' party and locks, exclusive locks)
+gets a digest ACL that admits that identity alone: other clients cannot list,
+read, create, change or delete them.  The credentials come from settings, never
+from the URL: Celery masks a setting named ``*password*`` where it shows the
+configuration (``celery inspect conf``, Flower), not a URL.  The password is
+never logged nor put in an error message.
 """
 
 from __future__ import annotations
@@ -43,18 +54,20 @@ from urllib.parse import quote, urlparse
 
 from celery import Celery
 from kazoo.client import KazooClient
-from kazoo.exceptions import KazooException, LockTimeout, NodeExistsError, NoNodeError
+from kazoo.exceptions import KazooException, LockTimeout, NoAuthError, NodeExistsError, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.protocol.serialization import Auth
 from kazoo.protocol.states import KazooState
 from kazoo.recipe.partitioner import SetPartitioner
 from kazoo.retry import KazooRetry
+from kazoo.security import ACL, make_digest_acl
 
 from ..config import setting
 from ..errors import ConfigurationError, FusionError
 from ..registry import Change, Registry, Wait, Watcher
 
 __all__ = ["ZooKeeperRegistry", "ZooKeeperWatcher", "bucket_of", "node_name", "share", "parse_url",
-           "diff_children", "MAX_NODE_BYTES"]
+           "diff_children", "digest_auth", "MAX_NODE_BYTES"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +79,21 @@ RESYNC_INTERVAL = 10.0
 EXCLUSIVE_WAIT = 1.0
 #: ZooKeeper errors a registry call turns into a FusionError.
 ZK_ERRORS = (KazooException, KazooTimeoutError)
+
+
+class _HideAuth(logging.Filter):
+    """Masks the credentials of kazoo's ``Auth`` request, which kazoo logs at DEBUG on every connection
+    (``Sending request(xid=-4): Auth(..., auth='user:password')``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, Auth) for a in record.args):
+            record.args = tuple(a._replace(auth="***") if isinstance(a, Auth) else a for a in record.args)
+        return True
+
+
+#: The logger the registry's kazoo clients log to (kazoo's own), with the credentials masked.
+kazoo_logger = logging.getLogger("kazoo.client")
+kazoo_logger.addFilter(_HideAuth())
 
 
 # -- pure helpers --------------------------------------------------------------------------------
@@ -97,19 +125,48 @@ def diff_children(known: dict[str, str], children: Sequence[str]) -> tuple[list[
 
 
 def parse_url(url: str, default_hosts: str) -> tuple[str, str]:
-    """``zookeeper://h1:2181,h2:2181/fusion`` -> (hosts, root path); hosts default to ``default_hosts``."""
+    """``zookeeper://h1:2181,h2:2181/fusion`` -> (hosts, root path); hosts default to ``default_hosts``.
+
+    Credentials in the URL (``zookeeper://user:password@host/path``) are refused: Celery shows
+    ``fusion_registry_url`` unmasked, so they belong in ``fusion_zookeeper_username`` and
+    ``fusion_zookeeper_password``.  Error messages show the URL without its userinfo.
+    """
     parsed = urlparse(url)
+    _userinfo, at, hostinfo = parsed.netloc.rpartition("@")
+    shown = parsed._replace(netloc=f"***@{hostinfo}" if at else hostinfo).geturl()
     if parsed.scheme != "zookeeper":
-        raise ConfigurationError(f"fusion_registry_url={url!r}: not a zookeeper:// URL")
+        raise ConfigurationError(f"fusion_registry_url={shown!r}: not a zookeeper:// URL")
+    if at:
+        raise ConfigurationError(f"fusion_registry_url={shown!r}: credentials do not go in the URL (Celery shows "
+                                 f"it unmasked); set fusion_zookeeper_username and fusion_zookeeper_password")
     hosts = parsed.netloc or default_hosts
     path = "/" + parsed.path.strip("/") if parsed.path.strip("/") else "/fusion"
     if not hosts:
-        raise ConfigurationError(f"fusion_registry_url={url!r} names no ZooKeeper host and "
+        raise ConfigurationError(f"fusion_registry_url={shown!r} names no ZooKeeper host and "
                                  f"fusion_zookeeper_hosts is empty")
     if any(part in ("", ".", "..") for part in path.split("/")[1:]) or parsed.query or parsed.fragment:
-        raise ConfigurationError(f"fusion_registry_url={url!r}: bad ZooKeeper path {parsed.path!r} "
+        raise ConfigurationError(f"fusion_registry_url={shown!r}: bad ZooKeeper path {parsed.path!r} "
                                  f"(use zookeeper://host:port/some/path)")
     return hosts, path
+
+
+def digest_auth(username: str, password: str) -> tuple[list[tuple[str, str]], list[ACL] | None]:
+    """kazoo's ``auth_data`` and ``default_acl`` for ZooKeeper digest authentication as ``username``.
+
+    The ACL gives that identity every permission and nobody else any.  Without a username: no
+    authentication and kazoo's default ACL (open to every client).  A username without a password (or
+    the reverse) is refused, as is a ``:`` in the username (the digest scheme splits ``user:password``
+    at the first one); the messages never show the password.
+    """
+    if not username and not password:
+        return [], None
+    if not username or not password:
+        missing = "fusion_zookeeper_password" if username else "fusion_zookeeper_username"
+        raise ConfigurationError(f"ZooKeeper digest authentication needs both fusion_zookeeper_username and "
+                                 f"fusion_zookeeper_password; {missing} is empty")
+    if ":" in username:
+        raise ConfigurationError(f"fusion_zookeeper_username={username!r}: a digest user name cannot contain ':'")
+    return [("digest", f"{username}:{password}")], [make_digest_acl(username, password, all=True)]
 
 
 # -- the registry --------------------------------------------------------------------------------
@@ -126,6 +183,9 @@ class ZooKeeperRegistry(Registry):
         self.session_timeout = float(setting(app, "fusion_zookeeper_session_timeout"))
         self.connect_timeout = float(setting(app, "fusion_zookeeper_connect_timeout"))
         self.time_boundary = float(setting(app, "fusion_zookeeper_time_boundary"))
+        self.username = str(setting(app, "fusion_zookeeper_username") or "")
+        # The password lives only in these two (kazoo sends auth_data on every connection).
+        self._auth_data, self.acl = digest_auth(self.username, str(setting(app, "fusion_zookeeper_password") or ""))
         self._zk: KazooClient | None = None
         self._pid = os.getpid()
         self._lock = threading.Lock()
@@ -143,7 +203,18 @@ class ZooKeeperRegistry(Registry):
 
     @property
     def where(self) -> str:
-        return f"ZooKeeper at {self.hosts} (path {self.path})"
+        """Where the waits are, for messages: the hosts, the path and the user (never the password)."""
+        user = f", user {self.username}" if self.username else ""
+        return f"ZooKeeper at {self.hosts} (path {self.path}{user})"
+
+    def refused(self, exc: KazooException) -> str:
+        """``exc`` as a message, saying what a refusal by the znodes' ACL means here."""
+        text = f"{type(exc).__name__} {exc}".rstrip()
+        if isinstance(exc, NoAuthError):
+            who = f"user {self.username!r}" if self.username else "an unauthenticated client"
+            text += (f" (the znodes' ACL does not admit {who}: check fusion_zookeeper_username and "
+                     f"fusion_zookeeper_password)")
+        return text
 
     # -- the client ----------------------------------------------------------------------------
     def client(self) -> KazooClient:
@@ -158,7 +229,8 @@ class ZooKeeperRegistry(Registry):
                 cmd_retry = KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_delay=1.0,
                                        interrupt=self._closing.is_set)
                 zk = KazooClient(hosts=self.hosts, timeout=self.session_timeout, connection_retry=conn_retry,
-                                 command_retry=cmd_retry)
+                                 command_retry=cmd_retry, auth_data=self._auth_data or None,
+                                 default_acl=self.acl, logger=kazoo_logger)
                 zk.add_listener(self._on_state)
                 self._pid = os.getpid()
                 self._connected.clear()
@@ -209,8 +281,7 @@ class ZooKeeperRegistry(Registry):
             except NodeExistsError:  # the same task registered again (a redelivery): keep the latest
                 self._call(doing, zk.set_async(path, data))
         except KazooException as exc:
-            raise ConfigurationError(f"cannot {doing} in {self.where}: {type(exc).__name__} {exc}".rstrip())\
-                from None
+            raise ConfigurationError(f"cannot {doing} in {self.where}: {self.refused(exc)}") from None
 
     def remove(self, wait: Wait) -> None:
         path = self.wait_path(wait.id)
@@ -273,10 +344,39 @@ class ZooKeeperRegistry(Registry):
                     waits.append(Wait.from_json(data))
             return waits
         except KazooException as exc:
-            raise ConfigurationError(f"cannot {doing} in {self.where}: {type(exc).__name__} {exc}") from None
+            raise ConfigurationError(f"cannot {doing} in {self.where}: {self.refused(exc)}") from None
 
     def watch(self, name: str) -> ZooKeeperWatcher:
         return ZooKeeperWatcher(self, name)
+
+    def open_znodes(self) -> list[str]:
+        """The registry's structural znodes whose ACL is not exactly this registry's ACL.
+
+        Only meaningful with authentication on: znodes made before it was turned on (or by
+        another identity) keep the ACL they were made with, and a bucket other clients may
+        write lets them plant waits.  Checks the root, ``buckets`` and each bucket, and the
+        waiters' and exclusive locks' parents that exist; znodes this client may not even
+        read the ACL of are listed too.
+        """
+        if not self.acl:
+            return []
+        zk = self.connected("check the registry's ACLs")
+        paths = [self.path, f"{self.path}/buckets", *(self.bucket_path(b) for b in range(self.buckets)),
+                 f"{self.path}/waiters", f"{self.path}/waiters/party", f"{self.path}/waiters/locks",
+                 f"{self.path}/exclusive"]
+        reads = [(path, zk.get_acls_async(path)) for path in paths]
+        found = []
+        for path, read in reads:
+            try:
+                acls, _stat = self._call("check the registry's ACLs", read)
+            except NoNodeError:
+                continue
+            except NoAuthError:
+                found.append(path)
+                continue
+            if sorted(acls) != sorted(self.acl):
+                found.append(path)
+        return found
 
     @contextlib.contextmanager
     def exclusive(self, name: str) -> Iterator[bool]:
@@ -369,7 +469,8 @@ class ZooKeeperWatcher(Watcher):
             try:
                 self._step()
             except Exception as exc:  # ZooKeeper errors: keep what we own, look again soon
-                logger.warning("waiter: ZooKeeper registry: %s: %s", type(exc).__name__, exc)
+                logger.warning("waiter: ZooKeeper registry: %s", self.registry.refused(exc)
+                               if isinstance(exc, KazooException) else f"{type(exc).__name__}: {exc}")
                 self._resync_at = time.monotonic() + 1.0
                 self._stop.wait(0.5)
         self._leave()
@@ -389,6 +490,13 @@ class ZooKeeperWatcher(Watcher):
                 for b in range(reg.buckets):
                     zk.ensure_path(reg.bucket_path(b))
                 self._paths_ready = True
+                exposed = reg.open_znodes()
+                if exposed:
+                    logger.warning("waiter: %s: %d znode(s) do not have the registry's ACL (made before "
+                                   "authentication was on, or by another identity), so other clients may "
+                                   "write waits into them: %s; let the waits drain and delete the path, or "
+                                   "give them the ACL (zkCli setAcl -R)", reg.where, len(exposed),
+                                   ", ".join(exposed[:5]) + (" ..." if len(exposed) > 5 else ""))
             self._partitioner = SetPartitioner(zk, f"{reg.path}/waiters", tuple(range(reg.buckets)),
                                                partition_func=share, identifier=self.identifier,
                                                time_boundary=reg.time_boundary)
