@@ -15,20 +15,37 @@ of its component; disjoint branches never wait for each other.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from celery import Celery, Signature, chain, group
 
 from .graph import DepsGraph
 
-__all__ = ["compile_deps"]
+__all__ = ["compile_deps", "dispatch_id"]
+
+
+_DISPATCH_NS = uuid.UUID("0b6f8f9e-3c1e-4f37-9d55-6675736469d0")
+
+
+def dispatch_id(run_id: str, dep: str) -> str:
+    """The task id of the subtask that dispatches ``dep`` for the run ``run_id``.
+
+    Derived, not drawn: should a run compile its deps-map twice (its message was
+    delivered again after the first copy had sent its canvas), the second canvas's
+    subtasks carry the same ids, find their run-once claims taken, and ask nobody again.
+    """
+    return str(uuid.uuid5(_DISPATCH_NS, f"{run_id}/{dep}"))
 
 
 def _dispatch(app: Celery, graph: DepsGraph, name: str, reactor: dict[str, Any] | None,
               deadline: int | None) -> Signature:
     dep = graph.deps[name]
-    return app.tasks["fusion.dispatch"].s(dep=dep.to_dict(), reactor=reactor, deadline=deadline).set(
+    sig = app.tasks["fusion.dispatch"].s(dep=dep.to_dict(), reactor=reactor, deadline=deadline).set(
         shadow=f"fusion.dispatch[{dep.topic}]")
+    if reactor and reactor.get("id"):
+        sig.set(task_id=dispatch_id(reactor["id"], name))
+    return sig
 
 
 def _level(sigs: list[Signature]) -> Signature:

@@ -2,9 +2,10 @@
 
 Deferred completion is at-least-once: a wait may be completed twice (a waiter
 died after completing but before removing the wait) and a Celery message may be
-delivered twice.  The receivers are therefore idempotent: the dispatching subtask
-claims its task id before it sends anything, and a reactor claims its task id
-before it replies.  Claims are ``SET NX`` keys in the Redis result backend.
+delivered twice.  The receivers are therefore idempotent: a reactor run, its
+processing step and a dispatching subtask each run under :func:`once`, and a
+reactor claims its task id before it replies.  Claims are keys in the Redis
+result backend.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from .errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["claim", "extend", "release", "is_claimed", "once", "lifetime", "with_retry"]
+__all__ = ["claim", "extend", "release", "is_claimed", "once", "started", "lease", "lifetime", "with_retry",
+           "RUN_OPTIONS"]
 
 
 def _client(app: Celery):
@@ -80,25 +82,90 @@ def is_claimed(app: Celery, name: str) -> bool:
     return bool(with_retry(app, lambda c, k: c.exists(k), _key(name)))
 
 
-@contextmanager
-def once(task: Task, step: str, lease: float | None = None) -> Iterator[None]:
-    """Run the body once per delivery attempt of ``task`` (a duplicate message is ignored).
+#: Takes a step's claim for one attempt: free, ours already (a retried call), or held by an earlier
+#: attempt (a lower retry count, which Celery only sends after that attempt ended) -> taken.
+#: Returns {1} when taken, {0, "done"} when the step finished, {0, "lease", ttl} when an attempt
+#: with the same retry count holds it (running, or died holding it).
+_TAKE = """
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then return {1} end
+if cur == 'done' then return {0, 'done'} end
+if cur then
+  local held = tonumber(string.match(cur, '^lease:(%d+):'))
+  if held == nil or held >= tonumber(ARGV[3]) then return {0, 'lease', redis.call('TTL', KEYS[1])} end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return {1}
+"""
 
-    The marker is keyed by task id and retry count, so Celery retries still run.
-    It is a lease while the body runs (``lease`` seconds, default the task's hard
-    time limit or 10 minutes: a worker that died mid-way does not block a
-    redelivery for ever), kept as long as the results (``result_expires``) on
-    success and dropped on failure.
+
+#: Options of fusion's tasks (users may override them per reactor): a task's message is acknowledged
+#: after it ran, so a worker killed mid-run gives it back to the broker; a pool child lost mid-run
+#: makes Celery send it again at once as a new attempt (Celery 5.7's ``retry_on_worker_lost``; older
+#: versions requeue it).  Either way :func:`once` keeps the copies from running twice.
+RUN_OPTIONS: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost": True, "retry_on_worker_lost": True,
+                               "default_retry_delay": 1}
+
+
+def _take(client: Any, key: str, token: str, ttl: int, retries: int) -> list[Any]:
+    return client.eval(_TAKE, 1, key, token, ttl, retries)
+
+
+def lease(app: Celery, task: Task | None = None) -> float:
+    """Seconds a started step holds its claim: the task's hard time limit, else ``fusion_run_lease``."""
+    limit = getattr(task, "time_limit", None) or app.conf.task_time_limit
+    if limit:
+        return float(limit)
+    from .config import setting
+    return float(setting(app, "fusion_run_lease"))
+
+
+@contextmanager
+def once(task: Task, step: str, lease_s: float | None = None,
+         on_done: Callable[[], Any] | None = None) -> Iterator[None]:
+    """Run the body at most once per attempt of ``task``, however often its message is delivered.
+
+    A run's message can arrive more than once: the intake hands a record over again
+    after a crash, the broker gives a killed worker's messages back, the intake sends
+    a run again that showed no progress.  The claim ``<step>-<task id>-<retries>``
+    decides.  While the body runs it is a lease of ``lease_s`` seconds (default
+    :func:`lease`); when the body ends, by returning or raising (``Ignore`` after
+    ``replace``, ``Retry``, a failure: each ends this attempt), it is marked done for
+    as long as the results live.  A copy that finds it done is dropped (``Ignore``).
+    A copy that finds a lease is sent again once the lease runs out, then dropped: by
+    then the holder has finished (the copy is dropped for good) or died holding it
+    (the copy runs).  A Celery retry is a new attempt with a claim of its own, and a
+    retry after a lost worker (``retry_on_worker_lost``) takes over the lease the
+    lost attempt held.  ``on_done`` runs before a copy that finds the step done is
+    dropped (see :func:`fusion_celery.completion.resume_stored`).
     """
     app = task.app
-    name = f"{step}-{task.request.id}-{task.request.retries or 0}"
-    lease = lease or float(task.time_limit or app.conf.task_time_limit or 600)
-    if not claim(app, name, lease):
-        logger.info("%s %s: duplicate delivery ignored", step, task.request.id)
+    retries = int(task.request.retries or 0)
+    name = f"{step}-{task.request.id}-{retries}"
+    seconds = max(1, int(lease_s or lease(app, task)))
+    token = f"lease:{retries}:{uuid.uuid4().hex}"
+    taken = with_retry(app, _take, _key(name), token, seconds, retries)
+    if not taken[0]:
+        if taken[1] == b"done":
+            logger.info("%s %s: already done; duplicate delivery ignored", step, task.request.id)
+            if on_done is not None:
+                on_done()
+        else:
+            countdown = max(1, int(taken[2])) + 1
+            logger.info("%s %s: another copy holds it for %ds more; sending this copy again then", step,
+                        task.request.id, countdown - 1)
+            task.signature_from_request(task.request, countdown=countdown).apply_async()
         raise Ignore()
     try:
         yield
-    except BaseException:
-        release(app, name)
-        raise
-    extend(app, name, lifetime(app))
+    finally:
+        with_retry(app, lambda c, k: c.set(k, "done", ex=int(lifetime(app))), _key(name))
+
+
+def started(app: Celery, step: str, task_ids: list[str]) -> set[str]:
+    """Which of ``task_ids`` took the claim of ``step`` in their first attempt (one MGET)."""
+    if not task_ids:
+        return set()
+    keys = [_key(f"{step}-{i}-0") for i in task_ids]
+    found = with_retry(app, lambda c, k: c.mget(k), keys)
+    return {i for i, value in zip(task_ids, found, strict=True) if value is not None}

@@ -1,4 +1,4 @@
-"""``celery fusion ...``: call reactors, look at return topics and waits, draw deps-maps.
+"""``celery fusion ...``: call reactors, look at return topics and waits, draw deps-maps, grant Kafka ACLs.
 
 Plugged into Celery's command line through the ``celery.commands`` entry point,
 so the app comes from ``celery -A``::
@@ -8,6 +8,7 @@ so the app comes from ``celery -A``::
     celery -A fusion_celery fusion reap
     celery -A fusion_celery fusion graph math '[1, 2, 3]' --format dot
     celery -A fusion_celery fusion status
+    celery -A fusion_celery fusion acls --principal User:fusion [--apply]
 
 Errors are one line on stderr and a non-zero exit status.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import uuid
 from typing import Any
 
 import click
@@ -74,10 +76,11 @@ def call(ctx: click.Context, topic: str, data: str, wait: bool, timeout: float, 
     from confluent_kafka import TopicPartition
 
     from . import progress
+    from .config import setting
     from .errors import FusionError, ProtocolError, RemoteError
     from .intake import run_id
     from .pipeline import delivery_record
-    from .protocol import decode_reply, encode_request, valid_topic_name
+    from .protocol import decode_reply, encode_request, reply_rejection, valid_topic_name
     from .registry import now_ms
 
     payload = _json_arg(data)
@@ -95,19 +98,26 @@ def call(ctx: click.Context, topic: str, data: str, wait: bool, timeout: float, 
         click.echo(json.dumps(delivery_record(rec)))
         return
 
-    return_topic = c.return_topic()
+    corr_id = corr_id or uuid.uuid4().hex  # the reply must echo it (see protocol.reply_rejection)
+    # One deadline for the return topic's name (no wait is registered: the name alone keeps the
+    # reaper away until then, plus its grace), the request and this command's wait.
+    deadline_ms = now_ms() + int(timeout * 1000)
+    return_topic = c.return_topic(deadline_ms)
     consumer = c.consumer(**{"group.id": "fusion.cli", "enable.auto.commit": False, "auto.offset.reset": "earliest"})
     tty = sys.stderr.isatty()
     try:
         consumer.assign([TopicPartition(return_topic, 0, 0)])  # see waiter.py: offset 0 avoids a lookup
-        deadline = time.monotonic() + timeout
-        rec = c.produce(topic, encode_request(payload, return_topic, id=corr_id,
-                                              deadline=now_ms() + int(timeout * 1000)), key=topic)
+        deadline = time.monotonic() + max(0.0, (deadline_ms - now_ms()) / 1000)
+        rec = c.produce(topic, encode_request(payload, return_topic, id=corr_id, deadline=deadline_ms), key=topic)
         run = run_id(rec.topic(), rec.partition(), rec.offset(), rec.timestamp()[1])
         shown = None
         while time.monotonic() < deadline:
             for msg in consumer.consume(1, timeout=0.2):
                 if msg.error() is not None:
+                    continue
+                why = reply_rejection(msg.headers(), corr_id, require_id=setting(app, "fusion_reply_id_required"))
+                if why is not None:
+                    click.echo(f"ignored a record on {return_topic}: {why}", err=True)
                     continue
                 if tty and shown:
                     click.echo("", err=True)
@@ -157,7 +167,8 @@ def topics(ctx: click.Context, as_json: bool) -> None:
 
 @fusion.command(help="Delete orphan return topics now (no pending wait names them).")
 @click.option("--grace", type=click.FloatRange(min=0), default=None,
-              help="Minimum age in seconds (default: the fusion_reaper_grace setting).")
+              help="Seconds after the later of a topic's creation time and deadline (default: the "
+                   "fusion_reaper_grace setting).")
 @click.pass_context
 def reap(ctx: click.Context, grace: float | None) -> None:
     from .reaper import reap as do_reap
@@ -235,3 +246,177 @@ def status(ctx: click.Context, timeout: float, as_json: bool) -> None:
                    f"{st.get('completed', 0)} completed, {st.get('failed', 0)} failed")
         for topic, count in sorted((st.get("by_topic") or {}).items()):
             click.echo(f"    {topic}: {count}")
+
+
+# -- acls ----------------------------------------------------------------------------------------
+#: Consumer groups with fixed names: the waiter's reply readers (waiter.py), the reader of every pending
+#: wait (backends/kafka.py: the reaper, `celery fusion topics`) and `celery fusion call --wait` (above).
+FIXED_GROUPS = ("fusion.reply-readers", "fusion.registry-reader", "fusion.cli")
+
+
+def deployment_acls(app: Any, principal: str, host: str = "*", calls: tuple[str, ...] = ()) -> list[Any]:
+    """The Kafka ACL bindings a deployment's workers need, every one for ``principal`` alone.
+
+    Computed from the app's settings and the reactors ``fusion_imports`` defines:
+
+    - the registry topic of a ``kafka://`` registry (literal: read, write, describe, create) and its
+      consumer group ``fusion.waiters.<topic>``: a registry record names the task a waiter completes
+      and the signatures it applies, so whoever may write the topic decides what the workers run;
+    - return topics, as a prefix (create, delete, describe, read, write: one topic per wait);
+    - each reactor's topic, dead-letter topic and consumer group (create only when
+      ``fusion_create_topics`` is on);
+    - ``calls``: topics the deps-maps and pipelines send requests to beyond this deployment's reactors
+      (describe, write); a name ending in ``*`` is a prefix;
+    - the cluster: ``IdempotentWrite`` (brokers before Kafka 3.0 ask it of idempotent producers).
+    """
+    from confluent_kafka.admin import AclBinding, AclOperation, AclPermissionType, ResourcePatternType, ResourceType
+
+    from .backends.kafka import GROUP_PREFIX, KafkaRegistry
+    from .config import setting
+    from .intake import consumer_group, dlq_topic
+    from .runtime import reactors
+    from .worker import import_reactor_modules
+
+    import_reactor_modules(app)
+    op = AclOperation
+    create = (op.CREATE,) if setting(app, "fusion_create_topics") else ()
+    grants: list[tuple[Any, str, Any, tuple[Any, ...]]] = []
+    url = str(setting(app, "fusion_registry_url"))
+    if url.startswith("kafka:"):
+        registry = KafkaRegistry(app, url).topic
+        grants.append((ResourceType.TOPIC, registry, ResourcePatternType.LITERAL,
+                       (op.CREATE, op.DESCRIBE, op.READ, op.WRITE)))
+        grants.append((ResourceType.GROUP, f"{GROUP_PREFIX}{registry}", ResourcePatternType.LITERAL,
+                       (op.DESCRIBE, op.READ)))
+    grants.append((ResourceType.TOPIC, str(setting(app, "fusion_return_topic_prefix")), ResourcePatternType.PREFIXED,
+                   (op.CREATE, op.DELETE, op.DESCRIBE, op.READ, op.WRITE)))
+    grants += [(ResourceType.GROUP, group, ResourcePatternType.LITERAL, (op.DESCRIBE, op.READ))
+               for group in FIXED_GROUPS]
+    for topic, name in sorted(reactors(app).items()):
+        task = app.tasks[name]
+        # WRITE on the reactor's own topic: deps-maps of this deployment call its reactors.
+        grants.append((ResourceType.TOPIC, topic, ResourcePatternType.LITERAL,
+                       (*create, op.DESCRIBE, op.READ, op.WRITE)))
+        grants.append((ResourceType.TOPIC, dlq_topic(app, topic), ResourcePatternType.LITERAL,
+                       (*create, op.DESCRIBE, op.WRITE)))
+        grants.append((ResourceType.GROUP, consumer_group(app, task), ResourcePatternType.LITERAL,
+                       (op.DESCRIBE, op.READ)))
+    for name in calls:
+        prefixed = name.endswith("*")
+        grants.append((ResourceType.TOPIC, name.rstrip("*"),
+                       ResourcePatternType.PREFIXED if prefixed else ResourcePatternType.LITERAL,
+                       (op.DESCRIBE, op.WRITE)))
+    grants.append((ResourceType.BROKER, "kafka-cluster", ResourcePatternType.LITERAL, (op.IDEMPOTENT_WRITE,)))
+    bindings: dict[Any, None] = {}  # ordered and without duplicates (a --calls topic may be a reactor's)
+    for rtype, name, pattern, ops in grants:
+        for operation in ops:
+            bindings[AclBinding(rtype, name, pattern, principal, host, operation, AclPermissionType.ALLOW)] = None
+    return list(bindings)
+
+
+def _acl_rows(bindings: list[Any]) -> list[tuple[str, str, str, str, list[str]]]:
+    """One row per resource: (host, resource type, pattern type, name, operations)."""
+    rows: dict[tuple[str, str, str, str], list[str]] = {}
+    for b in bindings:
+        rows.setdefault((b.host, b.restype.name, b.resource_pattern_type.name, b.name), []).append(b.operation.name)
+    return [(*key, ops) for key, ops in rows.items()]
+
+
+def _kafka_acls_command(servers: str, principal: str, row: tuple[str, str, str, str, list[str]]) -> str:
+    """The ``kafka-acls.sh`` command line that adds one row of grants."""
+    import shlex
+    host, rtype, pattern, name, ops = row
+    resource = {"TOPIC": f"--topic {shlex.quote(name)}", "GROUP": f"--group {shlex.quote(name)}",
+                "BROKER": "--cluster"}[rtype]
+    camel = " ".join(f"--operation {''.join(w.capitalize() for w in o.split('_'))}" for o in ops)
+    return (f"kafka-acls.sh --bootstrap-server {shlex.quote(servers)} --add --allow-principal "
+            f"{shlex.quote(principal)} --allow-host {shlex.quote(host)} {camel} {resource} "
+            f"--resource-pattern-type {pattern.lower()}")
+
+
+def _registry_audit(admin: Any, registry: str, group: str, principal: str) -> list[str]:
+    """ALLOW grants in force that let a principal other than ``principal`` use the registry topic or group.
+
+    A ``MATCH`` filter finds the literal, prefixed and wildcard (``*``) bindings that cover a resource.
+    """
+    from confluent_kafka.admin import (
+        AclBindingFilter,
+        AclOperation,
+        AclPermissionType,
+        ResourcePatternType,
+        ResourceType,
+    )
+
+    found = []
+    for rtype, name in ((ResourceType.TOPIC, registry), (ResourceType.GROUP, group)):
+        flt = AclBindingFilter(rtype, name, ResourcePatternType.MATCH, None, None, AclOperation.ANY,
+                               AclPermissionType.ALLOW)
+        for b in admin.describe_acls(flt, request_timeout=30).result(35):
+            if b.principal != principal:
+                found.append(f"{b.principal} (host {b.host}) {b.operation.name} on {b.restype.name} "
+                             f"{b.resource_pattern_type.name} {b.name!r}")
+    return sorted(set(found))
+
+
+@fusion.command(help="Print, or with --apply create, the Kafka ACLs a deployment's workers need, for PRINCIPAL "
+                     "only: the registry topic and its consumer group, return topics (a prefix), the reactors "
+                     "of fusion_imports with their dead-letter topics and consumer groups.")
+@click.option("--principal", required=True, help="The workers' Kafka principal, e.g. User:fusion.")
+@click.option("--host", default="*", show_default=True, help="Host the grants are limited to.")
+@click.option("--calls", "calls", multiple=True, metavar="TOPIC",
+              help="A topic the deps-maps or pipelines send requests to that is not one of these reactors "
+                   "(repeatable; a trailing * makes it a prefix).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "kafka-acls"]), default="table",
+              show_default=True, help="How to print the grants: a table, JSON, or kafka-acls.sh commands.")
+@click.option("--apply", "apply_", is_flag=True,
+              help="Create the ACLs with the app's Kafka settings (run it with an administrator's credentials), "
+                   "then warn about other principals allowed on the registry topic or group.")
+@click.pass_context
+def acls(ctx: click.Context, principal: str, host: str, calls: tuple[str, ...], fmt: str, apply_: bool) -> None:
+    from confluent_kafka import KafkaException
+
+    from .backends.kafka import GROUP_PREFIX, KafkaRegistry
+    from .config import setting
+    from .errors import ConfigurationError
+
+    kind, _, name = principal.partition(":")
+    if not kind or not name:
+        raise click.BadParameter(f"{principal!r} is not a principal; use TYPE:NAME, e.g. User:fusion",
+                                 param_hint="--principal")
+    app = _app(ctx)
+    try:
+        bindings = deployment_acls(app, principal, host, calls)
+    except ConfigurationError as exc:
+        _fail(str(exc))
+    rows = _acl_rows(bindings)
+    if fmt == "json":
+        click.echo(json.dumps([{"principal": principal, "host": h, "permission": "ALLOW", "resource_type": r,
+                                "pattern_type": p, "name": n, "operations": ops} for h, r, p, n, ops in rows]))
+    elif fmt == "kafka-acls":
+        servers = str(setting(app, "fusion_kafka_bootstrap_servers"))
+        for row in rows:
+            click.echo(_kafka_acls_command(servers, principal, row))
+    else:
+        click.echo(f"{'RESOURCE':<8} {'PATTERN':<9} {'NAME':<56} OPERATIONS (ALLOW {principal}, host {host})")
+        for _h, r, p, n, ops in rows:
+            click.echo(f"{r:<8} {p:<9} {n:<56} {','.join(ops)}")
+    if not apply_:
+        return
+    admin = _kafka(app).admin
+    try:
+        for binding, future in admin.create_acls(bindings, request_timeout=30).items():
+            try:
+                future.result(35)
+            except KafkaException as exc:
+                _fail(f"cannot create the ACL {binding.restype.name} {binding.resource_pattern_type.name} "
+                      f"{binding.name!r} {binding.operation.name}: {exc.args[0].str()}")
+        click.echo(f"applied {len(bindings)} ACL binding(s) for {principal}", err=True)
+        url = str(setting(app, "fusion_registry_url"))
+        if url.startswith("kafka:"):
+            registry = KafkaRegistry(app, url).topic
+            others = _registry_audit(admin, registry, f"{GROUP_PREFIX}{registry}", principal)
+            for grant in others:
+                click.echo(f"warning: {grant}: this principal may also use the registry, and whoever can "
+                           f"write it decides what the workers run", err=True)
+    except KafkaException as exc:
+        _fail(f"cannot apply the ACLs: {exc.args[0].str()}")

@@ -24,12 +24,12 @@ from celery import Celery, group, states
 from celery.app.task import Context
 from celery.canvas import maybe_signature
 
-from . import progress
+from . import faults, progress
 from .errors import DependencyFailed
 from .registry import Wait
 from .reply import reply_once
 
-__all__ = ["save_request", "complete", "Events"]
+__all__ = ["save_request", "complete", "resume", "resume_stored", "Events"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ class Events:
 
 
 def _send_callbacks_and_chain(app: Celery, value: Any, ctx: Context) -> None:
+    if faults.lose("complete.lose-next-step"):
+        return
     parent_id, root_id = ctx.id, ctx.root_id or ctx.id
     priority = (ctx.delivery_info or {}).get("priority")
     callbacks = ctx.callbacks or []
@@ -109,43 +111,47 @@ def complete(app: Celery, wait: Wait, *, result: Any = None, exc: BaseException 
 
     ``done`` remembers the steps that succeeded, for a caller that calls again
     after an error (Redis or Kafka away): the outcome is stored once, and the
-    steps after it (callbacks and chain, the reactor's error reply) still run.
+    steps after it (chord count, callbacks and chain, the reactor's error reply)
+    still run.  A wait whose outcome is already stored (a waiter died after
+    storing it, and another one replays the wait) is finished the same way: a
+    stored success stands, whatever this reply says, and the steps after it run
+    again; their receivers are idempotent (the chord count per task id, the next
+    steps by their claims).
     """
     done = {} if done is None else done
     ctx = Context(wait.request)
     ctx.args, ctx.kwargs = [], {}
     backend = app.backend
+    replayed = False
     if not done.get("stored"):
         meta = backend.get_task_meta(wait.id)
         if meta["status"] in states.READY_STATES:
-            # Completed before (a waiter died between completing and removing the wait):
-            # completing again could only overwrite the outcome or resend callbacks.  The chord
-            # part is counted again, as that waiter may have died (or lost Redis) between
-            # storing the outcome and counting it; the count is idempotent per task id.
-            logger.info("waiter: %s (task %s) was already completed", wait.label, wait.id)
-            if meta["status"] == states.SUCCESS:
-                if ctx.chord:
-                    backend.on_chord_part_return(ctx, states.SUCCESS, meta["result"])
-            elif exc is not None and wait.reactor:
-                fail_reactor(app, wait.reactor, exc, events=events, strict=True)  # sent once (claimed)
-            return
+            logger.info("waiter: %s (task %s) was already completed (%s); replaying what follows it",
+                        wait.label, wait.id, meta["status"])
+            if meta["status"] != states.SUCCESS:
+                if exc is not None and wait.reactor:
+                    fail_reactor(app, wait.reactor, exc, events=events, strict=True)  # sent once (claimed)
+                return
+            replayed, result, exc = True, meta["result"], None
     runtime = max(0.0, time.time() - wait.created / 1000)
     if exc is None:
-        value = {**(wait.carry or {}), wait.dep: result} if wait.dep else result
+        value = result if replayed else ({**(wait.carry or {}), wait.dep: result} if wait.dep else result)
         # Celery's mark_as_done in two steps, each done once: storing the outcome can be
         # retried by the backend, counting the chord part cannot (a retry of the whole
         # call must still count it, and must not store again).
-        if not done.get("stored"):
+        if not replayed and not done.get("stored"):
             if not ctx.ignore_result:
                 backend.store_result(wait.id, value, states.SUCCESS, request=ctx)
             done["stored"] = True
-            if wait.reactor:
-                progress.advance(app, wait.reactor["id"])
+            faults.point("complete.after-store")
+        if wait.reactor and not done.get("advanced"):
+            progress.advance(app, wait.reactor["id"], wait.id)
+            done["advanced"] = True
         if ctx.chord and not done.get("counted"):
             backend.on_chord_part_return(ctx, states.SUCCESS, value)
             done["counted"] = True
         _send_callbacks_and_chain(app, value, ctx)
-        if events:
+        if events and not replayed:
             events.send("task-succeeded", uuid=wait.id, result=repr(value)[:1024], runtime=runtime)
         return
     if not done.get("stored"):
@@ -155,6 +161,27 @@ def complete(app: Celery, wait: Wait, *, result: Any = None, exc: BaseException 
             events.send("task-failed", uuid=wait.id, exception=_repr(exc), traceback="", runtime=runtime)
     if wait.reactor:
         fail_reactor(app, wait.reactor, exc, events=events, strict=True)
+
+
+def resume(app: Celery, request: Context, value: Any) -> None:
+    """Do again what follows a parked task whose outcome is stored: count its chord part, send its
+    callbacks and the rest of its chain, with ``request``'s canvas.
+
+    For a copy of a dispatching subtask whose wait was completed already: the copy may
+    belong to a canvas that a stalled run compiled again, where nothing else would move
+    on.  The receivers are idempotent, so resuming the original canvas again is harmless.
+    """
+    if request.chord:
+        app.backend.on_chord_part_return(request, states.SUCCESS, value)
+    _send_callbacks_and_chain(app, value, request)
+
+
+def resume_stored(task: Any) -> None:
+    """:func:`resume` ``task`` when its outcome is a stored success (its wait was completed)."""
+    meta = task.app.backend.get_task_meta(task.request.id)
+    if meta["status"] == states.SUCCESS:
+        logger.info("%s %s: completed before; resuming what follows it", task.name, task.request.id)
+        resume(task.app, task.request, meta["result"])
 
 
 def _repr(exc: BaseException) -> str:

@@ -78,6 +78,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fusion_zookeeper_time_boundary", 1.0,
             "Seconds the set of live waiters must stay unchanged before the ZooKeeper buckets are divided "
             "again (kazoo `SetPartitioner` `time_boundary`).", float),
+    Setting("fusion_zookeeper_username", None,
+            "User of the ZooKeeper registry's digest authentication. With a password (the next setting), every "
+            "znode fusion-celery creates (waits, buckets, waiters, locks) gets a digest ACL that admits this "
+            "identity alone (unset or empty: no authentication, znodes open to every client)."),
+    Setting("fusion_zookeeper_password", None,
+            "Password of `fusion_zookeeper_username` (ZooKeeper digest authentication). Celery masks settings "
+            "named like this one in `celery inspect conf` and Flower; never logged."),
     Setting("fusion_imports", [], "Modules that define reactors, imported by the worker at start "
             "(comma-separated in the environment).", _csv),
     Setting("fusion_registry_url", "kafka://fusion.waits",
@@ -95,6 +102,11 @@ SETTINGS: tuple[Setting, ...] = (
             "`retention.ms` of return topics: a safety net should a topic outlive the reaper.", int),
     Setting("fusion_reply_allowlist", [], "Regular expressions of extra topics a reactor may reply to "
             "(besides return topics with the prefix above); in the environment comma-separated or a JSON list.", _csv),
+    Setting("fusion_reply_id_required", False,
+            "Accept on a return topic only records whose `fusion-id` header is the wait's id. Off: a record "
+            "without any fusion header (a service that knows nothing of fusion-celery) is accepted too; a "
+            "record with a `fusion-id` or `fusion-status` header is accepted only with the wait's id either "
+            "way. Turn it on when every service echoes the id.", _bool),
     Setting("fusion_dlq_suffix", ".dlq", "Dead-letter topic of a reactor: its topic plus this suffix."),
     Setting("fusion_consumer_group_prefix", "fusion.reactor.",
             "Consumer group of a reactor: this prefix plus its topic (override per reactor with `group=`)."),
@@ -104,9 +116,19 @@ SETTINGS: tuple[Setting, ...] = (
             "Messages per reactor handed to Celery and not yet finished; past it, consumption pauses.", int),
     Setting("fusion_max_message_bytes", 1_000_000, "Largest request or reply accepted, in bytes.", int),
     Setting("fusion_default_timeout", 3600.0, "Seconds a dependency or pipeline waits for its reply.", float),
+    Setting("fusion_run_lease", 300.0,
+            "Seconds a started reactor run, processing step or dispatch holds its run-once claim when its task "
+            "has no hard time limit (`time_limit` / `task_time_limit`, which wins): another copy of its message "
+            "(a redelivery) runs only after the holder finished or this long after it started, so it must "
+            "exceed the longest run.", float),
+    Setting("fusion_run_restart_after", 60.0,
+            "Seconds after which an intake sends a reactor run again that shows no sign of having started "
+            "(its Celery message was lost, e.g. popped by a broker that went away); doubled after each try, "
+            "up to ten minutes. The copies are harmless: a run starts once (0: never).", float),
     Setting("fusion_reaper_interval", 60.0, "Seconds between two runs of the orphan return-topic reaper.", float),
     Setting("fusion_reaper_grace", 300.0,
-            "Age in seconds before an unregistered return topic counts as an orphan.", float),
+            "Seconds after the later of the creation time and the deadline in its name before a return "
+            "topic that no pending wait names counts as an orphan.", float),
     Setting("fusion_startup_timeout", 15.0, "Seconds the worker gives Kafka to answer at start.", float),
     Setting("fusion_kafka_retry_timeout", 60.0,
             "Seconds a Kafka operation on the request path (looking up or creating a topic, sending a request, "

@@ -14,15 +14,15 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import Ignore
 
-from . import claims
-from .completion import fail_reactor, save_request
+from . import claims, faults, progress
+from .completion import fail_reactor, resume_stored, save_request
 from .config import setting
 from .errors import DependencyFailed, FusionError
 from .graph import Dep, inject
 from .kafka import clients
 from .protocol import PARENT_HEADER, ROOT_HEADER, check_size, encode_request
 from .registry import Wait, now_ms
-from .returntopics import new_return_topic
+from .returntopics import new_return_topic, topic_config
 from .runtime import registry
 
 __all__ = ["DispatchTask", "merge_results", "open_wait", "new_return_topic"]
@@ -70,13 +70,16 @@ def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | N
     body = encode_request(data, None, id=task.request.id, deadline=wait_deadline)
     check_size(body, int(setting(app, "fusion_max_message_bytes")), f"the request to topic {topic!r}")
 
-    return_topic = c.return_topic()
+    return_topic = _return_topic(task, wait_deadline)
     wait = Wait(id=task.request.id, return_topic=return_topic, topic=topic, deadline=wait_deadline,
                 request=save_request(task.request), task_name=task.request.shadow or task.name, dep=dep,
                 carry=carry, reactor=reactor, owner=task.request.hostname or "", created=created)
+    if reactor and reactor.get("id"):
+        progress.parked(app, reactor["id"], wait.id)  # before any reply can be completed
     reg = registry(app)
     try:
         reg.register(wait)
+        faults.point("dispatch.after-register")
         c.produce(topic, encode_request(data, return_topic, id=task.request.id, deadline=wait_deadline),
                   key=topic, headers=lineage_headers(task))
     except FusionError:
@@ -84,6 +87,25 @@ def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | N
         c.delete_topics([return_topic])
         raise
     raise Ignore()
+
+
+def _return_topic(task: Task, deadline_ms: int) -> str:
+    """The return topic of ``task``'s wait: the one an earlier attempt registered the wait with, if any.
+
+    An attempt that died after registering its wait leaves it in the registry, held by a
+    waiter that reads the topic it names; an attempt that runs again (its lease ran out,
+    or Celery retried it after the worker was lost) registers the wait again under the
+    same id, and must name the same topic in its request for that waiter to see the reply.
+    """
+    app, c = task.app, clients(task.app)
+    known = progress.remembered_return_topic(app, task.request.id)
+    if known:
+        if not c.topic_exists(known, wait=0.5):
+            c.create_topics([known], partitions=1, config=topic_config(app), visible=True)
+        return known
+    topic = c.return_topic(deadline_ms, registered=True)
+    progress.remember_return_topic(app, task.request.id, topic, (deadline_ms - now_ms()) / 1000 + 60)
+    return topic
 
 
 class DispatchTask(Task):
@@ -100,25 +122,20 @@ def dispatch(self: Task, prior: Any = None, *, dep: dict[str, Any], reactor: dic
     """Send one dependency its request (args with the results it depends on injected) and park."""
     d = Dep.from_dict(dep)
     # A duplicate delivery of this task (at-least-once) must not send the request twice.
-    if not claims.claim(self.app, f"dispatch-{self.request.id}", ttl=300):
-        logger.info("dispatch %s for dep %r is a duplicate; ignored", self.request.id, d.name)
-        raise Ignore()
-    carry = merge_results(prior)
-    try:
-        args = inject(d, carry)
-        timeout = d.timeout or float(setting(self.app, "fusion_default_timeout"))
-        open_wait(self, topic=d.topic, data=args, timeout=timeout, dep=d.name, carry=carry, reactor=reactor,
-                  deadline=deadline)
-    except Ignore:
-        claims.extend(self.app, f"dispatch-{self.request.id}", ttl=claims.lifetime(self.app))
-        raise
-    except Exception as exc:
-        claims.release(self.app, f"dispatch-{self.request.id}")
-        if isinstance(exc, DependencyFailed):
+    with claims.once(self, "dispatch", on_done=lambda: resume_stored(self)):
+        carry = merge_results(prior)
+        try:
+            args = inject(d, carry)
+            timeout = d.timeout or float(setting(self.app, "fusion_default_timeout"))
+            open_wait(self, topic=d.topic, data=args, timeout=timeout, dep=d.name, carry=carry, reactor=reactor,
+                      deadline=deadline)
+        except (Ignore, DependencyFailed):
             raise
-        raise DependencyFailed(f"dep {d.name!r} (topic {d.topic!r}): {exc}") from exc
+        except Exception as exc:
+            raise DependencyFailed(f"dep {d.name!r} (topic {d.topic!r}): {exc}") from exc
     return None  # unreachable: open_wait always raises
 
 
 def register_dispatch(app: Celery) -> Task:
-    return app.task(name="fusion.dispatch", bind=True, base=DispatchTask, shared=False)(dispatch)
+    return app.task(name="fusion.dispatch", bind=True, base=DispatchTask, shared=False,
+                    **claims.RUN_OPTIONS)(dispatch)

@@ -30,7 +30,7 @@ from celery.result import AsyncResult
 
 from . import progress
 from .canvas import compile_deps
-from .claims import once
+from .claims import RUN_OPTIONS, once
 from .config import setting
 from .graph import DepsGraph
 from .kafka import clients
@@ -85,11 +85,12 @@ def _pipeline(self: Task, *args: Any, topic: str | None = None, data: Any = None
         topic, args = args[0], args[1:]
     if data is None and args:
         data = args[0]
-    return call_topic(self, topic, data, timeout, wait)
+    with once(self, "dispatch"):  # a duplicate delivery must not send the request twice
+        return call_topic(self, topic, data, timeout, wait)
 
 
 def register_pipeline(app: Celery) -> Task:
-    return app.task(name=PIPELINE_TASK, bind=True, shared=False)(_pipeline)
+    return app.task(name=PIPELINE_TASK, bind=True, shared=False, **RUN_OPTIONS)(_pipeline)
 
 
 class PipelineTask(Task):
@@ -107,6 +108,10 @@ class PipelineTask(Task):
                 return self.combine_fn(data, results) if self.combine_fn else results
         if data is None and args:
             data = args[0]  # in a chain: the previous task's result
+        with once(self, "run"):
+            return self._start(data, timeout)
+
+    def _start(self, data: Any, timeout: float | None) -> Any:
         timeout = timeout or self.default_timeout
         deps_map = self.deps_fn(data) if callable(self.deps_fn) else self.deps_fn
         from .reactor import chord_lifetime
@@ -116,7 +121,7 @@ class PipelineTask(Task):
                 if dep.timeout is None:
                     graph.deps[dep.name] = replace(dep, timeout=float(timeout))
         if not graph.deps:
-            return self.run(None, data=data, stage="combine")
+            return self.combine_fn(data, {}) if self.combine_fn else {}
         body = self.signature(kwargs={"data": data, "stage": "combine"}).set(shadow=f"{self.name}[combine]")
         reactor = {"id": self.request.id, "topic": None, "message": {}}
         progress.start(self.app, self.request.id, len(graph))
@@ -165,7 +170,7 @@ class Pipeline:
                 name=self.name, base=PipelineTask, bind=True, shared=False, lazy=False,
                 deps_fn=staticmethod(deps) if callable(deps) else deps,
                 combine_fn=staticmethod(combine) if combine else None, default_timeout=timeout,
-                **task_options)(PipelineTask.run)
+                **{**RUN_OPTIONS, **task_options})(PipelineTask.run)
 
     def _kwargs(self, data: Any, timeout: float | None, wait: bool) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"data": data, "timeout": timeout or self.timeout}

@@ -1,44 +1,132 @@
-"""Progress of a reactor or pipeline run: how many of its deps are done.
+"""Progress of a reactor or pipeline run: how many of its deps are done, which are waited on, and when
+it last moved.
 
-Kept in a small Redis hash next to the results (``fusion-progress-<task id>``,
-fields ``total`` and ``done``), written when a run compiles its deps-map and
-each time the waiter completes one of them; read by ``celery fusion call``.
+Kept next to the results in the Redis result backend:
+
+- ``fusion-progress-<run id>``, a hash: ``total`` (deps) and ``t`` (epoch ms of the run's last step);
+- ``fusion-waiting-<run id>``, a set: the dispatching subtasks of the run parked on a reply right now;
+- ``fusion-done-<run id>``, a set: those whose reply is stored (a set, so that a completion replayed
+  after a crash counts once);
+- ``fusion-rt-<subtask id>``: the return topic a dispatching subtask registered its wait with, so that
+  an attempt of it that runs again (its worker died after registering the wait) sends its request
+  with the topic the waiter holding the wait reads; gone once the reply is stored, or with the wait's
+  deadline.
+
+Written when a run compiles its deps-map, when a dep's request is sent and when its
+reply is stored; read by ``celery fusion call`` (the progress bar) and by the intake,
+which uses it to tell a run that waits for a dependency from a run whose next step
+was lost in the Celery broker (nothing waited on, and no step for a while): see
+:meth:`fusion_celery.intake.ReactorIntake._resend_stalled`.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from celery import Celery
 
 from .claims import lifetime, with_retry
 
-__all__ = ["start", "advance", "read"]
+__all__ = ["start", "parked", "advance", "read", "stalled", "remember_return_topic", "remembered_return_topic"]
 
 
 def _key(task_id: str) -> str:
     return f"fusion-progress-{task_id}"
 
 
-def _start(client: Any, key: str, total: int, ttl: int) -> None:
+def _waiting(task_id: str) -> str:
+    return f"fusion-waiting-{task_id}"
+
+
+def _done(task_id: str) -> str:
+    return f"fusion-done-{task_id}"
+
+
+def _return_topic(wait_id: str) -> str:
+    return f"fusion-rt-{wait_id}"
+
+
+def _now() -> int:
+    return int(time.time() * 1000)
+
+
+def _start(client: Any, run: str, total: int, ttl: int) -> None:
     with client.pipeline() as pipe:
-        pipe.hset(key, mapping={"total": total, "done": 0})
-        pipe.expire(key, ttl)  # as long as the run's result
+        pipe.hset(_key(run), mapping={"total": total, "t": _now()})
+        pipe.expire(_key(run), ttl)  # as long as the run's result
         pipe.execute()
 
 
 def start(app: Celery, task_id: str, total: int) -> None:
     """Record that the run ``task_id`` has ``total`` deps (retried while Redis restarts, as results are)."""
-    with_retry(app, _start, _key(task_id), total, int(lifetime(app)))
+    with_retry(app, _start, task_id, total, int(lifetime(app)))
 
 
-def advance(app: Celery, task_id: str) -> None:
-    with_retry(app, lambda c, k: c.hincrby(k, "done", 1), _key(task_id))
+def _parked(client: Any, run: str, wait_id: str, ttl: int) -> None:
+    with client.pipeline() as pipe:
+        pipe.sadd(_waiting(run), wait_id)
+        pipe.expire(_waiting(run), ttl)
+        pipe.hset(_key(run), "t", _now())
+        pipe.execute()
+
+
+def parked(app: Celery, run_id: str, wait_id: str) -> None:
+    """The dependency request of subtask ``wait_id`` of run ``run_id`` is sent; its reply is awaited."""
+    with_retry(app, _parked, run_id, wait_id, int(lifetime(app)))
+
+
+def _advance(client: Any, run: str, wait_id: str, ttl: int) -> None:
+    with client.pipeline() as pipe:
+        pipe.sadd(_done(run), wait_id)
+        pipe.expire(_done(run), ttl)
+        pipe.srem(_waiting(run), wait_id)
+        pipe.hset(_key(run), "t", _now())
+        pipe.delete(_return_topic(wait_id))
+        pipe.execute()
+
+
+def advance(app: Celery, task_id: str, wait_id: str) -> None:
+    """The reply of subtask ``wait_id`` of run ``task_id`` is stored: one more dep done (once per subtask)."""
+    with_retry(app, _advance, task_id, wait_id, int(lifetime(app)))
+
+
+def remember_return_topic(app: Celery, wait_id: str, topic: str, seconds: float) -> None:
+    """Keep ``topic`` as the return topic of subtask ``wait_id`` for ``seconds`` (its wait's life)."""
+    with_retry(app, lambda c, k: c.set(k, topic, ex=max(1, int(seconds))), _return_topic(wait_id))
+
+
+def remembered_return_topic(app: Celery, wait_id: str) -> str | None:
+    """The return topic an earlier attempt of subtask ``wait_id`` registered its wait with, if any."""
+    found = with_retry(app, lambda c, k: c.get(k), _return_topic(wait_id))
+    return found.decode() if isinstance(found, bytes) else found
 
 
 def read(app: Celery, task_id: str) -> tuple[int, int] | None:
     """``(done, total)`` or None when the run has no deps (or has not compiled them yet)."""
-    raw = app.backend.client.hgetall(_key(task_id))
+    client = app.backend.client
+    raw = client.hgetall(_key(task_id))
     if not raw:
         return None
-    return int(raw.get(b"done", 0)), int(raw.get(b"total", 0))
+    return int(client.scard(_done(task_id))), int(raw.get(b"total", 0))
+
+
+def _stalled(client: Any, runs: list[str], before: int) -> set[str]:
+    with client.pipeline(transaction=False) as pipe:
+        for run in runs:
+            pipe.hget(_key(run), "t")
+            pipe.scard(_waiting(run))
+        found = pipe.execute()
+    out = set()
+    for i, run in enumerate(runs):
+        moved, waiting = found[2 * i], found[2 * i + 1]
+        if moved is not None and not waiting and int(moved) < before:
+            out.add(run)
+    return out
+
+
+def stalled(app: Celery, run_ids: list[str], quiet_s: float) -> set[str]:
+    """Which of the runs with deps wait on no reply and have not moved for ``quiet_s`` seconds."""
+    if not run_ids:
+        return set()
+    return with_retry(app, _stalled, run_ids, _now() - int(quiet_s * 1000))

@@ -38,6 +38,7 @@ __all__ = [
     "check_return_topic",
     "check_size",
     "headers_dict",
+    "reply_rejection",
 ]
 
 RETURN_TOPIC_KEYS = ("return-topic", "return_topic", "response-topic")
@@ -46,7 +47,7 @@ ID_HEADER = "fusion-id"
 DEADLINE_HEADER = "fusion-deadline"
 ROOT_HEADER = "fusion-root-id"
 PARENT_HEADER = "fusion-parent-id"
-_TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_TOPIC_RE = re.compile(r"[A-Za-z0-9._-]{1,249}")  # used with fullmatch: "$" would let a final "\n" through
 
 Headers = Sequence[tuple[str, bytes | str | None]] | dict[str, Any] | None
 
@@ -73,7 +74,7 @@ def check_size(payload: bytes, limit: int, what: str) -> None:
 
 def valid_topic_name(name: Any) -> bool:
     """True for a legal Kafka topic name (1-249 of ``[A-Za-z0-9._-]``, not ``.`` or ``..``)."""
-    return isinstance(name, str) and bool(_TOPIC_RE.match(name)) and name not in {".", ".."}
+    return isinstance(name, str) and bool(_TOPIC_RE.fullmatch(name)) and name not in {".", ".."}
 
 
 def check_return_topic(topic: str, prefix: str, allowlist: Iterable[str | re.Pattern[str]] = ()) -> None:
@@ -230,3 +231,26 @@ def decode_reply(value: bytes | None, headers: Headers = None) -> Any:
             raise RemoteError(f"{err.get('type', 'Error')}: {err.get('message', '')}")
         raise RemoteError(f"error reply: {str(body)[:500]}")
     return body
+
+
+def reply_rejection(headers: Headers, wait_id: str, *, require_id: bool = False) -> str | None:
+    """Why a record on a return topic may not complete the wait ``wait_id``; ``None`` when it may.
+
+    A return topic's name is the only thing a caller gives away, so a record on it
+    proves nothing by itself: anybody who learns the name (or names it as the
+    return topic of a request of their own) can write there.  A record that carries
+    an id (``fusion-id``) completes the wait only with the wait's own id; a fusion
+    reply (it always carries ``fusion-status``) must carry the id, since a fusion
+    reactor answers a request without an id with no ``fusion-id`` at all.  A record
+    with neither header comes from a service that knows nothing of fusion-celery and
+    is accepted, as the protocol promises, unless ``require_id`` is set.
+    """
+    hdrs = headers_dict(headers)
+    got = hdrs.get(ID_HEADER)
+    if got is not None:
+        return None if got == wait_id else f"its {ID_HEADER} {got[:100]!r} is not this wait's id"
+    if STATUS_HEADER in hdrs:
+        return f"it is a fusion reply without {ID_HEADER} (an answer to somebody else's request)"
+    if require_id:
+        return f"it carries no {ID_HEADER} (setting fusion_reply_id_required)"
+    return None

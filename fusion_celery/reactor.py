@@ -34,7 +34,7 @@ from celery.signals import task_failure
 
 from . import progress
 from .canvas import compile_deps
-from .claims import once
+from .claims import RUN_OPTIONS, once
 from .errors import RequestExpired
 from .graph import DepsGraph
 from .message import Message
@@ -73,23 +73,39 @@ class ReactorTask(Task):
     group_id: str | None = None
     partitions: int | None = None
 
-    def run(self, prior: Any = None, *, message: dict[str, Any], stage: str = "intake") -> Any:
+    def run(self, prior: Any = None, *, message: dict[str, Any], stage: str = "intake", redrive: int = 0) -> Any:
         msg = Message.from_dict(message)
         if stage == "process":
             from .dispatch import merge_results
             with once(self, "process"):
                 return self._process(msg, merge_results(prior))
-        if msg.expired:
-            raise RequestExpired(f"request to {self.topic!r} arrived after its deadline {msg.deadline}")
-        deps_map = self.deps_fn(msg) if callable(self.deps_fn) else self.deps_fn
-        if not deps_map:
-            return self._process(msg, {})
+        if redrive:
+            # The intake found this run stalled: started, waiting on no reply, no step for a while (a
+            # step's message was lost in the Celery broker).  Its canvas is compiled again: the subtasks
+            # keep their ids, so those that ran resume what follows them and only the lost ones run.
+            with once(self, f"redrive{redrive}"):
+                deps_map = self.deps_fn(msg) if callable(self.deps_fn) else self.deps_fn
+                if deps_map:
+                    return self._replace_with_deps(msg, message, deps_map, first=False)
+                return None
+        with once(self, "run"):  # a redelivered record must not ask the deps or run proc_fn again
+            if msg.expired:
+                raise RequestExpired(f"request to {self.topic!r} arrived after its deadline {msg.deadline}")
+            deps_map = self.deps_fn(msg) if callable(self.deps_fn) else self.deps_fn
+            if not deps_map:
+                return self._process(msg, {})
+            return self._replace_with_deps(msg, message, deps_map, first=True)
+
+    def _replace_with_deps(self, msg: Message, message: dict[str, Any], deps_map: Mapping[str, Any],
+                           first: bool) -> Any:
+        """Replace this task with the canvas of its deps, whose last step is the processing step."""
         graph = DepsGraph(deps_map, max_timeout=chord_lifetime(self.app))
         reactor_info = {"id": self.request.id, "topic": self.topic,
                         "message": {"return_topic": msg.return_topic, "id": msg.id, "topic": msg.topic}}
         body = self.signature(kwargs={"message": message, "stage": "process"}).set(
             shadow=f"{self.name}[{self.topic}:process]")
-        progress.start(self.app, self.request.id, len(graph))
+        if first:
+            progress.start(self.app, self.request.id, len(graph))
         return self.replace(compile_deps(self.app, graph, body, reactor=reactor_info, deadline=msg.deadline))
 
     def _process(self, msg: Message, results: dict[str, Any]) -> Any:
@@ -117,7 +133,7 @@ def _register(app: Celery, topic: str, fn: Callable[..., Any], deps: DepsFn, nam
         raise ValueError(f"topic {topic!r} is already served by reactor {known[topic]!r}")
     task = app.task(name=task_name, base=ReactorTask, bind=True, shared=False, lazy=False, topic=topic,
                     proc_fn=staticmethod(fn), deps_fn=staticmethod(deps) if callable(deps) else deps,
-                    group_id=group, partitions=partitions, **options)(ReactorTask.run)
+                    group_id=group, partitions=partitions, **{**RUN_OPTIONS, **options})(ReactorTask.run)
     known[topic] = task_name
     return task
 

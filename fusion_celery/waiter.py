@@ -31,7 +31,7 @@ from .completion import Events, complete
 from .config import setting
 from .errors import DependencyFailed, DependencyTimeout, PayloadTooLarge, ProtocolError, RemoteError
 from .kafka import clients, consume_ready
-from .protocol import check_size, decode_reply
+from .protocol import check_size, decode_reply, reply_rejection
 from .registry import Change, Wait, now_ms
 from .runtime import registry
 
@@ -71,12 +71,20 @@ class Waiter(threading.Thread):
         self._last_delete = 0.0
         self.completed = 0
         self.failed = 0
+        self.rejected = 0  # records on a return topic that were not a reply to its wait
+        self.require_id = bool(setting(app, "fusion_reply_id_required"))
         self.events = Events(app, hostname=name)
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _add(self, wait: Wait) -> None:
-        if wait.id in self.waits:
-            return
+        held = self.waits.get(wait.id)
+        if held is not None:
+            if held.return_topic == wait.return_topic:
+                return
+            # Registered again with another topic (an attempt of its task that ran again): its request
+            # names the new one.
+            self._forget(wait.id)
+            self._to_delete.append(held.return_topic)
         self.waits[wait.id] = wait
         self.by_topic[wait.return_topic] = wait.id
         # A wait taken over from a dead worker may be past its deadline with its reply already
@@ -219,6 +227,12 @@ class Waiter(threading.Thread):
         wait = self.waits.get(wait_id) if wait_id else None
         if wait is None or wait.id in self._retry:
             return
+        why = reply_rejection(msg.headers(), wait.id, require_id=self.require_id)
+        if why is not None:
+            self.rejected += 1
+            logger.warning("waiter: dropped the record %s[%d]@%d: %s; %s still waits", msg.topic(),
+                           msg.partition(), msg.offset(), why, wait.label)
+            return
         try:
             check_size(msg.value() or b"", int(setting(self.app, "fusion_max_message_bytes")), "the reply")
         except PayloadTooLarge as err:
@@ -344,8 +358,8 @@ class Waiter(threading.Thread):
                     close()
                 except Exception as exc:
                     logger.warning("waiter: cannot %s: %s", step, exc)
-            logger.info("waiter: stopped (%d completed, %d failed, %d left to the others)", self.completed,
-                        self.failed, len(self.waits))
+            logger.info("waiter: stopped (%d completed, %d failed, %d records rejected, %d left to the others)",
+                        self.completed, self.failed, self.rejected, len(self.waits))
 
     def _close_replies(self) -> None:
         for consumer in (self.replies, self.settled):
@@ -370,5 +384,6 @@ class Waiter(threading.Thread):
             "by_topic": dict(Counter(w.topic for w in waits)),
             "completed": self.completed,
             "failed": self.failed,
+            "rejected": self.rejected,
             "retrying": len(self._retry),
         }

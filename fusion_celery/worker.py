@@ -169,7 +169,16 @@ class Consumer(CeleryConsumer):
         for qos in (RestorePrefetched._qos(self), _default_qos(self.connection)):
             if qos is not None:
                 qos.restore_at_shutdown = False
+                # A task acknowledged late (fusion's are) that finishes after the connection broke would
+                # acknowledge through this channel, whose transport is gone: kombu raises AttributeError
+                # and the worker stops.  Its message is put back by RestorePrefetched instead, and the
+                # copy is dropped by the run-once claim of the step it carries.
+                qos.ack = qos.reject = _gone
         super().on_connection_error_after_connected(exc)
+
+
+def _gone(*_: Any, **__: Any) -> None:
+    """Acknowledging on a channel whose connection is gone: nothing to do (see Consumer)."""
 
 
 def _default_qos(connection: Any) -> Any:

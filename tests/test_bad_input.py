@@ -1,6 +1,8 @@
-"""Bad input over the wire: a flood of malformed requests, oversized payloads and replies, a fuzzed allow-list.
+"""Bad input over the wire: a flood of malformed requests, oversized payloads and replies, a fuzzed allow-list,
+records too large to dead-letter whole.
 
-Against the real stack and real workers.  The pure decoders are fuzzed with Hypothesis in
+Against the real stack and real workers, but for the unit tests of the dead-letter copy's size and of
+an intake whose dead-letter topic refuses a copy.  The pure decoders are fuzzed with Hypothesis in
 test_protocol.py and test_graph.py.
 """
 
@@ -8,14 +10,23 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
+from dataclasses import dataclass
+from types import SimpleNamespace
+from unittest.mock import ANY
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import NewTopic
 from conftest import high_watermark, isolated_env, return_topic_name, topic_name, wait_for
-from reliability import Load, Sampler, check, collect, report
+from reliability import Load, Sampler, check, check_all_handed, collect, intake_counts, report
+
+from fusion_celery import intake as intake_module
+from fusion_celery.application import create_app
+from fusion_celery.intake import ReactorIntake, dead_letter_copy, record_size
 
 LIMIT = 20_000  # fusion_max_message_bytes of the flood's worker
 
@@ -83,7 +94,7 @@ def test_10000_malformed_mixed_with_1000_good(request, kit, worker_factory, redi
 
     # Warm-up: the worker's caches, pools and buffers reach their working size.
     warm = flood(1_000, 100, "w")
-    check(collect(warm, redis_client, timeout=300), allow_errors=False)
+    check(collect(warm, redis_client, timeout=300))
     wait_for(lambda: len(dead_letters()) >= 1_000, 300, "the warm-up's dead letters")
     before = sampler.sample()
     sampler.start()
@@ -106,7 +117,7 @@ def test_10000_malformed_mixed_with_1000_good(request, kit, worker_factory, redi
                "fds_before": before["fds"], "fds_after": after["fds"],
                "reasons": dict(Counter(letters.values())), **outcome.summary()}
     report(request.node.name, figures)
-    check(outcome, allow_errors=False)
+    check(outcome)
     wrong = {k: (letters.get(k), v) for k, v in expected.items() if letters.get(k) != v}
     assert not wrong, f"{len(wrong)} records dead-lettered with another reason or not at all: {list(wrong.items())[:5]}"
     assert after["rss_mb"] - before["rss_mb"] < 30, f"worker memory grew: {figures}"
@@ -262,3 +273,274 @@ def test_no_reply_lands_outside_the_allow_list(request, kit, worker_factory):
             assert after[t] == before[t], f"a reply landed on {t}"
     assert high_watermark(kit.servers, dlq) == refused
 
+
+
+# -- records too large to dead-letter whole ---------------------------------------------------------
+PRODUCER_LIMIT = 1_000_000  # librdkafka's default message.max.bytes, which the worker's producer keeps
+
+
+def big_records_topic(kit, env: dict[str, str]) -> str:
+    """The ``add`` reactor's topic of ``env``, made before its worker starts: one partition, records up to
+    2 MB (the worker finds it there and serves it as it is; its dead-letter topic has the broker's limit)."""
+    topic = f"{env['FUSION_TEST_RUN']}.add"
+    created = kit.admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1,
+                                                config={"max.message.bytes": "2000000"})])
+    created[topic].result(30)
+    kit.created += [topic, f"{topic}.dlq"]
+    kit.wait_visible([topic])
+    return topic
+
+
+def send_big(kit, topic: str, values: dict[str, bytes]) -> dict[str, int]:
+    """Send ``values`` with a producer that takes records up to 2 MB: {name: offset}."""
+    producer = Producer({"bootstrap.servers": kit.servers, "linger.ms": 0, "message.max.bytes": 2_000_000})
+    offsets: dict[str, int] = {}
+    for name, value in values.items():
+        producer.produce(topic, value, on_delivery=lambda err, msg, name=name: offsets.update(
+            {name: msg.offset()} if err is None else {name: err}))
+    producer.flush(30)
+    producer.close()
+    return offsets
+
+
+def add_answers(kit, topic: str) -> bool:
+    """Whether the ``add`` reactor on ``topic`` answers a request sent now, within two minutes."""
+    back = kit.topic(return_topic_name())
+    kit.send(topic, {"data": [1, 2], "return-topic": back})
+    [reply] = kit.read(back, 1, timeout=120)
+    return json.loads(reply.value()) == 3
+
+
+def test_records_too_large_to_dead_letter_whole_are_cut_and_the_reactor_goes_on(kit, worker_factory):
+    """Under default settings, a 999,900-byte record that is not JSON and a 1.5 MB one (its topic allows it) are
+    dead-lettered cut to what the producer accepts, headers included, with the reason and the original size in
+    the headers; a request after them on the same partition is answered."""
+    env = isolated_env("kafka", db=12)
+    topic = big_records_topic(kit, env)
+    w = worker_factory(name="bigdlq", env=env, concurrency=2)
+    originals = {"not-json": (b"not json; " * 100_000)[:999_900],
+                 "too-large": b'{"data": "' + b"y" * 1_499_988 + b'"}'}
+    assert [len(v) for v in originals.values()] == [999_900, 1_500_000]
+    offsets = send_big(kit, topic, originals)
+    assert sorted(offsets.values()) == [0, 1], offsets
+    assert add_answers(kit, topic), "a request behind the two records is answered"
+    letters = kit.read(f"{topic}.dlq", 2, timeout=60)
+    for letter in letters:
+        h = {k: v.decode() for k, v in letter.headers()}
+        reason = h["fusion-dlq-reason"]
+        original = originals[reason]
+        assert h["fusion-dlq-source"] == f"{topic}[0]@{offsets[reason]}"
+        assert h["fusion-dlq-truncated"] == str(len(original))
+        value = letter.value()
+        assert len(value) < PRODUCER_LIMIT and value == original[:len(value)], "the copy is the start of the record"
+        # The worker's producer took the copy, so it fits; the cut gave up at most the room of the headers'
+        # length varints (two per header, at most 5 bytes each) next to librdkafka's 36 bytes of framing.
+        size = 36 + len(value) + sum(len(k.encode()) + len(v) for k, v in letter.headers())
+        assert PRODUCER_LIMIT - 10 * len(h) <= size <= PRODUCER_LIMIT, size
+    assert sorted({k: v.decode() for k, v in m.headers()}["fusion-dlq-reason"] for m in letters) == \
+        ["not-json", "too-large"]
+    assert "Traceback" not in w.log()
+    check_all_handed(w)
+    assert intake_counts(w.log(), ("received", "dead_lettered", "started", "dropped"))[topic] == (3, 2, 1, 0)
+
+
+def test_a_copy_the_broker_refuses_as_too_large_is_dead_lettered_as_its_headers_alone(kit, worker_factory):
+    """The worker's producer takes 2 MB (fusion_kafka_producer_config) and so does fusion_max_message_bytes,
+    but the dead-letter topic has the broker's limit (about 1 MB): a 1.5 MB record that is not JSON is
+    dead-lettered as its headers alone, with its original size, and the reactor goes on."""
+    env = {**isolated_env("kafka", db=12), "FUSION_KAFKA_PRODUCER_CONFIG": json.dumps({"message.max.bytes": 2_000_000}),
+           "FUSION_MAX_MESSAGE_BYTES": "2000000"}
+    topic = big_records_topic(kit, env)
+    w = worker_factory(name="brokerdlq", env=env, concurrency=2)
+    offsets = send_big(kit, topic, {"not-json": b"<not json/>" * 136_364})
+    assert offsets == {"not-json": 0}, offsets
+    assert add_answers(kit, topic), "a request behind the record is answered"
+    [letter] = kit.read(f"{topic}.dlq", 1, timeout=60)
+    assert letter.value() is None and letter.key() is None
+    h = {k: v.decode() for k, v in letter.headers()}
+    assert set(h) == {"fusion-dlq-reason", "fusion-dlq-error", "fusion-dlq-source", "fusion-dlq-truncated"}
+    assert (h["fusion-dlq-reason"], h["fusion-dlq-source"], h["fusion-dlq-truncated"]) == \
+        ("not-json", f"{topic}[0]@0", str(11 * 136_364))
+    assert "refused the dead-letter copy of" in w.log() and "Message size too large" in w.log()
+    check_all_handed(w)
+    assert intake_counts(w.log(), ("received", "dead_lettered", "started", "dropped"))[topic] == (2, 1, 1, 0)
+
+
+# -- the dead-letter copy's size and a copy the dead-letter topic refuses (no services) --------------
+WHY = [("fusion-dlq-reason", b"not-json"), ("fusion-dlq-error", b"the value is not JSON: Expecting value: line 1"),
+       ("fusion-dlq-source", b"orders[0]@12345")]
+
+
+def accepted_by_librdkafka(value, key, headers, limit: int) -> bool:
+    """Whether librdkafka's producer with ``message.max.bytes=limit`` takes the record (a check it makes
+    before sending: nothing needs to listen at the bootstrap address)."""
+    p = Producer({"bootstrap.servers": "127.0.0.1:9", "message.max.bytes": limit, "log_level": 0,
+                  "error_cb": lambda err: None})
+    try:
+        p.produce("dlq.size.check", value, key=key, headers=headers)
+        return True
+    except KafkaException as exc:
+        assert exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE, exc
+        return False
+    finally:
+        p.purge()
+        p.close()
+
+
+@pytest.mark.parametrize("size, limit", [(999_900, 1_000_000), (1_500_000, 1_000_000), (2_500_000, 2_000_000)])
+def test_a_dead_letter_copy_is_cut_to_what_librdkafkas_producer_takes(size, limit):
+    original = bytes(i % 251 for i in range(size))
+    key, headers = b"order-7", [("trace", b"t" * 300), *WHY]
+    assert not accepted_by_librdkafka(original, key, headers, limit)
+    value, out = dead_letter_copy(original, key, headers, max_value=0, max_record=limit)
+    assert out == [*headers, ("fusion-dlq-truncated", str(size).encode())], "the original length in a header"
+    assert value == original[:len(value)], "the start of the original"
+    assert record_size(value, key, out) <= limit
+    assert accepted_by_librdkafka(value, key, out, limit)
+    # At most the headers' length varints (counted at their largest) are given up.
+    assert not accepted_by_librdkafka(original[:len(value) + 10 * len(out)], key, out, limit)
+
+
+def test_a_dead_letter_copy_keeps_what_fits_and_is_cut_to_fusion_max_message_bytes():
+    small = b"{not json"
+    assert dead_letter_copy(small, None, WHY, max_value=1_000_000, max_record=1_000_000) == (small, WHY)
+    assert dead_letter_copy(None, None, WHY, max_value=10, max_record=1_000_000) == (None, WHY)
+    big = b"x" * 1_500_000
+    # the producer takes 2 MB (the user's setting): the value alone decides, with or without a limit
+    assert dead_letter_copy(big, None, WHY, max_value=0, max_record=2_000_000) == (big, WHY)
+    value, out = dead_letter_copy(big, None, WHY, max_value=1_000_000, max_record=2_000_000)
+    assert len(value) == 1_000_000 and out[-1] == ("fusion-dlq-truncated", b"1500000")
+    # headers that leave no room: no value (the producer refuses the copy, which is then sent as headers alone)
+    value, out = dead_letter_copy(big, None, [("huge", b"h" * 1_000_000), *WHY], max_value=0, max_record=1_000_000)
+    assert value == b"" and out[-1] == ("fusion-dlq-truncated", b"1500000")
+
+
+@dataclass
+class Record:
+    """A consumed record as the intake reads it (confluent_kafka.Message)."""
+
+    _value: bytes
+    _offset: int
+
+    def error(self):
+        return None
+
+    def topic(self):
+        return "dlq.unit"
+
+    def partition(self):
+        return 0
+
+    def offset(self):
+        return self._offset
+
+    def timestamp(self):
+        return (1, 1_700_000_000_000 + self._offset)
+
+    def key(self):
+        return b"k"
+
+    def headers(self):
+        return [("trace", b"t-1")]
+
+    def value(self):
+        return self._value
+
+
+class OnePartition:
+    """A consumer of one partition: a paused partition returns nothing, offsets are stored as the intake says."""
+
+    def __init__(self, records: list[Record]) -> None:
+        self.records, self.paused, self.stored = deque(records), False, []
+
+    def poll(self, timeout):
+        return self.records.popleft() if self.records and not self.paused else None
+
+    def consume(self, n, timeout=0):
+        return [r for r in (self.poll(0) for _ in range(n)) if r is not None]
+
+    def assignment(self):
+        return [TopicPartition("dlq.unit", 0)]
+
+    def pause(self, parts):
+        self.paused = True
+
+    def resume(self, parts):
+        self.paused = False
+
+    def store_offsets(self, message):
+        self.stored.append(message.offset())
+
+
+@pytest.fixture
+def dlq_intake(monkeypatch):
+    """An intake reading a record that is not JSON, then a good one; its dead-letter sends answer from
+    ``outcomes`` (None: delivered, else the KafkaError code) and are kept in ``sent``."""
+    app = create_app("dlq-unit", broker="memory://", backend="cache+memory://")
+    started: list[str] = []
+    task = SimpleNamespace(topic="dlq.unit", name="fusion.test.dlq", group_id=None,
+                           apply_async=lambda kwargs, task_id, **_: started.append(task_id))
+    it = ReactorIntake(app, task, threading.Event())
+    it.stop_event.wait = lambda timeout=None: False  # no 1-s backoff in a unit test
+    it.consumer = OnePartition([Record(b"\x00\x01garbage", 0), Record(b'{"data": [1, 2]}', 1)])
+    outcomes: list[int | None] = []
+    sent: list[tuple] = []
+
+    def deliver(app, topic, value, key, headers):
+        sent.append((topic, value, key, headers))
+        code = outcomes.pop(0)
+        return None if code is None else KafkaError(code)
+
+    monkeypatch.setattr(intake_module, "_deliver", deliver)
+    yield it, outcomes, sent, started
+    app.close()
+
+
+def why(offset: int) -> list[tuple[str, bytes]]:
+    return [("fusion-dlq-reason", b"not-json"), ("fusion-dlq-error", ANY),
+            ("fusion-dlq-source", f"dlq.unit[0]@{offset}".encode())]
+
+
+@pytest.mark.parametrize("refusals, headers_alone", [
+    ([KafkaError.TOPIC_AUTHORIZATION_FAILED], False),  # an ACL: dropped at once
+    ([KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.MSG_SIZE_TOO_LARGE], True),  # too large, even as headers
+])
+def test_a_record_the_dead_letter_topic_refuses_for_good_is_dropped_and_logged(dlq_intake, caplog, refusals,
+                                                                              headers_alone):
+    it, outcomes, sent, started = dlq_intake
+    outcomes += refusals
+    it._step()
+    copy = ("dlq.unit.dlq", b"\x00\x01garbage", b"k", [("trace", b"t-1"), *why(0)])
+    bare = ("dlq.unit.dlq", None, None, [*why(0), ("fusion-dlq-truncated", b"9")])
+    assert sent == ([copy, bare] if headers_alone else [copy])
+    assert it.counts == {"received": 2, "dead_lettered": 0, "started": 1, "dropped": 1}
+    assert it.consumer.stored == [0, 1] and len(started) == 1, "the partition goes on after the dropped record"
+    assert not it.pending and not it.consumer.paused
+    [error] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "dropped dlq.unit[0]@0 (not-json" in error.getMessage()
+    assert KafkaError(refusals[-1]).str() in error.getMessage()
+
+
+def test_a_copy_the_dead_letter_topic_refuses_as_too_large_is_sent_as_its_headers(dlq_intake):
+    it, outcomes, sent, started = dlq_intake
+    outcomes += [KafkaError.MSG_SIZE_TOO_LARGE, None]
+    it._step()
+    assert [(value, key, headers) for _, value, key, headers in sent] == [
+        (b"\x00\x01garbage", b"k", [("trace", b"t-1"), *why(0)]),
+        (None, None, [*why(0), ("fusion-dlq-truncated", b"9")])]
+    assert it.counts == {"received": 2, "dead_lettered": 1, "started": 1, "dropped": 0}
+    assert it.consumer.stored == [0, 1]
+
+
+def test_a_dead_letter_send_that_fails_while_kafka_is_away_is_made_again(dlq_intake):
+    it, outcomes, sent, started = dlq_intake
+    outcomes += [KafkaError._MSG_TIMED_OUT]
+    it._step()
+    assert len(sent) == 1 and [m.offset() for m in it.pending] == [0, 1] and it.consumer.paused, \
+        "kept, in order, its partition paused"
+    assert it.counts == {"received": 2, "dead_lettered": 0, "started": 0, "dropped": 0}
+    outcomes += [None]
+    it._step()
+    assert len(sent) == 2 and sent[1][1] == b"\x00\x01garbage", "the whole copy, once Kafka is back"
+    assert it.counts == {"received": 2, "dead_lettered": 1, "started": 1, "dropped": 0}
+    assert it.consumer.stored == [0, 1] and not it.pending

@@ -3,6 +3,8 @@ away between storing a parked task's outcome and counting it (fusion_celery.comp
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 
 import pytest
@@ -92,3 +94,23 @@ def test_a_replayed_failure_of_a_part_already_stored_as_a_success_sends_no_error
     complete(app, second, exc=DependencyTimeout("dep 'x' did not reply"), done={})
     assert not claims.is_claimed(app, f"reply-{reactor_id}"), "an error reply was sent for a stored success"
     assert _bodies(stack, queue) == 1, "the stored success was not counted"
+
+
+def test_a_completion_replayed_after_the_outcome_was_stored_sends_the_next_chain_step(app, stack):
+    """Every parked request is ``chain(dispatch, next)``: a waiter that died after storing the outcome
+    left the next step unsent; the waiter that replays the wait (with nothing done) must send it."""
+    queue = f"completion-test-{uuid.uuid4().hex}"
+    nxt = app.signature("completion-test.next", queue=queue)
+    nxt.freeze()
+    request = {"id": str(uuid.uuid4()), "task": "fusion.dispatch", "chain": [dict(nxt)],
+               "ignore_result": False, "delivery_info": {}}
+    wait = Wait(id=request["id"], return_topic="rt.chain", topic="dep", deadline=now_ms() + 60_000,
+                request=request, dep="one", carry={"zero": 0})
+    app.backend.store_result(wait.id, {"zero": 0, "one": 1}, "SUCCESS")  # what the dead waiter got done
+    assert _bodies(stack, queue) == 0
+    complete(app, wait, result=1, done={})
+    assert _bodies(stack, queue) == 1, "the replayed completion did not send the chain's next step"
+    sent = json.loads(redis.Redis.from_url(stack["broker"]).lindex(queue, 0))
+    assert sent["headers"]["id"] == nxt.id, "the next step must keep its frozen task id (its claim dedupes it)"
+    assert json.loads(base64.b64decode(sent["body"]))[0] == [{"zero": 0, "one": 1}], \
+        "the next step must receive the stored value"

@@ -1,5 +1,6 @@
 """Waits survive `kill -9`: another worker completes them, and no body runs twice (for every registry)."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -106,3 +107,23 @@ def test_kill_9_the_running_peer_takes_the_dead_workers_waits_over(registry, kit
     gate.release()
     check_answers(kit, redis_client, env, gate, backs)
     assert held_waits(env, b)[b.name] == 0, "the survivor still holds waits after answering them all"
+
+
+@pytest.mark.parametrize("registry", REGISTRIES)
+def test_a_waiter_killed_between_storing_a_result_and_sending_the_next_step(registry, kit, service, worker_factory,
+                                                                           redis_client, tmp_path):
+    """The waiter dies right after it stored a dependency's result (a fault point switched on in worker A
+    only): the worker that takes the wait over finds the result stored and still sends the chain's next
+    step, so the reactor answers; nothing runs twice."""
+    env = isolated_env(registry)
+    crash = {"FUSION_FAULT": "complete.after-store", "FUSION_FAULT_ONCE": str(tmp_path / "crashed")}
+    a = worker_factory(name="storeA", env={**env, **crash}, concurrency=2)
+    gate, backs = park(kit, service, env, 5)
+    gate.hold = False
+    gate.release()
+    wait_for(lambda: a.proc.poll() is not None, 60, "worker A to end itself at the fault point")
+    assert (tmp_path / "crashed").exists()
+    with contextlib.suppress(ProcessLookupError):
+        a.kill()  # its orphaned pool children
+    worker_factory(name="storeB", env=env, concurrency=2)
+    check_answers(kit, redis_client, env, gate, backs)

@@ -1,11 +1,12 @@
 """Faults with waits pending: the promises hold when Kafka or Redis go away or workers die.
 
 Each test parks a few hundred requests (100 in ``make test``, 300 in ``make soak``) whose dependency
-answers only when told, puts more requests in flight, breaks something, and then checks that every
-request was answered once, correctly or with an error that names what failed; that none hangs; and
-that no chord body ran twice.  The workers are isolated from the session worker (their own broker
-and backend databases, registry and reactor topics).  Tests marked ``faults`` stop stack services,
-so the session runs them last (see conftest.py) and each one leaves the stack running.
+answers only when told, puts more requests in flight, breaks something, and then checks that nothing
+was lost, nothing happened twice and nothing failed: every request answered once and correctly, every
+chord body run once, every dependency asked once (``reliability.check``).  The workers are isolated
+from the session worker (their own broker and backend databases, registry and reactor topics).  Tests
+marked ``faults`` stop stack services, so the session runs them last (see conftest.py) and each one
+leaves the stack running.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from reliability import Load, check, check_all_handed, collect, long_run, nothin
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]
 
 SCALES = ["short", pytest.param("long", marks=pytest.mark.soak)]
+#: How a service goes away: stopped (SIGTERM, it shuts down cleanly) or, in the long suite, killed (SIGKILL).
+OUTAGES = [("short", "stop"), pytest.param("long", "stop", marks=pytest.mark.soak),
+           pytest.param("long", "kill", marks=pytest.mark.soak)]
 OUTAGE_S = 20.0
 
 
@@ -39,8 +43,11 @@ def gates(kit):
 
 def fault_env() -> dict[str, str]:
     """Two isolated workers' settings.  Each parked request is a run in flight until answered, and a
-    worker pauses a reactor's intake at ``fusion_max_in_flight`` (100) of them: allow the 300 parked."""
-    return {**isolated_env("kafka", db=6), "FUSION_MAX_IN_FLIGHT": "1000"}
+    worker pauses a reactor's intake at ``fusion_max_in_flight`` (100) of them: allow the 300 parked.
+    A run lost with its message is sent again after 10 s (60 s by default), and a killed run's claim
+    lasts 20 s (300 s by default), so that the tests end within minutes."""
+    return {**isolated_env("kafka", db=6), "FUSION_MAX_IN_FLIGHT": "1000", "FUSION_RUN_RESTART_AFTER": "10",
+            "FUSION_RUN_LEASE": "20"}
 
 
 def sizes(request) -> tuple[int, int]:
@@ -59,11 +66,11 @@ def still_serves(load: Load, redis_client) -> None:
     """A request sent after the fault is answered correctly (the deployment recovered)."""
     after = Load(load.kit, load.run)
     after.flowing(3)
-    check(collect(after, redis_client, timeout=120), allow_errors=False)
+    check(collect(after, redis_client, timeout=120))
 
 
-@pytest.mark.parametrize("scale", SCALES)
-def test_kafka_stopped_for_20s(scale, request, kit, worker_factory, gates, redis_client):
+@pytest.mark.parametrize(("scale", "how"), OUTAGES)
+def test_kafka_stopped_for_20s(scale, how, request, kit, worker_factory, gates, redis_client):
     n, m = sizes(request)
     env = fault_env()
     a = worker_factory(name="kafkaA", env=env, concurrency=2)
@@ -74,19 +81,22 @@ def test_kafka_stopped_for_20s(scale, request, kit, worker_factory, gates, redis
     load.flowing(m)
     gate.hold = False
     gate.release()  # replies arrive while the broker goes down
-    out = outage("kafka", OUTAGE_S)
+    out = outage("kafka", OUTAGE_S, hard=how == "kill")
     outcome = collect(load, redis_client, timeout=300)
     report(request.node.name, {"parked": n, "in_flight": m, "down_s": round(out.down_s, 1),
                                "restart_s": round(out.restart_s, 1), **outcome.summary()})
-    check(outcome)
+    check(outcome, gate)
     assert a.proc.poll() is None and b.proc.poll() is None, "a worker died during the Kafka outage"
     still_serves(load, redis_client)
     for w in (a, b):
         check_all_handed(w)
 
 
-@pytest.mark.parametrize("scale", SCALES)
-def test_redis_stopped_for_20s(scale, request, kit, worker_factory, gates, redis_client):
+@pytest.mark.parametrize(("scale", "how"), OUTAGES)
+def test_redis_stopped_for_20s(scale, how, request, kit, worker_factory, gates, redis_client):
+    """Killed, Redis keeps what its append-only file holds: the test has it write every command before
+    answering (``appendfsync always``); with Redis's default (``everysec``) a kill loses up to the last
+    second of queued tasks, results and claims (docs/operations/failures.md)."""
     n, m = sizes(request)
     # Celery's default visibility timeout (1 hour): tasks a worker had prefetched when Redis went away
     # are put back by fusion-celery's RestorePrefetched consumer step when the connection returns.
@@ -102,19 +112,17 @@ def test_redis_stopped_for_20s(scale, request, kit, worker_factory, gates, redis
         gate.hold = False
         gate.release()
 
-    out = outage("redis", OUTAGE_S, during=replies_arrive_while_redis_is_down, redis_client=redis_client)
+    out = outage("redis", OUTAGE_S, during=replies_arrive_while_redis_is_down, redis_client=redis_client,
+                 hard=how == "kill")
     outcome = collect(load, redis_client, timeout=300, settle=20, quiet=nothing_left(env, kit.servers))
     report(request.node.name, {"parked": n, "in_flight": m, "down_s": round(out.down_s, 1),
                                "restart_s": round(out.restart_s, 1), "lost": outcome.missing, **outcome.summary()})
     for w in (a, b):
         assert w.proc.poll() is None, f"worker {w.name} died during the Redis outage:\n{w.log()[-3000:]}"
-    # Known gap (docs/operations/failures.md, "Redis goes away"): a request in flight at the instant Redis
-    # stops is occasionally left unanswered (0 to 2 of the 30 in flight in our runs): kombu's Redis transport
-    # loses a task message that a worker's BRPOP popped but never received (kombu issue #305).
-    # Every parked wait is answered; nothing is answered twice or wrongly; no body runs twice; and no intake
-    # kept a record back (a hand-over that failed as Redis came back is made again).
-    check(outcome, max_lost=2)
-    assert not set(outcome.missing) & {r for r, k in load.kinds.items() if k == "parked"}, outcome.missing
+    # A task message kombu's Redis transport lost as Redis stopped (popped, never received: kombu #305) is
+    # covered by the intake, which sends a run that never started again and has a stalled one compile its
+    # deps again; and no intake kept a record back (a hand-over that failed as Redis came back is made again).
+    check(outcome, gate)
     still_serves(load, redis_client)
     for w in (a, b):
         check_all_handed(w)
@@ -152,9 +160,10 @@ def test_a_worker_with_prefetched_tasks_survives_a_redis_restart(kit, worker_fac
 @pytest.mark.parametrize("scale", SCALES)
 def test_kill_9_one_worker_then_the_other_then_a_fresh_one(scale, request, kit, worker_factory, gates,
                                                            redis_client):
-    """Waits survive both kills; what a killed worker was *executing* is lost (Celery acknowledges a task
-    when it starts), at most one run per pool slot; what it had prefetched comes back after the
-    broker's visibility timeout (30 s here) and kombu's next sweep for it (every 5 s here)."""
+    """Waits survive both kills; what a killed worker was executing or had prefetched comes back after the
+    broker's visibility timeout (30 s here) and kombu's next sweep for it (every 5 s here): fusion's tasks
+    are acknowledged after they ran, and a copy whose run-once claim the dead worker held runs once the
+    claim's lease ran out (20 s here)."""
     n, m = sizes(request)
     env = {**fault_env(), "FUSION_TEST_VISIBILITY_TIMEOUT": "30"}
     a = worker_factory(name="k9A", env=env, concurrency=2)
@@ -177,7 +186,7 @@ def test_kill_9_one_worker_then_the_other_then_a_fresh_one(scale, request, kit, 
     outcome = collect(load, redis_client, timeout=400, settle=20, quiet=nothing_left(env, kit.servers))
     report(request.node.name, {"parked": n, "in_flight": m, "collect_s":
                                round(time.monotonic() - t0, 1), "lost": outcome.missing, **outcome.summary()})
-    check(outcome, max_lost=2 * 2)  # two killed workers with two pool slots each
+    check(outcome, gate)
     still_serves(load, redis_client)
 
 
@@ -212,5 +221,5 @@ def test_sigterm_while_replies_arrive(scale, request, kit, worker_factory, gates
     report(request.node.name, {"parked": n, "in_flight": m, "sigterm_exit": code, "stop_s": round(stop_s, 1),
                                **outcome.summary()})
     assert code == 0, f"worker exited with {code} after SIGTERM:\n{a.log()[-3000:]}"
-    check(outcome, allow_errors=False)
+    check(outcome, gate)
     assert "Traceback" not in a.log(), a.log()[-3000:]

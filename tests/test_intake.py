@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +18,10 @@ import pytest
 from conftest import free_port, isolated_env, redis_server, return_topic_name, wait_for
 from reliability import check_all_handed, intake_counts
 
+import fusion_celery.intake as intake_mod
 from fusion_celery.application import create_app
 from fusion_celery.intake import ReactorIntake
+from fusion_celery.runbook import MemoryRunBook
 
 
 @dataclass
@@ -126,6 +129,7 @@ def intake():
     task = FlakyTask("intake.test")
     it = ReactorIntake(app, task, threading.Event())
     it.stop_event.wait = lambda timeout=None: False  # no 1-s backoff in a unit test
+    it.book = MemoryRunBook()
     it.consumer = StandInConsumer(task.topic)
     yield it, task, it.consumer
     app.close()
@@ -174,7 +178,7 @@ def test_revoked_partitions_forget_their_waiting_records(intake):
     task.fail = 1
     it._step()
     it._on_revoke(consumer, [Part(consumer.topic, 1)])  # the next owner reads them from the committed offset
-    assert {m.partition() for m in it.pending} == {0}
+    assert [(m.partition(), m.offset()) for m in it.pending] == [(0, 0), (0, 1)]
     it._step()
     assert task.handed == [(0, 0), (0, 1)]
     assert it.counts["received"] == it.counts["started"] == 2, "records given up on a revoke are not counted"
@@ -186,10 +190,10 @@ def test_at_max_in_flight_records_wait_and_are_not_read_beyond_the_bound(intake)
     consumer.write(0, 10)
     it._step()
     assert len(task.handed) == 3 and not it.pending
-    it.in_flight = {"a", "b", "c"}
+    it.in_flight = dict.fromkeys("abc")
     it._step()
     assert consumer.paused == {0, 1} and len(task.handed) == 3
-    it.in_flight = {"a"}  # at half the bound or less: resume
+    it.in_flight = dict.fromkeys("a")  # at half the bound or less: resume
     it._step()
     assert not consumer.paused and len(task.handed) == 5
 
@@ -274,10 +278,84 @@ def test_a_partition_resumed_while_another_member_held_it_is_read_when_it_comes_
         other.close()
         other = None
         wait_for(lambda: len(task.handed) >= n, 60, f"all {n} records handed over once the partition came back")
-        assert set(task.handed) == set(range(n))
+        twice = sorted(record for record, times in Counter(task.handed).items() if times > 1)
+        assert not twice, f"records handed over more than once: {twice}"
+        assert sorted(task.handed) == list(range(n))
     finally:
         it.stop_event.set()
         it.join(30)
         if other is not None:
             other.close()
         app.close()
+
+
+@pytest.fixture
+def watched(intake, monkeypatch):
+    """The intake on a clock the test moves, checking runs after 30 s, its hand-overs listed by task id."""
+    it, task, consumer = intake
+    clock = [1000.0]
+    monkeypatch.setattr(intake_mod.time, "monotonic", lambda: clock[0])
+    it.restart_after = 30.0
+    sent: list[str] = []
+    task.apply_async = lambda kwargs, task_id, **_: sent.append(task_id)
+    return it, task, consumer, clock, sent
+
+
+def test_a_run_that_has_not_started_is_sent_again_with_backoff_and_a_started_one_is_not(watched, monkeypatch):
+    """A run handed over whose Celery message was lost (it never took its run-once claim) is sent again
+    once it is due, with the same task id and arguments; the checks back off; a started run is left be."""
+    it, task, consumer, clock, sent = watched
+    consumer.write(0, 2)
+    it._step()
+    first, second = list(it.in_flight)
+    assert sent == [first, second]
+    started: set[str] = set()
+    monkeypatch.setattr(intake_mod, "_unfinished", lambda app, ids: set(ids))
+    monkeypatch.setattr(intake_mod.claims, "started", lambda app, step, ids: {i for i in ids if i in started})
+
+    clock[0] += 29
+    it._refresh_in_flight()
+    assert sent == [first, second], "sent again before it was due"
+    started.add(second)
+    clock[0] += 2
+    it._refresh_in_flight()
+    assert sent == [first, second, first], "the run that never started must be sent again, once"
+    assert it.in_flight[first].delay == 60 and it.resent == 1
+    clock[0] += 59
+    it._refresh_in_flight()
+    assert sent.count(first) == 2, "the next check comes after the doubled delay"
+    clock[0] += 2
+    it._refresh_in_flight()
+    assert sent.count(first) == 3 and sent.count(second) == 1
+    monkeypatch.setattr(intake_mod, "_unfinished", lambda app, ids: set())
+    it._refresh_in_flight()
+    assert not it.in_flight, "finished runs are forgotten"
+
+
+def test_the_runs_of_a_partition_move_with_it_through_the_run_book(watched, monkeypatch):
+    """Runs are written down by partition before they are handed over: the intake given a partition
+    watches the unfinished runs its predecessor handed over (and sends again one that never started),
+    the one that loses a partition stops watching its runs, and finished runs are struck off."""
+    it, task, consumer, clock, sent = watched
+    consumer.write(0, 1)
+    consumer.write(1, 1)
+    it._step()
+    assert sorted(len(it.book.read(p)) for p in (0, 1)) == [1, 1], "each run is written down before it is sent"
+    [on0] = it.book.read(0)
+    it._on_revoke(consumer, [Part(consumer.topic, 0)])
+    assert on0 not in it.in_flight and len(it.in_flight) == 1, "a revoked partition's runs are the next owner's"
+
+    successor = ReactorIntake(it.app, task, threading.Event())
+    successor.book, successor.restart_after = it.book, 30.0
+    successor.consumer = consumer
+    successor.to_read = {0}  # what _on_assign records
+    monkeypatch.setattr(intake_mod, "_unfinished", lambda app, ids: set(ids))
+    monkeypatch.setattr(intake_mod.claims, "started", lambda app, step, ids: set())
+    successor._refresh_in_flight()
+    assert list(successor.in_flight) == [on0]
+    clock[0] += 31
+    successor._refresh_in_flight()
+    assert sent.count(on0) == 2, "the successor sends the run that never started again"
+    monkeypatch.setattr(intake_mod, "_unfinished", lambda app, ids: set())
+    successor._refresh_in_flight()
+    assert not successor.in_flight and not it.book.read(0), "a finished run is struck off the book"

@@ -175,20 +175,24 @@ def test_register_stores_a_znode_per_wait_in_its_bucket(zk_registry):
     assert sorted(w.id for w in reg.pending()) == sorted(w.id for w in waits[1:])
 
 
-def test_watcher_reports_stored_new_and_removed_waits(zk_registry):
-    reg = zk_registry()
+def follow_a_stored_a_new_and_a_removed_wait(reg, name: str) -> tuple[Held, Wait]:
+    """Watch ``reg`` as ``name`` while a stored wait is found, a new one registered and the stored one removed;
+    returns the watcher (for the caller to close) and the wait left."""
     old = make_wait()
     reg.register(old)
-    held = Held(reg.watch("solo"))
-    try:
-        wait_for(lambda: held.update() == {old.id}, 30, "the stored wait to be reported")
-        new = make_wait()
-        reg.register(new)
-        wait_for(lambda: held.update() == {old.id, new.id}, 10, "the new wait to be reported")
-        reg.remove(old)
-        wait_for(lambda: held.update() == {new.id}, 10, "the removed wait to be reported gone")
-    finally:
-        held.watcher.close()
+    held = Held(reg.watch(name))
+    wait_for(lambda: held.update() == {old.id}, 30, "the stored wait to be reported")
+    new = make_wait()
+    reg.register(new)
+    wait_for(lambda: held.update() == {old.id, new.id}, 10, "the new wait to be reported")
+    reg.remove(old)
+    wait_for(lambda: held.update() == {new.id}, 10, "the removed wait to be reported gone")
+    return held, new
+
+
+def test_watcher_reports_stored_new_and_removed_waits(zk_registry):
+    held, _ = follow_a_stored_a_new_and_a_removed_wait(zk_registry(), "solo")
+    held.watcher.close()
 
 
 def test_two_watchers_divide_the_buckets_and_one_takes_over_when_the_other_leaves(zk_registry):
@@ -293,16 +297,8 @@ def test_a_registry_with_digest_auth_works_and_every_znode_it_makes_admits_only_
         zk_auth, zookeeper, caplog):
     caplog.set_level(1)  # everything, kazoo's own request log (level 5 and DEBUG) included
     reg = zk_auth()
-    old = make_wait()
-    reg.register(old)
-    held = Held(reg.watch("auth"))
+    held, new = follow_a_stored_a_new_and_a_removed_wait(reg, "auth")
     try:
-        wait_for(lambda: held.update() == {old.id}, 30, "the stored wait to be reported")
-        new = make_wait()
-        reg.register(new)
-        wait_for(lambda: held.update() == {old.id, new.id}, 10, "the new wait to be reported")
-        reg.remove(old)
-        wait_for(lambda: held.update() == {new.id}, 10, "the removed wait to be reported gone")
         assert [w.id for w in reg.pending()] == [new.id]
         assert reg.open_znodes() == []
         with reg.exclusive("reaper") as mine:

@@ -17,6 +17,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from ..config import setting
 from ..errors import FusionError
+from ..intake import group_defaults
 from ..kafka import clients, consume_ready
 from ..registry import Change, Registry, Wait, Watcher
 
@@ -108,33 +109,44 @@ class KafkaWatcher(Watcher):
         self.registry = registry
         self._changes: list[Change] = []
         self._owned: dict[int, set[str]] = {}
-        self.consumer: Consumer = clients(registry.app).consumer(**{
-            "group.id": f"{GROUP_PREFIX}{registry.topic}",
-            "client.id": f"fusion-waiter-{name}",
-            "enable.auto.commit": False,
-            "session.timeout.ms": 10000,
-            "heartbeat.interval.ms": 1000,
-            "partition.assignment.strategy": "roundrobin",
-            "topic.metadata.refresh.interval.ms": 10000,
-        })
+        # The same group membership as the intakes' (6-s session under the classic protocol, so a
+        # killed worker's waits move within seconds); the user's consumer settings override it.
+        group, self.incremental = group_defaults(registry.app, assignor="roundrobin")
+        self.consumer: Consumer = clients(registry.app).consumer(
+            defaults={"topic.metadata.refresh.interval.ms": 10000, **group},
+            **{"group.id": f"{GROUP_PREFIX}{registry.topic}",
+               "client.id": f"fusion-waiter-{name}",
+               "enable.auto.commit": False})
         self.consumer.subscribe([registry.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_revoke)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Read the partitions given (all of this member's under eager assignment, the added ones under
+        incremental) from the beginning: the compacted topic holds their pending waits."""
         for p in partitions:
             p.offset = OFFSET_BEGINNING
             self._owned.setdefault(p.partition, set())
-        logger.info("waiter: owns registry partitions %s", sorted(p.partition for p in partitions))
-        consumer.assign(partitions)
+        if partitions or not self.incremental:  # incremental assignment also reports "nothing added"
+            logger.info("waiter: owns registry partitions %s", sorted(p.partition for p in partitions))
+        if self.incremental:
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Drop the waits of the partitions taken away (or lost with the session); their next owner
+        takes them up.  Partitions kept under incremental assignment keep their waits."""
         ids: list[str] = []
         for p in partitions:
             ids.extend(self._owned.pop(p.partition, ()))
         if ids:
             self._changes.append(Change("drop", ids=tuple(ids)))
-        logger.info("waiter: released registry partitions %s", sorted(p.partition for p in partitions))
-        consumer.unassign()
+        if partitions or not self.incremental:
+            logger.info("waiter: released registry partitions %s", sorted(p.partition for p in partitions))
+        if self.incremental:
+            consumer.incremental_unassign(partitions)
+        else:
+            consumer.unassign()
 
     def poll(self, timeout: float) -> list[Change]:
         msgs = consume_ready(self.consumer, 1000, timeout)

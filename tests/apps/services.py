@@ -17,13 +17,21 @@ def t(name: str) -> str:
     return f"{RUN}.{name}"
 
 
+def asked(message) -> None:
+    """Count how often a dependency request (its id is the asking subtask's) reached this service."""
+    if message.id:
+        r.incr(f"asked:{RUN}:{message.id}")
+
+
 @reactor(t("add"))
 def add(message):
+    asked(message)
     return sum(message.data)
 
 
 @reactor(t("subtract"))
 def subtract(message):
+    asked(message)
     first, *rest = message.data
     return first - sum(rest)
 
@@ -38,6 +46,13 @@ def math_deps(message):
 def math(message, results):
     r.incr(f"bodyruns:{RUN}:{message.id}")
     return results["two"]
+
+
+@reactor(t("counted"))
+def counted(message):
+    """Counts how often its processing step ran for each request id (for the run-once tests)."""
+    r.incr(f"procruns:{RUN}:{message.id}")
+    return message.data
 
 
 @reactor(t("boom"))
@@ -77,6 +92,8 @@ def one_arg(message):
 
 @reactor(t("slow"))
 def slow(message):
+    if message.id:
+        r.incr(f"slowruns:{RUN}:{message.id}")
     time.sleep(float(message.data))
     return message.data
 
@@ -86,6 +103,11 @@ from fusion_celery import app as _app  # noqa: E402
 if os.environ.get("FUSION_TEST_RESULT_EXPIRES"):
     # The soak test keeps results (and with them claims, progress and chord counters) briefly.
     _app.conf.result_expires = _app.conf.result_chord_expires = int(os.environ["FUSION_TEST_RESULT_EXPIRES"])
+
+if os.environ.get("FUSION_TEST_QUEUE"):
+    # A Celery queue of its own: workers of a test that talk to them through Kafka only share nothing with
+    # other workers on the same broker database (nor with a task a test left behind there).
+    _app.conf.task_default_queue = os.environ["FUSION_TEST_QUEUE"]
 
 if os.environ.get("FUSION_TEST_VISIBILITY_TIMEOUT"):
     # Messages a killed worker had prefetched come back after this many seconds, found by a sweep every
