@@ -45,9 +45,12 @@ def fault_env() -> dict[str, str]:
     """Two isolated workers' settings.  Each parked request is a run in flight until answered, and a
     worker pauses a reactor's intake at ``fusion_max_in_flight`` (100) of them: allow the 300 parked.
     A run lost with its message is sent again after 10 s (60 s by default), and a killed run's claim
-    lasts 20 s (300 s by default), so that the tests end within minutes."""
+    lasts 20 s (300 s by default), so that the tests end within minutes.  Kafka calls ride out 180 s
+    without Kafka (60 s by default): a killed broker recovers its logs before it serves again, and was
+    away 94 s in all on the development machine (a call that runs out of its budget fails with a
+    ``DependencyFailed`` naming ``fusion_kafka_retry_timeout``)."""
     return {**isolated_env("kafka", db=6), "FUSION_MAX_IN_FLIGHT": "1000", "FUSION_RUN_RESTART_AFTER": "10",
-            "FUSION_RUN_LEASE": "20"}
+            "FUSION_RUN_LEASE": "20", "FUSION_KAFKA_RETRY_TIMEOUT": "180"}
 
 
 def sizes(request) -> tuple[int, int]:
