@@ -197,7 +197,7 @@ class Service(threading.Thread):
     def __init__(self, servers: str, topic: str, fn: Callable[[Any], Any], *, raw: bool = False) -> None:
         super().__init__(daemon=True)
         from confluent_kafka import Consumer, Producer
-        self.topic, self.fn, self.raw = topic, fn, raw
+        self.servers, self.topic, self.fn, self.raw = servers, topic, fn, raw
         self.consumer = Consumer({"bootstrap.servers": servers, "group.id": f"svc-{topic}",
                                   "auto.offset.reset": "earliest"})
         self.producer = Producer({"bootstrap.servers": servers, "linger.ms": 0})
@@ -369,9 +369,11 @@ def topic_name(base: str) -> str:
     return f"{RUN_ID}.{base}"
 
 
-def return_topic_name() -> str:
-    """A return topic name as fusion-celery makes them (the reaper leaves young ones alone)."""
-    return f"fusion.rt.{int(time.time() * 1000)}.{uuid.uuid4().hex}"
+def return_topic_name(wait_s: float = 3600.0) -> str:
+    """A return topic name as fusion-celery makes them, for a caller that waits up to ``wait_s`` seconds
+    (the reaper leaves it alone until then, plus its grace)."""
+    now = int(time.time() * 1000)
+    return f"fusion.rt.{now}.{now + int(wait_s * 1000)}.{uuid.uuid4().hex}"
 
 
 def registry_url(registry: str, tag: str) -> str:
