@@ -19,6 +19,7 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import Ignore
 
+from .config import setting
 from .errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,6 @@ def lease(app: Celery, task: Task | None = None) -> float:
     limit = getattr(task, "time_limit", None) or app.conf.task_time_limit
     if limit:
         return float(limit)
-    from .config import setting
     return float(setting(app, "fusion_run_lease"))
 
 

@@ -74,8 +74,8 @@ def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | N
     wait = Wait(id=task.request.id, return_topic=return_topic, topic=topic, deadline=wait_deadline,
                 request=save_request(task.request), task_name=task.request.shadow or task.name, dep=dep,
                 carry=carry, reactor=reactor, owner=task.request.hostname or "", created=created)
-    if reactor and reactor.get("id"):
-        progress.parked(app, reactor["id"], wait.id)  # before any reply can be completed
+    # Before any reply can be completed.
+    progress.parked(app, (reactor or {}).get("id"), wait.id, return_topic, (wait_deadline - created) / 1000 + 60)
     reg = registry(app)
     try:
         reg.register(wait)
@@ -95,7 +95,8 @@ def _return_topic(task: Task, deadline_ms: int) -> str:
     An attempt that died after registering its wait leaves it in the registry, held by a
     waiter that reads the topic it names; an attempt that runs again (its lease ran out,
     or Celery retried it after the worker was lost) registers the wait again under the
-    same id, and must name the same topic in its request for that waiter to see the reply.
+    same id, and must name the same topic in its request for that waiter to see the reply
+    (:func:`fusion_celery.progress.parked` keeps it).
     """
     app, c = task.app, clients(task.app)
     known = progress.remembered_return_topic(app, task.request.id)
@@ -103,9 +104,7 @@ def _return_topic(task: Task, deadline_ms: int) -> str:
         if not c.topic_exists(known, wait=0.5):
             c.create_topics([known], partitions=1, config=topic_config(app), visible=True)
         return known
-    topic = c.return_topic(deadline_ms, registered=True)
-    progress.remember_return_topic(app, task.request.id, topic, (deadline_ms - now_ms()) / 1000 + 60)
-    return topic
+    return c.return_topic(deadline_ms, registered=True)
 
 
 class DispatchTask(Task):

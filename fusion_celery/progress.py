@@ -28,7 +28,7 @@ from celery import Celery
 
 from .claims import lifetime, with_retry
 
-__all__ = ["start", "parked", "advance", "read", "stalled", "remember_return_topic", "remembered_return_topic"]
+__all__ = ["start", "parked", "advance", "read", "stalled", "remembered_return_topic"]
 
 
 def _key(task_id: str) -> str:
@@ -63,17 +63,20 @@ def start(app: Celery, task_id: str, total: int) -> None:
     with_retry(app, _start, task_id, total, int(lifetime(app)))
 
 
-def _parked(client: Any, run: str, wait_id: str, ttl: int) -> None:
+def _parked(client: Any, run: str | None, wait_id: str, topic: str, topic_ttl: int, ttl: int) -> None:
     with client.pipeline() as pipe:
-        pipe.sadd(_waiting(run), wait_id)
-        pipe.expire(_waiting(run), ttl)
-        pipe.hset(_key(run), "t", _now())
+        pipe.set(_return_topic(wait_id), topic, ex=topic_ttl)
+        if run is not None:
+            pipe.sadd(_waiting(run), wait_id)
+            pipe.expire(_waiting(run), ttl)
+            pipe.hset(_key(run), "t", _now())
         pipe.execute()
 
 
-def parked(app: Celery, run_id: str, wait_id: str) -> None:
-    """The dependency request of subtask ``wait_id`` of run ``run_id`` is sent; its reply is awaited."""
-    with_retry(app, _parked, run_id, wait_id, int(lifetime(app)))
+def parked(app: Celery, run_id: str | None, wait_id: str, return_topic: str, seconds: float) -> None:
+    """Subtask ``wait_id`` (of run ``run_id``, if any) is about to send its request with ``return_topic``
+    and await the reply; the topic is kept ``seconds`` (its wait's life) for an attempt that runs again."""
+    with_retry(app, _parked, run_id, wait_id, return_topic, max(1, int(seconds)), int(lifetime(app)))
 
 
 def _advance(client: Any, run: str, wait_id: str, ttl: int) -> None:
@@ -89,11 +92,6 @@ def _advance(client: Any, run: str, wait_id: str, ttl: int) -> None:
 def advance(app: Celery, task_id: str, wait_id: str) -> None:
     """The reply of subtask ``wait_id`` of run ``task_id`` is stored: one more dep done (once per subtask)."""
     with_retry(app, _advance, task_id, wait_id, int(lifetime(app)))
-
-
-def remember_return_topic(app: Celery, wait_id: str, topic: str, seconds: float) -> None:
-    """Keep ``topic`` as the return topic of subtask ``wait_id`` for ``seconds`` (its wait's life)."""
-    with_retry(app, lambda c, k: c.set(k, topic, ex=max(1, int(seconds))), _return_topic(wait_id))
 
 
 def remembered_return_topic(app: Celery, wait_id: str) -> str | None:
