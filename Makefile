@@ -4,6 +4,7 @@
 #   make up       start Kafka (KRaft) + Redis + ZooKeeper locally (stack/stack.sh)
 #   make down     stop them;  make status  show them
 #   make test     run pytest with the stack up (starts/stops it unless already up)
+#   make test-unit  the tests that need no service (not integration/soak/faults), with no stack started
 #   make soak     the long reliability suite (pytest -m soak: 30-minute soak, faults with 300 waits)
 #   make demo     venv + stack, then a worker with the math example, Flower and one pipeline call (Ctrl-C stops)
 #   make docs     build the docs (mkdocs --strict)
@@ -21,10 +22,10 @@ STACK       := bash stack/stack.sh
 WITH_STACK  := bash stack/with-stack.sh
 PYTEST_ARGS ?= -ra --durations=25
 
-.PHONY: help venv up down status test demo bench soak docs clean
+.PHONY: help venv up down status test test-unit demo bench soak docs clean
 
 help:
-	@sed -n '3,13p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,14p' Makefile | sed 's/^# \{0,1\}//'
 
 venv: $(VENV)/.installed
 
@@ -47,6 +48,11 @@ status:
 
 test: venv
 	$(WITH_STACK) $(PY) -m pytest $(PYTEST_ARGS)
+
+# No stack: a test that needs a service carries the integration marker (tests/conftest.py refuses one that
+# asks for a service fixture without it).
+test-unit: venv
+	$(PY) -m pytest -m "not integration and not soak and not faults" $(PYTEST_ARGS)
 
 demo: venv up
 	$(WITH_STACK) $(PY) -m examples.demo

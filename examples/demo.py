@@ -92,8 +92,8 @@ def flower_ready(url: str) -> bool:
 def check_stack() -> None:
     """Fail with one clear line if Kafka or Redis is not there (``make demo`` starts them)."""
     from fusion_celery import app
+    from fusion_celery.clients import clients
     from fusion_celery.errors import ConfigurationError
-    from fusion_celery.kafka import clients
     from fusion_celery.worker import check_backend
     try:
         clients(app).check_reachable(15)

@@ -42,9 +42,16 @@ _CELERY_DEFAULTS: dict[str, Any] = {
 
 
 def install(app: Celery) -> Celery:
-    """Add fusion-celery to ``app``: its settings, its built-in tasks and its worker bootstep.
+    """Add fusion-celery to ``app``: its settings, its built-in tasks and its worker bootsteps.
 
-    Settings the user already set win over fusion's defaults.
+    Settings the user already set win over fusion's defaults.  Installing twice
+    changes nothing.
+
+    Parameters:
+        app: the app.
+
+    Returns:
+        ``app`` itself.
     """
     if getattr(app, "_fusion_installed", False):
         return app
@@ -70,7 +77,16 @@ def install(app: Celery) -> Celery:
 
 
 def create_app(main: str = "fusion_celery", **kwargs: Any) -> Celery:
-    """A new Celery app with fusion-celery installed; broker and backend default to the local stack."""
+    """A new Celery app with fusion-celery installed.
+
+    Parameters:
+        main: the app's name (Celery's ``main``).
+        kwargs: passed to :class:`celery.Celery`; ``broker`` and ``backend`` default
+            to the local stack's Redis (``.stack/env``, else ``127.0.0.1:6379``).
+
+    Returns:
+        The app.
+    """
     local = stack_env()
     kwargs.setdefault("broker", local.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"))
     kwargs.setdefault("backend", local.get("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/1"))

@@ -10,7 +10,9 @@ and the levels are chained, so a level starts when the previous one is done::
     chord([ chain(a, group(b, c), d), x ], process)
 
 A dep therefore waits for its own deps *and* for the rest of the previous level
-of its component; disjoint branches never wait for each other.
+of its component; disjoint branches never wait for each other.  Every step
+receives what the steps before it returned; :func:`merge_results` flattens that
+into one dict of dep results.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from typing import Any
 from celery import Celery, Signature, chain, group
 
 from .graph import DepsGraph
+from .run import Run
 
-__all__ = ["compile_deps", "dispatch_id"]
+__all__ = ["compile_deps", "dispatch_id", "merge_results", "chord_lifetime"]
 
 
 _DISPATCH_NS = uuid.UUID("0b6f8f9e-3c1e-4f37-9d55-6675736469d0")
@@ -38,26 +41,55 @@ def dispatch_id(run_id: str, dep: str) -> str:
     return str(uuid.uuid5(_DISPATCH_NS, f"{run_id}/{dep}"))
 
 
-def _dispatch(app: Celery, graph: DepsGraph, name: str, reactor: dict[str, Any] | None,
-              deadline: int | None) -> Signature:
+def merge_results(prior: Any) -> dict[str, Any]:
+    """Flatten what a canvas step received (a dict, or nested lists of dicts) into one dict."""
+    merged: dict[str, Any] = {}
+    if isinstance(prior, dict):
+        merged.update(prior)
+    elif isinstance(prior, (list, tuple)):
+        for item in prior:
+            merged.update(merge_results(item))
+    return merged
+
+
+def chord_lifetime(app: Celery) -> float | None:
+    """Seconds a chord's counting keys live (``result_chord_expires``, else ``result_expires``).
+
+    No dependency may wait longer: its chord would be forgotten before it completes.
+    """
+    value = app.conf.get("result_chord_expires") or app.conf.result_expires
+    if value is None:
+        return None
+    return float(value.total_seconds() if hasattr(value, "total_seconds") else value)
+
+
+def _dispatch(app: Celery, graph: DepsGraph, name: str, run: Run, deadline: int | None) -> Signature:
     dep = graph.deps[name]
-    sig = app.tasks["fusion.dispatch"].s(dep=dep.to_dict(), reactor=reactor, deadline=deadline).set(
-        shadow=f"fusion.dispatch[{dep.topic}]")
-    if reactor and reactor.get("id"):
-        sig.set(task_id=dispatch_id(reactor["id"], name))
-    return sig
+    return app.tasks["fusion.dispatch"].s(dep=dep.to_dict(), run=run.to_dict(), deadline=deadline).set(
+        shadow=f"fusion.dispatch[{dep.topic}]", task_id=dispatch_id(run.id, name))
 
 
 def _level(sigs: list[Signature]) -> Signature:
     return sigs[0] if len(sigs) == 1 else group(sigs)
 
 
-def compile_deps(app: Celery, graph: DepsGraph, body: Signature, *, reactor: dict[str, Any] | None = None,
+def compile_deps(app: Celery, graph: DepsGraph, body: Signature, *, run: Run,
                  deadline: int | None = None) -> Signature:
-    """The canvas that runs every dep of ``graph`` and then ``body`` with their merged results."""
+    """The canvas that runs every dep of ``graph`` for ``run``, then ``body`` with their results.
+
+    Parameters:
+        app: the fusion app (``fusion.dispatch`` must be registered on it).
+        graph: the checked deps-map.
+        body: the run's final step; it receives the results of the last steps.
+        run: the run the deps serve (a failing dep answers it).
+        deadline: epoch ms after which no dep waits any more (the request's own deadline).
+
+    Returns:
+        A chain ending in ``body``.
+    """
     branches = []
     for levels in graph.components():
-        steps = [_level([_dispatch(app, graph, n, reactor, deadline) for n in level]) for level in levels]
+        steps = [_level([_dispatch(app, graph, n, run, deadline) for n in level]) for level in levels]
         branches.append(steps[0] if len(steps) == 1 else chain(*steps))
     if len(branches) == 1:
         inner = branches[0]

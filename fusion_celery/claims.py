@@ -19,7 +19,7 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import Ignore
 
-from .config import setting
+from .config import settings
 from .errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ __all__ = ["claim", "extend", "release", "is_claimed", "once", "started", "lease
            "RUN_OPTIONS"]
 
 
-def _client(app: Celery):
+def _client(app: Celery) -> Any:
     client = getattr(app.backend, "client", None)
     if client is None or not hasattr(client, "set"):
         raise ConfigurationError(
@@ -38,8 +38,14 @@ def _client(app: Celery):
 
 
 def lifetime(app: Celery) -> float:
-    """Seconds a claim that guarded finished work is kept: as long as the results it guards
-    (``result_expires``; a day when results never expire)."""
+    """Seconds a claim that guarded finished work is kept: as long as the results it guards.
+
+    Parameters:
+        app: the app (``result_expires``).
+
+    Returns:
+        ``result_expires`` in seconds; a day when results never expire.
+    """
     value = app.conf.result_expires
     seconds = value.total_seconds() if hasattr(value, "total_seconds") else value
     return float(seconds or 86400)
@@ -50,8 +56,23 @@ def _key(name: str) -> str:
 
 
 def with_retry(app: Celery, fun: Callable[..., Any], *args: Any) -> Any:
-    """Run ``fun(*args)`` on the backend's Redis client, retrying while Redis is unreachable with the
-    backend's own ``retry_policy`` (about a minute in the fusion app), as Celery does for results."""
+    """Run ``fun(client, *args)`` on the backend's Redis client, retrying while Redis is unreachable.
+
+    Retries follow the backend's own ``retry_policy`` (about a minute in the fusion
+    app), as Celery does for results, so a claim rides out a Redis restart as a
+    result does.
+
+    Parameters:
+        app: the app whose result backend holds the claims.
+        fun: called with the Redis client, then ``args``.
+        args: passed on.
+
+    Returns:
+        What ``fun`` returned.
+
+    Raises:
+        ConfigurationError: the result backend is not Redis.
+    """
     client = _client(app)
     ensure = getattr(app.backend, "ensure", None)
     if ensure is None:
@@ -65,7 +86,17 @@ def _set_nx(client: Any, key: str, token: str, ttl: int) -> bool:
 
 
 def claim(app: Celery, name: str, ttl: float) -> bool:
-    """Take the marker ``name`` for ``ttl`` seconds; False if somebody holds it already."""
+    """Take the marker ``name`` for ``ttl`` seconds.
+
+    Parameters:
+        app: the app.
+        name: the marker.
+        ttl: seconds (at least 1).
+
+    Returns:
+        True when taken now (or by an earlier try of this very call); False when
+        somebody holds it already.
+    """
     return with_retry(app, _set_nx, _key(name), uuid.uuid4().hex, max(1, int(ttl)))
 
 
@@ -80,6 +111,7 @@ def release(app: Celery, name: str) -> None:
 
 
 def is_claimed(app: Celery, name: str) -> bool:
+    """Whether somebody holds the marker ``name`` now."""
     return bool(with_retry(app, lambda c, k: c.exists(k), _key(name)))
 
 
@@ -113,11 +145,19 @@ def _take(client: Any, key: str, token: str, ttl: int, retries: int) -> list[Any
 
 
 def lease(app: Celery, task: Task | None = None) -> float:
-    """Seconds a started step holds its claim: the task's hard time limit, else ``fusion_run_lease``."""
+    """Seconds a started step holds its claim.
+
+    Parameters:
+        app: the app (``task_time_limit``, ``fusion_run_lease``).
+        task: the step's task (its ``time_limit``).
+
+    Returns:
+        The task's hard time limit, else ``task_time_limit``, else ``fusion_run_lease``.
+    """
     limit = getattr(task, "time_limit", None) or app.conf.task_time_limit
     if limit:
         return float(limit)
-    return float(setting(app, "fusion_run_lease"))
+    return settings(app).run_lease
 
 
 @contextmanager
@@ -138,6 +178,15 @@ def once(task: Task, step: str, lease_s: float | None = None,
     retry after a lost worker (``retry_on_worker_lost``) takes over the lease the
     lost attempt held.  ``on_done`` runs before a copy that finds the step done is
     dropped (see :func:`fusion_celery.completion.resume_stored`).
+
+    Parameters:
+        task: the running task (its request's id and retries name the claim).
+        step: what runs (``run``, ``process``, ``dispatch``...).
+        lease_s: seconds the lease lasts; None: :func:`lease`.
+        on_done: called when this copy finds the step done already.
+
+    Raises:
+        Ignore: this copy must not run (done already, or sent again for later).
     """
     app = task.app
     retries = int(task.request.retries or 0)
@@ -163,7 +212,16 @@ def once(task: Task, step: str, lease_s: float | None = None,
 
 
 def started(app: Celery, step: str, task_ids: list[str]) -> set[str]:
-    """Which of ``task_ids`` took the claim of ``step`` in their first attempt (one MGET)."""
+    """Which of ``task_ids`` took the claim of ``step`` in their first attempt (one MGET).
+
+    Parameters:
+        app: the app.
+        step: the step (as given to :func:`once`).
+        task_ids: the tasks.
+
+    Returns:
+        The ids whose first attempt started.
+    """
     if not task_ids:
         return set()
     keys = [_key(f"{step}-{i}-0") for i in task_ids]

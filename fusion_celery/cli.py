@@ -19,7 +19,7 @@ import json
 import sys
 import time
 import uuid
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -41,15 +41,15 @@ def _json_arg(raw: str, what: str = "DATA") -> Any:
                                  param_hint=what) from None
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     raise click.ClickException(message)
 
 
 def _kafka(app: Any) -> Any:
+    from .clients import clients
     from .errors import ConfigurationError
-    from .kafka import clients
-    c = clients(app)
     try:
+        c = clients(app)
         c.check_reachable(10)
     except ConfigurationError as exc:
         _fail(str(exc))
@@ -60,7 +60,7 @@ def _kafka(app: Any) -> Any:
 def fusion() -> None:
     import logging
     # The commands report trouble as one line; Kafka client chatter would bury it.
-    for name in ("fusion_celery.rdkafka", "fusion_celery.kafka"):
+    for name in ("fusion_celery.rdkafka", "fusion_celery.transport", "fusion_celery.clients"):
         logging.getLogger(name).setLevel(logging.CRITICAL + 1)
 
 
@@ -76,12 +76,14 @@ def call(ctx: click.Context, topic: str, data: str, wait: bool, timeout: float, 
     from confluent_kafka import TopicPartition
 
     from . import progress
-    from .config import setting
+    from .clients import close_clients
+    from .clock import now_ms
+    from .config import settings
     from .errors import FusionError, ProtocolError, RemoteError
     from .intake import run_id
     from .pipeline import delivery_record
     from .protocol import decode_reply, encode_request, reply_rejection, valid_topic_name
-    from .registry import now_ms
+    from .returntopics import take
 
     payload = _json_arg(data)
     if not valid_topic_name(topic):
@@ -102,7 +104,7 @@ def call(ctx: click.Context, topic: str, data: str, wait: bool, timeout: float, 
     # One deadline for the return topic's name (no wait is registered: the name alone keeps the
     # reaper away until then, plus its grace), the request and this command's wait.
     deadline_ms = now_ms() + int(timeout * 1000)
-    return_topic = c.return_topic(deadline_ms)
+    return_topic = take(app, deadline_ms)
     consumer = c.consumer(**{"group.id": "fusion.cli", "enable.auto.commit": False, "auto.offset.reset": "earliest"})
     tty = sys.stderr.isatty()
     try:
@@ -115,7 +117,7 @@ def call(ctx: click.Context, topic: str, data: str, wait: bool, timeout: float, 
             for msg in consumer.consume(1, timeout=0.2):
                 if msg.error() is not None:
                     continue
-                why = reply_rejection(msg.headers(), corr_id, require_id=setting(app, "fusion_reply_id_required"))
+                why = reply_rejection(msg.headers(), corr_id, require_id=settings(app).reply_id_required)
                 if why is not None:
                     click.echo(f"ignored a record on {return_topic}: {why}", err=True)
                     continue
@@ -141,7 +143,7 @@ def call(ctx: click.Context, topic: str, data: str, wait: bool, timeout: float, 
     finally:
         consumer.close()
         c.delete_topics([return_topic])
-        c.close()
+        close_clients(app)
 
 
 @fusion.command(help="List live return topics with their age, owner and target.")
@@ -272,23 +274,24 @@ def deployment_acls(app: Any, principal: str, host: str = "*", calls: tuple[str,
     from confluent_kafka.admin import AclBinding, AclOperation, AclPermissionType, ResourcePatternType, ResourceType
 
     from .backends.kafka import GROUP_PREFIX, KafkaRegistry
-    from .config import setting
+    from .config import settings
     from .intake import consumer_group, dlq_topic
     from .runtime import reactors
     from .worker import import_reactor_modules
 
     import_reactor_modules(app)
     op = AclOperation
-    create = (op.CREATE,) if setting(app, "fusion_create_topics") else ()
+    conf = settings(app)
+    create = (op.CREATE,) if conf.create_topics else ()
     grants: list[tuple[Any, str, Any, tuple[Any, ...]]] = []
-    url = str(setting(app, "fusion_registry_url"))
+    url = str(conf.registry_url)
     if url.startswith("kafka:"):
         registry = KafkaRegistry(app, url).topic
         grants.append((ResourceType.TOPIC, registry, ResourcePatternType.LITERAL,
                        (op.CREATE, op.DESCRIBE, op.READ, op.WRITE)))
         grants.append((ResourceType.GROUP, f"{GROUP_PREFIX}{registry}", ResourcePatternType.LITERAL,
                        (op.DESCRIBE, op.READ)))
-    grants.append((ResourceType.TOPIC, str(setting(app, "fusion_return_topic_prefix")), ResourcePatternType.PREFIXED,
+    grants.append((ResourceType.TOPIC, str(conf.return_topic_prefix), ResourcePatternType.PREFIXED,
                    (op.CREATE, op.DELETE, op.DESCRIBE, op.READ, op.WRITE)))
     grants += [(ResourceType.GROUP, group, ResourcePatternType.LITERAL, (op.DESCRIBE, op.READ))
                for group in FIXED_GROUPS]
@@ -376,7 +379,7 @@ def acls(ctx: click.Context, principal: str, host: str, calls: tuple[str, ...], 
     from confluent_kafka import KafkaException
 
     from .backends.kafka import GROUP_PREFIX, KafkaRegistry
-    from .config import setting
+    from .config import settings
     from .errors import ConfigurationError
 
     kind, _, name = principal.partition(":")
@@ -393,7 +396,7 @@ def acls(ctx: click.Context, principal: str, host: str, calls: tuple[str, ...], 
         click.echo(json.dumps([{"principal": principal, "host": h, "permission": "ALLOW", "resource_type": r,
                                 "pattern_type": p, "name": n, "operations": ops} for h, r, p, n, ops in rows]))
     elif fmt == "kafka-acls":
-        servers = str(setting(app, "fusion_kafka_bootstrap_servers"))
+        servers = str(settings(app).kafka_bootstrap_servers)
         for row in rows:
             click.echo(_kafka_acls_command(servers, principal, row))
     else:
@@ -411,7 +414,7 @@ def acls(ctx: click.Context, principal: str, host: str, calls: tuple[str, ...], 
                 _fail(f"cannot create the ACL {binding.restype.name} {binding.resource_pattern_type.name} "
                       f"{binding.name!r} {binding.operation.name}: {exc.args[0].str()}")
         click.echo(f"applied {len(bindings)} ACL binding(s) for {principal}", err=True)
-        url = str(setting(app, "fusion_registry_url"))
+        url = str(settings(app).registry_url)
         if url.startswith("kafka:"):
             registry = KafkaRegistry(app, url).topic
             others = _registry_audit(admin, registry, f"{GROUP_PREFIX}{registry}", principal)

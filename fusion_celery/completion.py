@@ -24,10 +24,10 @@ from celery import Celery, group, states
 from celery.app.task import Context
 from celery.canvas import maybe_signature
 
-from . import faults, progress
-from .errors import DependencyFailed
+from . import answer, faults, progress
+from .errors import DependencyTimeout
 from .registry import Wait
-from .reply import reply_once
+from .signals import wait_completed, wait_failed, wait_timed_out
 
 __all__ = ["save_request", "complete", "resume", "resume_stored", "Events"]
 
@@ -129,8 +129,8 @@ def complete(app: Celery, wait: Wait, *, result: Any = None, exc: BaseException 
             logger.info("waiter: %s (task %s) was already completed (%s); replaying what follows it",
                         wait.label, wait.id, meta["status"])
             if meta["status"] != states.SUCCESS:
-                if exc is not None and wait.reactor:
-                    fail_reactor(app, wait.reactor, exc, events=events, strict=True)  # sent once (claimed)
+                if exc is not None and wait.run:
+                    answer.dependency_failed(app, wait.run, exc, events=events, strict=True)  # sent once (claimed)
                 return
             replayed, result, exc = True, meta["result"], None
     runtime = max(0.0, time.time() - wait.created / 1000)
@@ -144,23 +144,32 @@ def complete(app: Celery, wait: Wait, *, result: Any = None, exc: BaseException 
                 backend.store_result(wait.id, value, states.SUCCESS, request=ctx)
             done["stored"] = True
             faults.point("complete.after-store")
-        if wait.reactor and not done.get("advanced"):
-            progress.advance(app, wait.reactor["id"], wait.id)
+        if wait.run and not done.get("advanced"):
+            progress.advance(app, wait.run.id, wait.id)
             done["advanced"] = True
         if ctx.chord and not done.get("counted"):
             backend.on_chord_part_return(ctx, states.SUCCESS, value)
             done["counted"] = True
         _send_callbacks_and_chain(app, value, ctx)
-        if events and not replayed:
-            events.send("task-succeeded", uuid=wait.id, result=repr(value)[:1024], runtime=runtime)
+        if not replayed:
+            if events:
+                events.send("task-succeeded", uuid=wait.id, result=repr(value)[:1024], runtime=runtime)
+            wait_completed.send(sender=app, task_id=wait.id, topic=wait.topic, dep=wait.dep, run_id=_run_id(wait),
+                                result=result, runtime=runtime)
         return
     if not done.get("stored"):
         backend.mark_as_failure(wait.id, exc, request=ctx)
         done["stored"] = True
         if events:
             events.send("task-failed", uuid=wait.id, exception=_repr(exc), traceback="", runtime=runtime)
-    if wait.reactor:
-        fail_reactor(app, wait.reactor, exc, events=events, strict=True)
+        if isinstance(exc, DependencyTimeout):
+            wait_timed_out.send(sender=app, task_id=wait.id, topic=wait.topic, dep=wait.dep, run_id=_run_id(wait),
+                                exception=exc)
+        else:
+            wait_failed.send(sender=app, task_id=wait.id, topic=wait.topic, dep=wait.dep, run_id=_run_id(wait),
+                             exception=exc, runtime=runtime)
+    if wait.run:
+        answer.dependency_failed(app, wait.run, exc, events=events, strict=True)
 
 
 def resume(app: Celery, request: Context, value: Any) -> None:
@@ -188,25 +197,5 @@ def _repr(exc: BaseException) -> str:
     return f"{type(exc).__name__}({str(exc)!r})"
 
 
-def fail_reactor(app: Celery, reactor: dict[str, Any], exc: BaseException, events: Events | None = None,
-                 strict: bool = False) -> None:
-    """Answer a reactor run whose dependency failed: store the failure and send the error reply once.
-
-    Also sends the run's ``task-failed`` event, since no worker will (its final
-    step never runs), so that Flower does not show it STARTED for ever.  With
-    ``strict`` an error reply that cannot be sent raises (the waiter tries again).
-    """
-    failure = exc if isinstance(exc, DependencyFailed) else DependencyFailed(str(exc))
-    message = reactor.get("message") or {}
-    if not reply_once(app, reactor["id"], message, exc=failure, strict=strict):
-        return
-    app.backend.store_result(reactor["id"], failure, states.FAILURE)
-    fields = {"uuid": reactor["id"], "exception": _repr(failure), "traceback": ""}
-    if events is not None:
-        events.send("task-failed", **fields)
-    elif app.conf.worker_send_task_events:
-        try:
-            with app.events.default_dispatcher() as dispatcher:
-                dispatcher.send("task-failed", **fields)
-        except Exception as err:  # events are best effort
-            logger.warning("cannot send task-failed for %s: %s", reactor["id"], err)
+def _run_id(wait: Wait) -> str | None:
+    return wait.run.id if wait.run else None

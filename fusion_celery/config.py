@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, make_dataclass
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
 
-__all__ = ["SETTINGS", "Setting", "defaults", "stack_env", "setting"]
+__all__ = ["SETTINGS", "Setting", "Settings", "settings", "reload", "defaults", "stack_env"]
 
 
 def _csv(value: str) -> list[str]:
@@ -59,6 +59,25 @@ class Setting:
     def env(self) -> str:
         return self.name.upper()
 
+    @property
+    def attr(self) -> str:
+        """The attribute of :class:`Settings` that holds it (the name without ``fusion_``)."""
+        return self.name.removeprefix("fusion_")
+
+    def coerce(self, value: Any) -> Any:
+        """``value`` (from ``app.conf``: a string from a config file, or already typed) as this setting's type."""
+        if value is None:
+            return self.default
+        if self.parse is _bool:
+            return _bool(value) if isinstance(value, str) else bool(value)
+        if self.parse in (int, float):
+            if isinstance(value, bool):
+                raise ValueError(f"setting {self.name} must be a number, got {value!r}")
+            return self.parse(value)
+        if isinstance(value, str) and self.parse in (_csv, _json_object):
+            return self.parse(value)
+        return value
+
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("fusion_kafka_bootstrap_servers", "127.0.0.1:9092",
@@ -89,7 +108,8 @@ SETTINGS: tuple[Setting, ...] = (
             "(comma-separated in the environment).", _csv),
     Setting("fusion_registry_url", "kafka://fusion.waits",
             "Where pending waits are kept: `kafka://<compacted topic>`, "
-            "`zookeeper://host:port/path` or `memory://` (tests only)."),
+            "`zookeeper://host:port/path`, `memory://` (tests only), or the scheme of a backend another package "
+            "adds through the entry-point group `fusion_celery.registries`."),
     Setting("fusion_registry_partitions", 12,
             "Partitions of the Kafka registry topic, or buckets of the ZooKeeper registry: the unit in which "
             "waits are divided among workers (the same value in every process).", int),
@@ -150,9 +170,6 @@ SETTINGS: tuple[Setting, ...] = (
             "buffers leave holes in the heap that a long-running worker's resident memory keeps.", int),
 )
 
-_BY_NAME = {s.name: s for s in SETTINGS}
-
-
 def stack_env(path: str | os.PathLike[str] | None = None) -> dict[str, str]:
     """Read ``.stack/env`` (written by ``make up``) into a dict; empty if absent."""
     candidates = [Path(path)] if path else [Path(os.environ.get("FUSION_STACK_ENV", ".stack/env"))]
@@ -195,9 +212,50 @@ def defaults() -> dict[str, Any]:
     return values
 
 
-def setting(app: Celery, name: str) -> Any:
-    """Read one fusion setting from ``app.conf``, falling back to its default."""
-    value = app.conf.get(name)
-    if value is None:
-        return _BY_NAME[name].default
-    return value
+#: Every setting as a typed attribute (``kafka_bootstrap_servers``, ``default_timeout``, ...).
+Settings = make_dataclass(
+    "Settings", [(s.attr, Any) for s in SETTINGS], frozen=True,
+    namespace={"__doc__": "The fusion settings of one app, typed: ``settings(app).default_timeout`` is a float."})
+
+
+def settings(app: Celery) -> Any:
+    """The fusion settings of ``app``, read from ``app.conf`` once and kept on the app.
+
+    Each value is converted to its setting's type once, here (a config file or
+    the environment gives strings), so callers use it as it is, and a wrong value
+    fails at the first read instead of deep in a request.  The worker reads them
+    again when it starts (after every config module was loaded); code that changes
+    a ``fusion_*`` setting of an app already in use calls :func:`reload`.
+
+    Parameters:
+        app: the app.
+
+    Returns:
+        A frozen :class:`Settings`: one attribute per setting, named without ``fusion_``
+        and of the setting's type (``settings(app).default_timeout`` is a float).
+
+    Raises:
+        ValueError: a setting holds a value of the wrong type.
+    """
+    cached = app.__dict__.get("_fusion_settings")
+    if cached is None:
+        cached = reload(app)
+    return cached
+
+
+def reload(app: Celery) -> Any:
+    """Read ``app``'s fusion settings from ``app.conf`` again and keep them (see :func:`settings`).
+
+    Parameters:
+        app: the app.
+
+    Returns:
+        The new :class:`Settings`.
+
+    Raises:
+        ValueError: a setting holds a value of the wrong type.
+    """
+    conf = app.conf
+    values = Settings(**{s.attr: s.coerce(conf.get(s.name)) for s in SETTINGS})
+    app.__dict__["_fusion_settings"] = values
+    return values

@@ -1,6 +1,6 @@
 """The Kafka-dispatching subtask: send one dependency its request, then park until its reply.
 
-``fusion.dispatch`` creates an ephemeral return topic, registers the wait in the
+``fusion.dispatch`` takes an ephemeral return topic, registers the wait in the
 durable registry (before anything is sent, so no reply can be missed), sends the
 request and raises ``Ignore``: the worker slot is free again at once.  The waiter
 completes the task when the reply arrives (see :mod:`fusion_celery.completion`).
@@ -14,31 +14,24 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import Ignore
 
-from . import claims, faults, progress
-from .completion import fail_reactor, resume_stored, save_request
-from .config import setting
+from . import answer, claims, faults, progress
+from .canvas import merge_results
+from .clients import clients
+from .clock import now_ms
+from .completion import resume_stored, save_request
+from .config import settings
 from .errors import DependencyFailed, FusionError
 from .graph import Dep, inject
-from .kafka import clients
 from .protocol import PARENT_HEADER, ROOT_HEADER, check_size, encode_request
-from .registry import Wait, now_ms
-from .returntopics import new_return_topic, topic_config
+from .registry import Wait
+from .returntopics import take, topic_config
+from .run import Run
 from .runtime import registry
+from .signals import dependency_sent
 
-__all__ = ["DispatchTask", "merge_results", "open_wait", "new_return_topic"]
+__all__ = ["DispatchTask", "open_wait", "lineage_headers"]
 
 logger = logging.getLogger(__name__)
-
-
-def merge_results(prior: Any) -> dict[str, Any]:
-    """Flatten what a canvas step received (a dict, or nested lists of dicts) into one dict."""
-    merged: dict[str, Any] = {}
-    if isinstance(prior, dict):
-        merged.update(prior)
-    elif isinstance(prior, (list, tuple)):
-        for item in prior:
-            merged.update(merge_results(item))
-    return merged
 
 
 def lineage_headers(task: Task) -> list[tuple[str, bytes]]:
@@ -52,12 +45,23 @@ def lineage_headers(task: Task) -> list[tuple[str, bytes]]:
 
 
 def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | None = None,
-              carry: dict[str, Any] | None = None, reactor: dict[str, Any] | None = None,
+              carry: dict[str, Any] | None = None, run: Run | None = None,
               deadline: int | None = None) -> None:
-    """Create a return topic, register the wait for ``task``, send the request, and park the task.
+    """Take a return topic, register the wait for ``task``, send the request, and park the task.
 
-    Never returns: raises ``Ignore`` once the request is on its way (the waiter
-    finishes the task), or a :class:`FusionError` naming what failed.
+    Parameters:
+        task: the running task to park (a dispatching subtask or a pipeline).
+        topic: the service's topic.
+        data: the request's data.
+        timeout: seconds to wait for the reply.
+        dep: the dependency's name in its deps-map (None for a pipeline's call).
+        carry: the results known so far, merged into the task's result.
+        run: the reactor or pipeline run the dependency serves (a failure answers it).
+        deadline: epoch ms after which nobody waits any more, whatever ``timeout`` says.
+
+    Raises:
+        Ignore: always, once the request is on its way (the waiter finishes the task).
+        FusionError: what failed before that (a missing topic, a request too large, Kafka away).
     """
     app = task.app
     c = clients(app)
@@ -68,14 +72,14 @@ def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | N
     if deadline is not None:
         wait_deadline = min(wait_deadline, int(deadline))
     body = encode_request(data, None, id=task.request.id, deadline=wait_deadline)
-    check_size(body, int(setting(app, "fusion_max_message_bytes")), f"the request to topic {topic!r}")
+    check_size(body, settings(app).max_message_bytes, f"the request to topic {topic!r}")
 
     return_topic = _return_topic(task, wait_deadline)
     wait = Wait(id=task.request.id, return_topic=return_topic, topic=topic, deadline=wait_deadline,
                 request=save_request(task.request), task_name=task.request.shadow or task.name, dep=dep,
-                carry=carry, reactor=reactor, owner=task.request.hostname or "", created=created)
+                carry=carry, run=run, owner=task.request.hostname or "", created=created)
     # Before any reply can be completed.
-    progress.parked(app, (reactor or {}).get("id"), wait.id, return_topic, (wait_deadline - created) / 1000 + 60)
+    progress.parked(app, run.id if run else None, wait.id, return_topic, (wait_deadline - created) / 1000 + 60)
     reg = registry(app)
     try:
         reg.register(wait)
@@ -86,6 +90,8 @@ def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | N
         reg.remove(wait)
         c.delete_topics([return_topic])
         raise
+    dependency_sent.send(sender=task, task_id=wait.id, topic=topic, return_topic=return_topic, dep=dep,
+                         run_id=run.id if run else None)
     raise Ignore()
 
 
@@ -104,19 +110,23 @@ def _return_topic(task: Task, deadline_ms: int) -> str:
         if not c.topic_exists(known, wait=0.5):
             c.create_topics([known], partitions=1, config=topic_config(app), visible=True)
         return known
-    return c.return_topic(deadline_ms, registered=True)
+    return take(app, deadline_ms, registered=True)
 
 
 class DispatchTask(Task):
-    """Base of ``fusion.dispatch``: a failure before the wait is parked answers the reactor at once."""
+    """Base of ``fusion.dispatch``: a failure before the wait is parked answers the run at once."""
 
-    def on_failure(self, exc, task_id, args, kwargs, einfo):  # noqa: D401 - Celery hook
-        reactor = (kwargs or {}).get("reactor")
-        if reactor:
-            fail_reactor(self.app, reactor, exc)
+    def on_failure(self, exc, task_id, args, kwargs, einfo):
+        run = Run.from_dict((kwargs or {}).get("run"))
+        if run is not None:
+            answer.dependency_failed(self.app, run, exc)
+
+    def on_worker_lost(self, task_id: str, kwargs: dict[str, Any], exc: BaseException) -> None:
+        """Called by :mod:`fusion_celery.answer` when the pool process running this task died."""
+        self.on_failure(exc, task_id, (), kwargs, None)
 
 
-def dispatch(self: Task, prior: Any = None, *, dep: dict[str, Any], reactor: dict[str, Any] | None = None,
+def dispatch(self: Task, prior: Any = None, *, dep: dict[str, Any], run: dict[str, Any] | None = None,
              deadline: int | None = None) -> Any:
     """Send one dependency its request (args with the results it depends on injected) and park."""
     d = Dep.from_dict(dep)
@@ -125,9 +135,9 @@ def dispatch(self: Task, prior: Any = None, *, dep: dict[str, Any], reactor: dic
         carry = merge_results(prior)
         try:
             args = inject(d, carry)
-            timeout = d.timeout or float(setting(self.app, "fusion_default_timeout"))
-            open_wait(self, topic=d.topic, data=args, timeout=timeout, dep=d.name, carry=carry, reactor=reactor,
-                      deadline=deadline)
+            timeout = d.timeout or settings(self.app).default_timeout
+            open_wait(self, topic=d.topic, data=args, timeout=timeout, dep=d.name, carry=carry,
+                      run=Run.from_dict(run), deadline=deadline)
         except (Ignore, DependencyFailed):
             raise
         except Exception as exc:

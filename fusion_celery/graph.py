@@ -18,12 +18,8 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from graphlib import CycleError, TopologicalSorter
 from typing import Any
-
-try:
-    from graphlib import CycleError, TopologicalSorter
-except ImportError:  # pragma: no cover - Python < 3.9 with graphlib_backport
-    from graphlib_backport import CycleError, TopologicalSorter  # type: ignore[no-redef]
 
 from .errors import DepsMapError
 from .protocol import valid_topic_name

@@ -33,11 +33,14 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka import Message as KafkaMessage
 
 from . import claims, faults, progress
-from .config import setting
+from .clients import clients
+from .config import settings
 from .errors import FusionError, ProtocolError
-from .kafka import client_config, clients, consume_ready, transient
+from .message import Message
 from .protocol import PARENT_HEADER, ROOT_HEADER, decode_request
 from .runbook import RunBook
+from .signals import dead_lettered
+from .transport import client_config, consume_ready, transient
 
 __all__ = ["Intake", "dlq_topic", "dead_letter_copy", "record_size", "consumer_group", "group_defaults", "run_id"]
 
@@ -53,12 +56,22 @@ def run_id(topic: str, partition: int, offset: int, timestamp: int) -> str:
     Derived from the record's coordinates, so a record delivered twice (at-least-once)
     maps to the same run, which then replies once; and so a caller without a return
     topic can find its result: ``AsyncResult(run_id(topic, partition, offset, ts))``.
+
+    Parameters:
+        topic: the record's topic (the reactor's).
+        partition: its partition.
+        offset: its offset.
+        timestamp: its timestamp (epoch ms), as in its delivery report.
+
+    Returns:
+        A UUID (version 5) as a string.
     """
     return str(uuid.uuid5(_RUN_NS, f"{topic}/{partition}/{offset}/{timestamp}"))
 
 
 def dlq_topic(app: Celery, topic: str) -> str:
-    return f"{topic}{setting(app, 'fusion_dlq_suffix')}"
+    """The dead-letter topic of the reactor topic ``topic``: ``topic`` plus ``fusion_dlq_suffix``."""
+    return f"{topic}{settings(app).dlq_suffix}"
 
 
 #: The framing librdkafka's producer adds to a record's key, value and headers when it checks the record against
@@ -72,9 +85,17 @@ _Headers = list[tuple[str, bytes | None]]
 
 
 def record_size(value: bytes | None, key: bytes | str | None, headers: _Headers) -> int:
-    """The size librdkafka's producer checks against its ``message.max.bytes`` for this record, at most.
+    """The size librdkafka's producer checks against its ``message.max.bytes`` for a record, at most.
 
     Exact but for the headers' length varints, counted at their largest.
+
+    Parameters:
+        value: the record's value.
+        key: its key.
+        headers: its headers.
+
+    Returns:
+        The size in bytes.
     """
     def size(b: bytes | str | None) -> int:
         return len(b.encode() if isinstance(b, str) else b or b"")
@@ -91,6 +112,16 @@ def dead_letter_copy(value: bytes | None, key: bytes | str | None, headers: _Hea
     (``max_record``), headers included; and its value is kept to ``max_value`` bytes (``fusion_max_message_bytes``;
     0: no limit).  A cut value is the start of the original, and the header ``fusion-dlq-truncated`` gives the
     original length.  If the headers alone leave no room, the value is empty (and the producer refuses the copy).
+
+    Parameters:
+        value: the refused record's value.
+        key: its key.
+        headers: its headers plus the dead-letter ones.
+        max_value: the most bytes of value kept (0: no limit).
+        max_record: the producer's ``message.max.bytes``.
+
+    Returns:
+        The copy's value and headers.
     """
     if value is None or (record_size(value, key, headers) <= max_record and not 0 < max_value < len(value)):
         return value, headers
@@ -123,7 +154,8 @@ def _deliver(app: Celery, topic: str, value: bytes | None, key: bytes | str | No
 
 
 def consumer_group(app: Celery, task: Any) -> str:
-    return getattr(task, "group_id", None) or f"{setting(app, 'fusion_consumer_group_prefix')}{task.topic}"
+    """The consumer group of a reactor's task: its ``group_id``, or ``fusion_consumer_group_prefix`` plus its topic."""
+    return getattr(task, "group_id", None) or f"{settings(app).consumer_group_prefix}{task.topic}"
 
 
 #: Group membership of the intakes' and the registry's consumers under the classic protocol.  The
@@ -142,6 +174,14 @@ def group_defaults(app: Celery, assignor: str | None = None) -> tuple[dict[str, 
     assignment, and librdkafka refuses a consumer that sets them.  Assignment is incremental with
     KIP-848 and with the classic ``cooperative-sticky`` assignor: rebalance callbacks then receive only
     the partitions added or taken away, and must use ``incremental_assign``/``incremental_unassign``.
+
+    Parameters:
+        app: the app whose consumer settings decide.
+        assignor: the ``partition.assignment.strategy`` wanted under the classic protocol
+            (the user's wins); None: librdkafka's.
+
+    Returns:
+        The defaults to pass as a consumer's ``defaults``, and whether assignment is incremental.
     """
     user = client_config(app, "consumer")
     if str(user.get("group.protocol", "classic")).lower() == "consumer":
@@ -195,11 +235,11 @@ class ReactorIntake(threading.Thread):
         super().__init__(name=f"fusion-intake-{task.topic}", daemon=True)
         self.app, self.task, self.stop_event = app, task, stop
         self.topic = task.topic
-        self.max_in_flight = int(setting(app, "fusion_max_in_flight"))
+        self.max_in_flight = settings(app).max_in_flight
         self.in_flight: dict[str, Handed] = {}
         self.book = RunBook(app, consumer_group(app, task))
         self.to_read: set[int] = set()  # partitions assigned whose run book is not read yet
-        self.restart_after = float(setting(app, "fusion_run_restart_after"))
+        self.restart_after = settings(app).run_restart_after
         self.resent = 0
         self.paused = False
         self.full = False  # at fusion_max_in_flight; until half of it is left
@@ -208,13 +248,12 @@ class ReactorIntake(threading.Thread):
         # received = started + dead_lettered + dropped + len(pending); dropped: refused by the dead-letter topic
         self.counts = {"received": 0, "dead_lettered": 0, "started": 0, "dropped": 0}
 
-    def _decode(self, msg: KafkaMessage):
+    def _decode(self, msg: KafkaMessage) -> Message:
+        conf = settings(self.app)
         return decode_request(
             msg.value(), topic=msg.topic(), headers=msg.headers(), key=msg.key(), partition=msg.partition(),
-            offset=msg.offset(), timestamp=msg.timestamp()[1],
-            max_bytes=int(setting(self.app, "fusion_max_message_bytes")),
-            prefix=setting(self.app, "fusion_return_topic_prefix"),
-            allowlist=setting(self.app, "fusion_reply_allowlist"))
+            offset=msg.offset(), timestamp=msg.timestamp()[1], max_bytes=conf.max_message_bytes,
+            prefix=conf.return_topic_prefix, allowlist=conf.reply_allowlist)
 
     def _dead_letter(self, msg: KafkaMessage, err: ProtocolError) -> None:
         """Send a copy of ``msg`` to the dead-letter topic, with why it was refused, cut to what Kafka takes.
@@ -229,7 +268,7 @@ class ReactorIntake(threading.Thread):
                ("fusion-dlq-source", source.encode())]
         value, headers = dead_letter_copy(
             msg.value(), msg.key(), list(msg.headers() or []) + why,
-            max_value=int(setting(self.app, "fusion_max_message_bytes")),
+            max_value=settings(self.app).max_message_bytes,
             max_record=int(client_config(self.app, "producer").get("message.max.bytes", 1_000_000)))
         topic = dlq_topic(self.app, self.topic)
         failure = _deliver(self.app, topic, value, msg.key(), headers)
@@ -241,6 +280,8 @@ class ReactorIntake(threading.Thread):
         if failure is None:
             self.counts["dead_lettered"] += 1
             logger.warning("reactor %s: dead-lettered %s: %s", self.topic, source, err)
+            dead_lettered.send(sender=self, topic=self.topic, dlq=topic, partition=msg.partition(),
+                               offset=msg.offset(), reason=err.reason)
         elif transient(failure):
             raise FusionError(f"cannot send to Kafka topic {topic!r}: {failure.str()}")
         else:
@@ -453,7 +494,11 @@ class ReactorIntake(threading.Thread):
 
 
 class Intake:
-    """All reactor intakes of a worker."""
+    """All reactor intakes of a worker: one :class:`ReactorIntake` thread per reactor.
+
+    Parameters:
+        app: the app whose reactors are served.
+    """
 
     def __init__(self, app: Celery) -> None:
         self.app = app
@@ -461,14 +506,20 @@ class Intake:
         self.threads: list[ReactorIntake] = []
 
     def ensure_topics(self, tasks: list[Any]) -> None:
+        """Create the reactors' topics (``fusion_reactor_partitions`` unless a reactor says) and dead-letter topics.
+
+        Raises:
+            FusionError: a topic cannot be created.
+        """
         c = clients(self.app)
-        default = int(setting(self.app, "fusion_reactor_partitions"))
+        default = settings(self.app).reactor_partitions
         for task in tasks:
             c.create_topics([task.topic], partitions=task.partitions or default, visible=True)
             c.create_topics([dlq_topic(self.app, task.topic)], partitions=1)
 
     def start(self, tasks: list[Any]) -> None:
-        if setting(self.app, "fusion_create_topics"):
+        """Start one intake per reactor task, after creating their topics when ``fusion_create_topics`` is on."""
+        if settings(self.app).create_topics:
             self.ensure_topics(tasks)
         for task in tasks:
             t = ReactorIntake(self.app, task, self.stop_event)
@@ -476,6 +527,7 @@ class Intake:
             self.threads.append(t)
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop the intakes (each commits what it handed over) and wait up to ``timeout`` seconds for each."""
         self.stop_event.set()
         for t in self.threads:
             t.join(timeout)

@@ -28,15 +28,16 @@ from typing import Any
 from celery import Celery, Signature, Task
 from celery.result import AsyncResult
 
-from . import progress
-from .canvas import compile_deps
+from .canvas import merge_results
 from .claims import RUN_OPTIONS, once
-from .config import setting
+from .clients import clients
+from .config import settings
 from .graph import DepsGraph
-from .kafka import clients
 from .protocol import check_size, encode_request, valid_topic_name
+from .run import Run
+from .runtask import FinishTask, RunTask
 
-__all__ = ["Pipeline", "register_pipeline", "PIPELINE_TASK"]
+__all__ = ["Pipeline", "TopicPipeline", "DepsPipeline", "register_pipeline", "PIPELINE_TASK"]
 
 PIPELINE_TASK = "fusion.pipeline"
 
@@ -66,10 +67,10 @@ def call_topic(task: Task, topic: str, data: Any = None, timeout: float | None =
         if not c.topic_exists(topic):
             raise DependencyFailed(f"topic {topic!r} does not exist")
         body = encode_request(data, None, id=task.request.id)
-        check_size(body, int(setting(app, "fusion_max_message_bytes")), f"the request to topic {topic!r}")
+        check_size(body, settings(app).max_message_bytes, f"the request to topic {topic!r}")
         msg = c.produce(topic, body, key=topic, headers=lineage_headers(task))
         return delivery_record(msg)
-    open_wait(task, topic=topic, data=data, timeout=float(timeout or setting(app, "fusion_default_timeout")))
+    open_wait(task, topic=topic, data=data, timeout=float(timeout or settings(app).default_timeout))
 
 
 def _pipeline(self: Task, *args: Any, topic: str | None = None, data: Any = None, timeout: float | None = None,
@@ -93,19 +94,15 @@ def register_pipeline(app: Celery) -> Task:
     return app.task(name=PIPELINE_TASK, bind=True, shared=False, **RUN_OPTIONS)(_pipeline)
 
 
-class PipelineTask(Task):
-    """A named pipeline over a deps-map, with a combining step."""
+class PipelineTask(RunTask):
+    """A deps-map pipeline's start step: fan out to its services."""
 
     deps_fn: Any = None
     combine_fn: Callable[..., Any] | None = None
     default_timeout: float | None = None
+    finish_suffix = ".combine"
 
-    def run(self, *args: Any, data: Any = None, timeout: float | None = None, stage: str = "start") -> Any:
-        from .dispatch import merge_results
-        if stage == "combine":
-            results = merge_results(args[0] if args else None)
-            with once(self, "combine"):
-                return self.combine_fn(data, results) if self.combine_fn else results
+    def run(self, *args: Any, data: Any = None, timeout: float | None = None) -> Any:
         if data is None and args:
             data = args[0]  # in a chain: the previous task's result
         with once(self, "run"):
@@ -114,75 +111,68 @@ class PipelineTask(Task):
     def _start(self, data: Any, timeout: float | None) -> Any:
         timeout = timeout or self.default_timeout
         deps_map = self.deps_fn(data) if callable(self.deps_fn) else self.deps_fn
-        from .reactor import chord_lifetime
-        graph = DepsGraph(deps_map or {}, max_timeout=chord_lifetime(self.app))
+        graph = self.graph(deps_map or {})
         if timeout:
             for dep in list(graph.deps.values()):
                 if dep.timeout is None:
                     graph.deps[dep.name] = replace(dep, timeout=float(timeout))
         if not graph.deps:
             return self.combine_fn(data, {}) if self.combine_fn else {}
-        body = self.signature(kwargs={"data": data, "stage": "combine"}).set(shadow=f"{self.name}[combine]")
-        reactor = {"id": self.request.id, "topic": None, "message": {}}
-        progress.start(self.app, self.request.id, len(graph))
-        return self.replace(compile_deps(self.app, graph, body, reactor=reactor))
+        finish = self.finish_signature({"data": data}, shadow=f"{self.name}[combine]")
+        return self.fan_out(graph, Run(id=self.request.id), finish)
+
+
+class CombineTask(FinishTask):
+    """A deps-map pipeline's finish step: ``combine(data, results)``."""
+
+    combine_fn: Callable[..., Any] | None = None
+
+    def run(self, prior: Any = None, *, data: Any = None) -> Any:
+        results = merge_results(prior)
+        with once(self, "combine"):
+            return self.combine_fn(data, results) if self.combine_fn else results
 
 
 class Pipeline:
     """A gatekeeper for requests into the system, usable from any Celery client.
 
     ``Pipeline("math")`` calls the reactor on topic ``math`` through the
-    ``fusion.pipeline`` task, so the workers need nothing registered for it.
-    ``Pipeline(deps=..., combine=..., name="enrich")`` fans out to several
-    services and combines their results; it registers the task
-    ``fusion.pipeline.<name>``, so its module must be imported by the workers
-    (``fusion_imports``).  ``delay(data)`` / ``apply_async`` return an
+    ``fusion.pipeline`` task, so the workers need nothing registered for it
+    (a :class:`TopicPipeline`).  ``Pipeline(deps=..., combine=..., name="enrich")``
+    fans out to several services and combines their results; it registers the
+    task ``fusion.pipeline.<name>`` (and its step ``fusion.pipeline.<name>.combine``),
+    so its module must be imported by the workers (``fusion_imports``) (a
+    :class:`DepsPipeline`).  ``delay(data)`` / ``apply_async`` return an
     :class:`~celery.result.AsyncResult` whose ``.get()`` is the answer; ``s(data)``
     gives a signature for chains, groups and chords (in a chain, a signature
     without data takes the previous task's result as its data).
+
+    Raises:
+        ValueError: both or neither of a topic and a deps-map, an illegal topic
+            name, a deps-map pipeline without a name, or a bad constant deps-map.
+        TypeError: ``deps`` is neither a deps-map nor a function.
     """
 
-    def __init__(self, topic: str | None = None, *, deps: Any = None,
-                 combine: Callable[[Any, dict[str, Any]], Any] | None = None, name: str | None = None,
-                 timeout: float | None = None, app: Celery | None = None, **task_options: Any) -> None:
-        if (topic is None) == (deps is None):
-            raise ValueError("a Pipeline takes either a root topic or a deps-map (deps=...), not both")
-        if topic is not None and not valid_topic_name(topic):
-            raise ValueError(f"pipeline topic {topic!r} is not a legal Kafka topic name")
-        if deps is not None and not callable(deps) and not isinstance(deps, Mapping):
-            raise TypeError("deps must be a deps-map or a function of the input returning one")
-        if isinstance(deps, Mapping):
-            DepsGraph(deps)
-        if topic is None and not name:
-            raise ValueError("a deps-map pipeline needs a name (its Celery task is fusion.pipeline.<name>)")
-        from . import app as default_app
-        self.app = app or default_app
-        self.topic = topic
-        self.timeout = timeout
-        if topic is not None:
-            self.name = PIPELINE_TASK
-            self.task = self.app.tasks[PIPELINE_TASK] if PIPELINE_TASK in self.app.tasks else None
-            self._options = {"shadow": f"{PIPELINE_TASK}[{topic}]", **task_options}
-        else:
-            self.name = f"{PIPELINE_TASK}.{name}"
-            self._options = {}
-            self.task = self.app.task(
-                name=self.name, base=PipelineTask, bind=True, shared=False, lazy=False,
-                deps_fn=staticmethod(deps) if callable(deps) else deps,
-                combine_fn=staticmethod(combine) if combine else None, default_timeout=timeout,
-                **{**RUN_OPTIONS, **task_options})(PipelineTask.run)
+    name: str
+    app: Celery
+    timeout: float | None
+
+    def __new__(cls, topic: str | None = None, *, deps: Any = None, **_: Any) -> Pipeline:
+        if cls is Pipeline:
+            if (topic is None) == (deps is None):
+                raise ValueError("a Pipeline takes either a root topic or a deps-map (deps=...), not both")
+            cls = TopicPipeline if topic is not None else DepsPipeline
+        return super().__new__(cls)
 
     def _kwargs(self, data: Any, timeout: float | None, wait: bool) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"data": data, "timeout": timeout or self.timeout}
-        if self.topic is not None:
-            kwargs.update(topic=self.topic, wait=wait)
-        elif not wait:
-            raise ValueError("a deps-map pipeline always waits for its services")
-        return kwargs
+        raise NotImplementedError
+
+    def _options(self) -> dict[str, Any]:
+        return {}
 
     def s(self, data: Any = None, *, timeout: float | None = None, wait: bool = True) -> Signature:
         """A signature of this pipeline for ``data`` (for canvas composition)."""
-        return self.app.signature(self.name, kwargs=self._kwargs(data, timeout, wait), **self._options)
+        return self.app.signature(self.name, kwargs=self._kwargs(data, timeout, wait), **self._options())
 
     def si(self, data: Any = None, *, timeout: float | None = None, wait: bool = True) -> Signature:
         """An immutable signature (ignores the previous task's result in a chain)."""
@@ -202,3 +192,61 @@ class Pipeline:
     def __call__(self, data: Any = None, *, timeout: float | None = None) -> Any:
         """Start the pipeline and wait for its answer (from outside any task)."""
         return self.delay(data, timeout=timeout).get(timeout=(timeout or self.timeout or 3600) + 30)
+
+
+def _app(app: Celery | None) -> Celery:
+    from . import app as default_app
+    return app or default_app
+
+
+class TopicPipeline(Pipeline):
+    """A pipeline that sends its input to one topic (a reactor or any service) and waits for the answer.
+
+    Runs as the shared task ``fusion.pipeline``; ``wait=False`` returns the
+    Kafka delivery record instead of the answer.
+    """
+
+    def __init__(self, topic: str, *, timeout: float | None = None, app: Celery | None = None,
+                 **task_options: Any) -> None:
+        if not valid_topic_name(topic):
+            raise ValueError(f"pipeline topic {topic!r} is not a legal Kafka topic name")
+        self.app, self.topic, self.timeout, self.name = _app(app), topic, timeout, PIPELINE_TASK
+        self.task = self.app.tasks[PIPELINE_TASK] if PIPELINE_TASK in self.app.tasks else None
+        self._task_options = {"shadow": f"{PIPELINE_TASK}[{topic}]", **task_options}
+
+    def _options(self) -> dict[str, Any]:
+        return self._task_options
+
+    def _kwargs(self, data: Any, timeout: float | None, wait: bool) -> dict[str, Any]:
+        return {"data": data, "timeout": timeout or self.timeout, "topic": self.topic, "wait": wait}
+
+
+class DepsPipeline(Pipeline):
+    """A pipeline over a deps-map of services, with a ``combine(data, results)`` step.
+
+    Registers ``fusion.pipeline.<name>`` and ``fusion.pipeline.<name>.combine``.
+    """
+
+    def __init__(self, topic: None = None, *, deps: Any, combine: Callable[[Any, dict[str, Any]], Any] | None = None,
+                 name: str | None = None, timeout: float | None = None, app: Celery | None = None,
+                 **task_options: Any) -> None:
+        if not callable(deps) and not isinstance(deps, Mapping):
+            raise TypeError("deps must be a deps-map or a function of the input returning one")
+        if isinstance(deps, Mapping):
+            DepsGraph(deps)
+        if not name:
+            raise ValueError("a deps-map pipeline needs a name (its Celery task is fusion.pipeline.<name>)")
+        self.app, self.topic, self.timeout, self.name = _app(app), None, timeout, f"{PIPELINE_TASK}.{name}"
+        combine_fn = staticmethod(combine) if combine else None
+        options = {**RUN_OPTIONS, **task_options}
+        self.task = self.app.task(
+            name=self.name, base=PipelineTask, bind=True, shared=False, lazy=False,
+            deps_fn=staticmethod(deps) if callable(deps) else deps, combine_fn=combine_fn,
+            default_timeout=timeout, **options)(PipelineTask.run)
+        self.app.task(name=self.task.finish_name, base=CombineTask, bind=True, shared=False, lazy=False,
+                      combine_fn=combine_fn, **options)(CombineTask.run)
+
+    def _kwargs(self, data: Any, timeout: float | None, wait: bool) -> dict[str, Any]:
+        if not wait:
+            raise ValueError("a deps-map pipeline always waits for its services")
+        return {"data": data, "timeout": timeout or self.timeout}

@@ -21,12 +21,12 @@ was lost in the Celery broker (nothing waited on, and no step for a while): see
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from celery import Celery
 
 from .claims import lifetime, with_retry
+from .clock import now_ms
 
 __all__ = ["start", "parked", "advance", "read", "stalled", "remembered_return_topic"]
 
@@ -47,13 +47,9 @@ def _return_topic(wait_id: str) -> str:
     return f"fusion-rt-{wait_id}"
 
 
-def _now() -> int:
-    return int(time.time() * 1000)
-
-
 def _start(client: Any, run: str, total: int, ttl: int) -> None:
     with client.pipeline() as pipe:
-        pipe.hset(_key(run), mapping={"total": total, "t": _now()})
+        pipe.hset(_key(run), mapping={"total": total, "t": now_ms()})
         pipe.expire(_key(run), ttl)  # as long as the run's result
         pipe.execute()
 
@@ -69,7 +65,7 @@ def _parked(client: Any, run: str | None, wait_id: str, topic: str, topic_ttl: i
         if run is not None:
             pipe.sadd(_waiting(run), wait_id)
             pipe.expire(_waiting(run), ttl)
-            pipe.hset(_key(run), "t", _now())
+            pipe.hset(_key(run), "t", now_ms())
         pipe.execute()
 
 
@@ -84,7 +80,7 @@ def _advance(client: Any, run: str, wait_id: str, ttl: int) -> None:
         pipe.sadd(_done(run), wait_id)
         pipe.expire(_done(run), ttl)
         pipe.srem(_waiting(run), wait_id)
-        pipe.hset(_key(run), "t", _now())
+        pipe.hset(_key(run), "t", now_ms())
         pipe.delete(_return_topic(wait_id))
         pipe.execute()
 
@@ -127,4 +123,4 @@ def stalled(app: Celery, run_ids: list[str], quiet_s: float) -> set[str]:
     """Which of the runs with deps wait on no reply and have not moved for ``quiet_s`` seconds."""
     if not run_ids:
         return set()
-    return with_retry(app, _stalled, run_ids, _now() - int(quiet_s * 1000))
+    return with_retry(app, _stalled, run_ids, now_ms() - int(quiet_s * 1000))

@@ -3,9 +3,9 @@
 A reactor is bound to a persistent topic.  For each request the worker's intake
 runs the reactor's task; the task asks ``deps`` for a deps-map, and either runs
 the processing function at once (no deps) or replaces itself with the canvas of
-its deps, whose final step runs the processing function with their results.
-Either way the result is stored under the reactor task's id and put on the
-request's return topic.
+its deps, whose final step (the task ``<name>.process``) runs the processing
+function with their results.  Either way the result is stored under the
+reactor task's id and put on the request's return topic.
 
 Function form::
 
@@ -28,21 +28,20 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from celery import Celery, Task
-from celery.exceptions import WorkerLostError
-from celery.signals import task_failure
+from celery import Celery
 
-from . import progress
-from .canvas import compile_deps
+from . import answer
+from .canvas import merge_results
 from .claims import RUN_OPTIONS, once
 from .errors import RequestExpired
 from .graph import DepsGraph
 from .message import Message
 from .protocol import valid_topic_name
-from .reply import reply_once
+from .run import Caller, Run
+from .runtask import FinishTask, RunTask
 from .runtime import reactors
 
-__all__ = ["reactor", "Reactor", "ReactorTask"]
+__all__ = ["reactor", "Reactor", "ReactorTask", "ProcessTask"]
 
 DepsFn = Callable[[Message], "Mapping[str, Any] | None"] | Mapping[str, Any] | None
 
@@ -56,67 +55,72 @@ def _takes_results(fn: Callable[..., Any]) -> bool:
     return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
 
 
-def chord_lifetime(app: Celery) -> float | None:
-    """Seconds a chord's counting keys live (``result_chord_expires``, else ``result_expires``)."""
-    value = app.conf.get("result_chord_expires") or app.conf.result_expires
-    if value is None:
-        return None
-    return float(value.total_seconds() if hasattr(value, "total_seconds") else value)
+def _run_of(task_id: str, topic: str, kwargs: dict[str, Any]) -> Run:
+    return Run(id=task_id, topic=topic, caller=Caller.of(kwargs.get("message")))
 
 
-class ReactorTask(Task):
-    """The Celery task behind a reactor (its two stages are ``intake`` and ``process``)."""
+def _process(task: Any, msg: Message, results: dict[str, Any]) -> Any:
+    """Run the reactor's processing function and answer its caller with the result."""
+    fn = task.proc_fn
+    result = fn(msg, results) if _takes_results(fn) else fn(msg)
+    answer.reply(task.app, _run_of(task.request.id, task.topic, {"message": msg.to_dict()}), result=result,
+                 sender=task)
+    return result
+
+
+class ReactorTask(RunTask):
+    """A reactor's start step: ask ``deps_fn`` for the deps-map, then process or fan out."""
 
     topic: str = ""
     proc_fn: Callable[..., Any]
     deps_fn: DepsFn = None
     group_id: str | None = None
     partitions: int | None = None
+    finish_suffix = ".process"
 
-    def run(self, prior: Any = None, *, message: dict[str, Any], stage: str = "intake", redrive: int = 0) -> Any:
+    def run_of(self, task_id: str, kwargs: dict[str, Any]) -> Run:
+        return _run_of(task_id, self.topic, kwargs)
+
+    def run(self, *, message: dict[str, Any], redrive: int = 0) -> Any:
         msg = Message.from_dict(message)
-        if stage == "process":
-            from .dispatch import merge_results
-            with once(self, "process"):
-                return self._process(msg, merge_results(prior))
         if redrive:
-            # The intake found this run stalled: started, waiting on no reply, no step for a while (a
-            # step's message was lost in the Celery broker).  Its canvas is compiled again: the subtasks
-            # keep their ids, so those that ran resume what follows them and only the lost ones run.
+            # A stalled run (started, waiting on no reply, no step for a while: a step's message was lost
+            # in the Celery broker) compiles its canvas again.  The subtasks keep their ids, so those that
+            # ran resume what follows them and only the lost ones run.
             with once(self, f"redrive{redrive}"):
-                deps_map = self.deps_fn(msg) if callable(self.deps_fn) else self.deps_fn
+                deps_map = self._deps_map(msg)
                 if deps_map:
-                    return self._replace_with_deps(msg, message, deps_map, first=False)
+                    return self._fan_out(msg, message, deps_map, first=False)
                 return None
         with once(self, "run"):  # a redelivered record must not ask the deps or run proc_fn again
             if msg.expired:
                 raise RequestExpired(f"request to {self.topic!r} arrived after its deadline {msg.deadline}")
-            deps_map = self.deps_fn(msg) if callable(self.deps_fn) else self.deps_fn
+            deps_map = self._deps_map(msg)
             if not deps_map:
-                return self._process(msg, {})
-            return self._replace_with_deps(msg, message, deps_map, first=True)
+                return _process(self, msg, {})
+            return self._fan_out(msg, message, deps_map, first=True)
 
-    def _replace_with_deps(self, msg: Message, message: dict[str, Any], deps_map: Mapping[str, Any],
-                           first: bool) -> Any:
-        """Replace this task with the canvas of its deps, whose last step is the processing step."""
-        graph = DepsGraph(deps_map, max_timeout=chord_lifetime(self.app))
-        reactor_info = {"id": self.request.id, "topic": self.topic,
-                        "message": {"return_topic": msg.return_topic, "id": msg.id, "topic": msg.topic}}
-        body = self.signature(kwargs={"message": message, "stage": "process"}).set(
-            shadow=f"{self.name}[{self.topic}:process]")
-        if first:
-            progress.start(self.app, self.request.id, len(graph))
-        return self.replace(compile_deps(self.app, graph, body, reactor=reactor_info, deadline=msg.deadline))
+    def _deps_map(self, msg: Message) -> Mapping[str, Any] | None:
+        return self.deps_fn(msg) if callable(self.deps_fn) else self.deps_fn
 
-    def _process(self, msg: Message, results: dict[str, Any]) -> Any:
-        fn = self.proc_fn
-        result = fn(msg, results) if _takes_results(fn) else fn(msg)
-        reply_once(self.app, self.request.id, msg.to_dict(), result=result, sender=self)
-        return result
+    def _fan_out(self, msg: Message, message: dict[str, Any], deps_map: Mapping[str, Any], first: bool) -> Any:
+        finish = self.finish_signature({"message": message}, shadow=f"{self.name}[{self.topic}:process]")
+        return self.fan_out(self.graph(deps_map), self.run_of(self.request.id, {"message": message}), finish,
+                            deadline=msg.deadline, first=first)
 
-    def on_failure(self, exc, task_id, args, kwargs, einfo):  # noqa: D401 - Celery hook
-        message = (kwargs or {}).get("message") or {}
-        reply_once(self.app, task_id, message, exc=exc, sender=self)
+
+class ProcessTask(FinishTask):
+    """A reactor's finish step: ``proc_fn(message, results)`` with its deps' results, then the reply."""
+
+    topic: str = ""
+    proc_fn: Callable[..., Any]
+
+    def run_of(self, task_id: str, kwargs: dict[str, Any]) -> Run:
+        return _run_of(task_id, self.topic, kwargs)
+
+    def run(self, prior: Any = None, *, message: dict[str, Any]) -> Any:
+        with once(self, "process"):
+            return _process(self, Message.from_dict(message), merge_results(prior))
 
 
 def _register(app: Celery, topic: str, fn: Callable[..., Any], deps: DepsFn, name: str | None,
@@ -134,6 +138,8 @@ def _register(app: Celery, topic: str, fn: Callable[..., Any], deps: DepsFn, nam
     task = app.task(name=task_name, base=ReactorTask, bind=True, shared=False, lazy=False, topic=topic,
                     proc_fn=staticmethod(fn), deps_fn=staticmethod(deps) if callable(deps) else deps,
                     group_id=group, partitions=partitions, **{**RUN_OPTIONS, **options})(ReactorTask.run)
+    app.task(name=task.finish_name, base=ProcessTask, bind=True, shared=False, lazy=False, topic=topic,
+             proc_fn=staticmethod(fn), **{**RUN_OPTIONS, **options})(ProcessTask.run)
     known[topic] = task_name
     return task
 
@@ -189,17 +195,3 @@ class Reactor:
     def process(self, message: Message, results: dict[str, Any]) -> Any:
         """The reactor's answer to ``message`` given its deps' ``results``."""
         raise NotImplementedError
-
-
-@task_failure.connect
-def _worker_lost(sender: Any = None, task_id: str | None = None, exception: BaseException | None = None,
-                 kwargs: dict[str, Any] | None = None, **_: Any) -> None:
-    """A pool child died mid-run: Celery fails the task from the parent without calling
-    ``on_failure``, so answer the caller here instead of letting it time out."""
-    if not isinstance(exception, WorkerLostError) or task_id is None:
-        return
-    if isinstance(sender, ReactorTask):
-        reply_once(sender.app, task_id, (kwargs or {}).get("message") or {}, exc=exception, sender=sender)
-    elif getattr(sender, "name", None) == "fusion.dispatch" and (kwargs or {}).get("reactor"):
-        from .completion import fail_reactor
-        fail_reactor(sender.app, kwargs["reactor"], exception)

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 from celery import Celery
 
-from .config import setting
-from .kafka import clients
-from .registry import now_ms
+from .clients import clients
+from .clock import now_ms
+from .config import settings
 from .returntopics import name_times, reapable_from
 from .runtime import registry
 
@@ -51,12 +51,20 @@ class ReturnTopic:
 
     @property
     def age_s(self) -> float | None:
+        """Seconds since its creation; None when its name carries no creation time."""
         return None if self.created_ms is None else max(0.0, time.time() - self.created_ms / 1000)
 
 
 def return_topics(app: Celery) -> list[ReturnTopic]:
-    """Every live return topic, with its age and, when a wait names it, that wait's owner and target."""
-    prefix = setting(app, "fusion_return_topic_prefix")
+    """Every live return topic of ``app``'s prefix, with the times its name carries and the wait naming it.
+
+    Parameters:
+        app: the app (``fusion_return_topic_prefix``, its Kafka and its registry).
+
+    Returns:
+        The topics, sorted by name.
+    """
+    prefix = settings(app).return_topic_prefix
     names = [t for t in clients(app).admin.list_topics(timeout=10).topics if t.startswith(prefix)]
     by_topic = {w.return_topic: w for w in registry(app).pending()}
     out = []
@@ -69,11 +77,19 @@ def return_topics(app: Celery) -> list[ReturnTopic]:
 
 
 def is_orphan(topic: ReturnTopic, now: int, grace: float) -> bool:
-    """Whether the reaper deletes ``topic`` at ``now`` (epoch ms) with a grace of ``grace`` seconds.
+    """Whether the reaper deletes ``topic`` at ``now``.
 
     Yes when no pending wait names it and ``grace`` has passed since both the
     creation and the deadline its name carries; never when its name carries no
     creation time.
+
+    Parameters:
+        topic: the topic.
+        now: the time, epoch ms.
+        grace: seconds.
+
+    Returns:
+        True when it is an orphan due for deletion.
     """
     if topic.wait_id is not None:
         return False
@@ -82,8 +98,16 @@ def is_orphan(topic: ReturnTopic, now: int, grace: float) -> bool:
 
 
 def reap(app: Celery, grace: float | None = None) -> list[str]:
-    """Delete orphan return topics now (see :func:`is_orphan`); return their names."""
-    grace = float(setting(app, "fusion_reaper_grace") if grace is None else grace)
+    """Delete the orphan return topics now (see :func:`is_orphan`).
+
+    Parameters:
+        app: the app.
+        grace: seconds; None: ``fusion_reaper_grace``.
+
+    Returns:
+        The names of the topics deleted.
+    """
+    grace = settings(app).reaper_grace if grace is None else float(grace)
     now = now_ms()
     orphans = [t.name for t in return_topics(app) if is_orphan(t, now, grace)]
     if orphans:
@@ -93,7 +117,8 @@ def reap(app: Celery, grace: float | None = None) -> list[str]:
 
 
 class Reaper(threading.Thread):
-    """Runs :func:`reap` periodically until stopped."""
+    """Runs :func:`reap` every ``fusion_reaper_interval`` seconds until stopped, one process at a time where the
+    registry can coordinate (:meth:`~fusion_celery.registry.Registry.exclusive`)."""
 
     def __init__(self, app: Celery) -> None:
         super().__init__(name="fusion-reaper", daemon=True)
@@ -101,7 +126,7 @@ class Reaper(threading.Thread):
         self.stop_event = threading.Event()
 
     def run(self) -> None:
-        interval = float(setting(self.app, "fusion_reaper_interval"))
+        interval = settings(self.app).reaper_interval
         while not self.stop_event.wait(interval):
             try:
                 with registry(self.app).exclusive("reaper") as mine:
@@ -113,5 +138,6 @@ class Reaper(threading.Thread):
                 logger.warning("reaper: %s", exc)
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the current round; wait up to ``timeout`` seconds for it."""
         self.stop_event.set()
         self.join(timeout)

@@ -1,4 +1,4 @@
-"""Return topics: their names, and a per-process pool of topics created ahead of time, in batches.
+"""Return topics: their names, taking one for a wait, and a per-process pool of topics created ahead of time.
 
 Every wait needs a fresh, single-use return topic, named
 ``<prefix><created ms>.<deadline ms>.<random>``: the time it was made, the time
@@ -19,9 +19,9 @@ A pooled topic is made before anyone knows the deadline of the wait it will
 serve, so its name carries its creation time as its deadline too: unless a wait
 names it, the reaper deletes it once it is ``fusion_reaper_grace`` old.  The pool
 therefore hands its topics only to callers that name them in a registered wait
-(the registry then protects them; see :meth:`fusion_celery.kafka.Clients.return_topic`),
-never hands out a topic older than half that grace (it deletes it instead), and
-deletes what it holds when its process closes its clients.
+(the registry then protects them; see :func:`take`), never hands out a topic
+older than half that grace (it deletes it instead), and deletes what it holds
+when its process closes its clients.
 """
 
 from __future__ import annotations
@@ -33,15 +33,14 @@ import threading
 from collections import deque
 from typing import TYPE_CHECKING
 
-from .config import setting
-from .registry import now_ms
+from .clients import Clients, clients
+from .clock import now_ms
+from .config import settings
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from .kafka import Clients
-
-__all__ = ["new_return_topic", "name_times", "reapable_from", "ReturnTopicPool"]
+__all__ = ["new_return_topic", "name_times", "reapable_from", "topic_config", "take", "pool", "ReturnTopicPool"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +58,18 @@ def new_return_topic(app: Celery, created_ms: int | None = None, deadline_ms: in
     the topic alone until then plus ``fusion_reaper_grace`` even when no registered
     wait names it.  Without one (a pooled topic) the name carries the creation
     time as its deadline, and so does a deadline that lies before the creation.
+
+    Parameters:
+        app: the app (``fusion_return_topic_prefix``).
+        created_ms: the creation time, epoch ms; None: now.
+        deadline_ms: when the caller stops waiting, epoch ms.
+
+    Returns:
+        The name (the topic is not created).
     """
     created = now_ms() if created_ms is None else int(created_ms)
     deadline = created if deadline_ms is None else max(int(deadline_ms), created)
-    return f"{setting(app, 'fusion_return_topic_prefix')}{created}.{deadline}.{secrets.token_hex(RANDOM_BYTES)}"
+    return f"{settings(app).return_topic_prefix}{created}.{deadline}.{secrets.token_hex(RANDOM_BYTES)}"
 
 
 def name_times(name: str, prefix: str) -> tuple[int | None, int | None]:
@@ -80,6 +87,13 @@ def name_times(name: str, prefix: str) -> tuple[int | None, int | None]:
 
     Misreading a foreign name can only keep its topic longer: the reaper waits for
     the later of the two times (see :func:`reapable_from`).
+
+    Parameters:
+        name: a topic name.
+        prefix: the return-topic prefix (``fusion_return_topic_prefix``).
+
+    Returns:
+        ``(created, deadline)``, epoch ms, each None when the name does not carry it.
     """
     if not name.startswith(prefix):
         return None, None
@@ -97,6 +111,14 @@ def reapable_from(created_ms: int | None, deadline_ms: int | None, grace_ms: int
     later.  A topic whose name carries no creation time is not named as the
     protocol asks, so nothing tells how long its caller waits: it is never
     deleted automatically.
+
+    Parameters:
+        created_ms: the creation time its name carries (see :func:`name_times`).
+        deadline_ms: the deadline its name carries.
+        grace_ms: ``fusion_reaper_grace`` in milliseconds.
+
+    Returns:
+        The time, epoch ms, or None.
     """
     if created_ms is None:
         return None
@@ -104,8 +126,55 @@ def reapable_from(created_ms: int | None, deadline_ms: int | None, grace_ms: int
 
 
 def topic_config(app: Celery) -> dict[str, str]:
-    """The configuration every return topic is created with."""
-    return {"retention.ms": str(setting(app, "fusion_return_topic_retention_ms"))}
+    """The settings every return topic is created with (``retention.ms``: a safety net should it outlive the reaper)."""
+    return {"retention.ms": str(settings(app).return_topic_retention_ms)}
+
+
+def pool(app: Celery) -> ReturnTopicPool | None:
+    """This process's pool of ready return topics for ``app``.
+
+    Parameters:
+        app: the app; ``fusion_return_topic_pool`` is the pool's size.
+
+    Returns:
+        The pool, made (empty) on first use and closed with this process's clients
+        (:func:`fusion_celery.clients.close_clients`); None when the size is 0.
+    """
+    size = settings(app).return_topic_pool
+    if size <= 0:
+        return None
+    c = clients(app)
+    return c.attachment("return-topic-pool", lambda: ReturnTopicPool(app, c, size))
+
+
+def take(app: Celery, deadline_ms: int | None = None, *, registered: bool = False) -> str:
+    """A new return topic, existing in Kafka, for one wait that ends at ``deadline_ms``.
+
+    A topic made here carries ``deadline_ms`` in its name, so the reaper leaves it
+    alone until that deadline plus ``fusion_reaper_grace`` even though no registered
+    wait names it.  A pooled topic was named before its wait existed and carries no
+    deadline: only a caller that names its topic in a registered wait at once
+    (``registered``) gets one, when the pool has one ready.
+
+    Parameters:
+        app: the app.
+        deadline_ms: when (epoch ms) the caller stops waiting; None: now (see
+            :func:`new_return_topic`).
+        registered: whether the caller registers a wait naming the topic before it
+            sends its request.
+
+    Returns:
+        The topic's name.
+
+    Raises:
+        FusionError: the topic cannot be created.
+    """
+    found = pool(app) if registered else None
+    name = found.take() if found is not None else None
+    if name is None:
+        name = new_return_topic(app, deadline_ms=deadline_ms)
+        clients(app).create_topics([name], partitions=1, config=topic_config(app), visible=True)
+    return name
 
 
 class ReturnTopicPool:
@@ -114,12 +183,18 @@ class ReturnTopicPool:
     :meth:`take` never blocks on Kafka: it returns a ready topic, or ``None`` when the
     pool is empty (the caller then creates one itself), and asks for a refill when
     the pool is half empty.  A taken topic is protected from the reaper only for
-    the rest of its grace: its taker must name it in a registered wait.
+    the rest of its grace: its taker must name it in a registered wait.  Use
+    :func:`pool` for this process's pool.
+
+    Parameters:
+        app: the app (its return-topic settings name and configure the topics).
+        clients: the clients that create and delete the topics.
+        size: how many topics to keep ready.
     """
 
     def __init__(self, app: Celery, clients: Clients, size: int) -> None:
         self.app, self.clients, self.size = app, clients, size
-        self.max_age_ms = int(float(setting(app, "fusion_reaper_grace")) * 1000 / 2)
+        self.max_age_ms = int(settings(app).reaper_grace * 1000 / 2)
         self._ready: deque[tuple[str, int]] = deque()
         self._lock = threading.Lock()
         self._wanted = threading.Event()
@@ -151,6 +226,7 @@ class ReturnTopicPool:
         return name
 
     def ready(self) -> int:
+        """How many topics are ready now."""
         with self._lock:
             return len(self._ready)
 

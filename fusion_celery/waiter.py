@@ -1,45 +1,60 @@
 """The waiter: one per worker, it completes parked tasks when their replies arrive.
 
 It follows the registry for the waits this worker owns (see
-:mod:`fusion_celery.registry`), and reads their return topics with a single
-consumer by explicit, incremental partition assignment (no consumer per wait, no
-regex subscription).  A new wait starts on a *fresh* consumer that long-polls for
-only 10 ms, so that a partition assigned while a fetch is in flight is fetched
-almost at once; a wait still pending after :data:`FRESH_SECONDS` moves to a
-*settled* consumer that long-polls for 500 ms, so that thousands of long waits
-cost the broker a few fetches per second instead of a hundred.  For each reply it
-completes the wait's task (:func:`fusion_celery.completion.complete`), then removes the wait from the
+:mod:`fusion_celery.registry`), keeps them in a :class:`~fusion_celery.waitbook.WaitBook`,
+and reads their return topics by explicit, incremental partition assignment (no
+consumer per wait, no regex subscription).  A new wait starts on a *fresh*
+consumer that long-polls for only 10 ms, so that a partition assigned while a
+fetch is in flight is fetched almost at once; a wait still pending after
+:data:`FRESH_SECONDS` moves to a *settled* consumer that long-polls for 500 ms,
+so that thousands of long waits cost the broker a few fetches per second instead
+of a hundred.  For each reply it completes the wait's task
+(:func:`fusion_celery.completion.complete`), then removes the wait from the
 registry, then deletes the return topic.  A wait whose deadline passes fails
 with :class:`~fusion_celery.errors.DependencyTimeout`.  If completing fails (the
 result backend is down) the wait stays and is retried; nothing is removed before
 its completion was stored.
+
+Both reply consumers are replaced by new ones, which read every held wait's
+return topic again from offset 0:
+
+- one that was given ``fusion_kafka_client_recycle_topics`` return topics more
+  than it holds (librdkafka keeps every topic a client touched, see
+  :mod:`fusion_celery.clients`);
+- both, once :data:`OUTAGE_QUIET_SECONDS` passed after the last transport-level
+  error either reported (Kafka unreachable): a consumer that lived through an
+  outage can stop fetching partitions it holds, with their replies on them.
+  Reading again from offset 0 cannot lose or double a completion: a wait is
+  completed at most once, and a record of a wait no longer held is ignored.
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
 import threading
 import time
-from collections import Counter
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
+from .clients import clients
+from .clock import now_ms
 from .completion import Events, complete
-from .config import setting
+from .config import settings
 from .errors import DependencyFailed, DependencyTimeout, PayloadTooLarge, ProtocolError, RemoteError
-from .kafka import clients, consume_ready
 from .protocol import check_size, decode_reply, reply_rejection
-from .registry import Change, Wait, now_ms
+from .registry import Change, Wait, Watcher
 from .runtime import registry
+from .transport import consume_ready, log_error
+from .waitbook import WaitBook
 
-__all__ = ["Waiter"]
+__all__ = ["Waiter", "FRESH_SECONDS", "OUTAGE_QUIET_SECONDS", "OUTAGE_ERRORS"]
 
 logger = logging.getLogger(__name__)
 
-TAKEOVER_GRACE_MS = 5000
 #: Seconds a wait stays on the fresh (low-latency) reply consumer before it moves to the settled one.
 FRESH_SECONDS = 1.0
 FRESH_FETCH_WAIT_MS = 10
@@ -47,64 +62,110 @@ SETTLED_FETCH_WAIT_MS = 500
 #: Waits younger than this get their topic's metadata fetched before assignment (older ones, recovered from
 #: the registry after a restart or a rebalance, are many and in no hurry: librdkafka's scan finds them).
 YOUNG_MS = 10_000
+#: Seconds between two batches of return topic deletions.
+DELETE_EVERY_SECONDS = 0.5
+#: Seconds without a transport-level error, after one, before both reply consumers are replaced.
+OUTAGE_QUIET_SECONDS = 5.0
+#: Error codes that say a reply consumer lost its brokers (connection refused or reset, name resolution
+#: failed, requests timed out, every broker down).  Narrower than :func:`fusion_celery.transport.transient`,
+#: whose leader and coordinator codes come and go while the brokers stay reachable and need no new consumer.
+OUTAGE_ERRORS = frozenset({KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT,
+                           KafkaError._RESOLVE})
+#: Consumer errors that are part of normal operation (a partition read to its end, a return topic deleted).
+_QUIET_ERRORS = frozenset({KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART})
+_ROLES = ("replies", "settled")
 
 
 class Waiter(threading.Thread):
-    """Holds this worker's pending waits and completes them."""
+    """The thread that holds this worker's pending waits, reads their replies and completes them.
 
-    def __init__(self, app: Celery, name: str) -> None:
+    Parameters:
+        app: the fusion app (its registry, Kafka and result backend settings apply).
+        name: this worker's name, under which it joins the registry's waiters.
+        now_ms: the wall clock in epoch milliseconds (deadlines, ages).
+        monotonic: a monotonic clock in seconds (retries, settling, deletion batches, outages).
+
+    Attributes:
+        ready: set once the waiter follows the registry and its consumers exist.
+        book: the waits held (:class:`~fusion_celery.waitbook.WaitBook`).
+        completed: waits completed with a reply.
+        failed: waits completed with a failure (an error reply, an unreadable one, a timeout).
+        rejected: records on a return topic that were not a reply to its wait (dropped).
+        consumers_replaced: times both reply consumers were replaced after a Kafka outage.
+    """
+
+    def __init__(self, app: Celery, name: str, *, now_ms: Callable[[], int] = now_ms,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         super().__init__(name="fusion-waiter", daemon=True)
         self.app, self.worker_name = app, name
+        self.now_ms, self.monotonic = now_ms, monotonic
         self.stop_event = threading.Event()
         self.ready = threading.Event()
-        self.waits: dict[str, Wait] = {}
-        self.by_topic: dict[str, str] = {}
-        self._deadlines: list[tuple[int, str]] = []
-        self._retry: dict[str, tuple[float, int, Any, BaseException | None]] = {}
-        self._done: dict[str, dict[str, bool]] = {}  # completion steps done, for a retried completion
+        self.book = WaitBook(now_ms=now_ms, monotonic=monotonic)
+        self.registry: Any = None
+        self.replies: Any = None  # the fresh consumer
+        self.settled: Any = None
+        self._watcher: Watcher | None = None
         self._new: list[str] = []  # added since the last _assign_new()
         self._unassign_due: dict[str, list[TopicPartition]] = {"replies": [], "settled": []}
         self._fresh: dict[str, float] = {}  # wait id -> when it was assigned (insertion order = age order)
         self._settled: set[str] = set()
         self._touched = {"replies": 0, "settled": 0}  # return topics each consumer was given since it was made
+        self._made = {"replies": 0, "settled": 0}  # consumers made per role: the last one made is the current one
+        self._outage_error: float | None = None  # when a current consumer last reported a transport error
         self._to_delete: list[str] = []
-        self._last_delete = 0.0
+        self._to_remove: dict[str, Wait] = {}  # finished waits whose registry removal failed
+        self._last_remove = 0.0
+        self._last_delete = float("-inf")
         self.completed = 0
         self.failed = 0
-        self.rejected = 0  # records on a return topic that were not a reply to its wait
-        self.require_id = bool(setting(app, "fusion_reply_id_required"))
+        self.rejected = 0
+        self.consumers_replaced = 0
+        self.require_id = settings(app).reply_id_required
         self.events = Events(app, hostname=name)
 
-    # -- bookkeeping -------------------------------------------------------------------------
+    # -- the waits held and their assignment -----------------------------------------------------
+    def _apply(self, change: Change) -> None:
+        if change.kind == "add" and change.wait is not None:
+            self._add(change.wait)
+        else:
+            for wait_id in change.ids:
+                self._forget(wait_id)
+
     def _add(self, wait: Wait) -> None:
-        held = self.waits.get(wait.id)
-        if held is not None:
-            if held.return_topic == wait.return_topic:
-                return
+        added = self.book.add(wait)
+        if added.replaced is not None:
             # Registered again with another topic (an attempt of its task that ran again): its request
-            # names the new one.
-            self._forget(wait.id)
-            self._to_delete.append(held.return_topic)
-        self.waits[wait.id] = wait
-        self.by_topic[wait.return_topic] = wait.id
-        # A wait taken over from a dead worker may be past its deadline with its reply already
-        # on the topic: read the topic for a moment before calling it a timeout.
-        now = now_ms()
-        due = wait.deadline if wait.deadline > now else now + TAKEOVER_GRACE_MS
-        heapq.heappush(self._deadlines, (due, wait.id))
-        self._new.append(wait.id)
+            # names the new one, and nobody reads the old one any more.
+            self._release(added.replaced)
+            self._to_delete.append(added.replaced.return_topic)
+        if added.added:
+            self._new.append(wait.id)
+
+    def _forget(self, wait_id: str) -> None:
+        wait = self.book.forget(wait_id)
+        if wait is not None:
+            self._release(wait)
+
+    def _release(self, wait: Wait) -> None:
+        """Stop reading ``wait``'s return topic, on whichever consumer reads it."""
+        if wait.id in self._settled:
+            self._settled.discard(wait.id)
+            self._unassign("settled", wait.return_topic)
+        elif self._fresh.pop(wait.id, None) is not None:
+            self._unassign("replies", wait.return_topic)
 
     def _assign_new(self) -> None:
-        """Assign the return topics of the waits added since the last call (and still pending), at once.
+        """Assign the return topics of the waits added since the last call (and still held), at once.
 
         Runs after a whole batch of registry changes, so that a wait replayed from
         the registry together with its removal (a restart reads the registry from
         its beginning) is never assigned at all.
         """
         new, self._new = self._new, []
-        now, young, parts = time.monotonic(), now_ms() - YOUNG_MS, []
+        now, young, parts = self.monotonic(), self.now_ms() - YOUNG_MS, []
         for wait_id in new:
-            wait = self.waits.get(wait_id)
+            wait = self.book.get(wait_id)
             if wait is None or wait_id in self._fresh or wait_id in self._settled:
                 continue
             if wait.created >= young:
@@ -119,19 +180,19 @@ class Waiter(threading.Thread):
 
     def _settle(self) -> None:
         """Move the waits older than FRESH_SECONDS from the fresh consumer to the settled one."""
-        horizon = time.monotonic() - FRESH_SECONDS
+        horizon = self.monotonic() - FRESH_SECONDS
         moved: list[TopicPartition] = []
         while self._fresh:
             wait_id, since = next(iter(self._fresh.items()))
             if since > horizon:
                 break
             del self._fresh[wait_id]
-            wait = self.waits.get(wait_id)
+            wait = self.book.get(wait_id)
             if wait is None:
                 continue
             self._unassign("replies", wait.return_topic)
             # From the beginning again: a reply that came meanwhile is read by the settled consumer.
-            if wait.created >= now_ms() - YOUNG_MS:
+            if wait.created >= self.now_ms() - YOUNG_MS:
                 self._learn_topic(self.settled, wait.return_topic)
             moved.append(TopicPartition(wait.return_topic, 0, 0))
             self._settled.add(wait_id)
@@ -147,8 +208,8 @@ class Waiter(threading.Thread):
         """Unassign the queued partitions, one call per consumer.
 
         librdkafka's incremental_unassign costs time in proportion to the whole
-        assignment, so one call per finished wait made draining thousands of waits
-        take minutes.
+        assignment, so one call per finished wait would make draining thousands of
+        waits take minutes.
         """
         for which, parts in self._unassign_due.items():
             if not parts:
@@ -169,7 +230,7 @@ class Waiter(threading.Thread):
         """Fetch a return topic's metadata before assigning it, so its reply is fetched at once.
 
         librdkafka learns the leader of a partition assigned by name only on its
-        once-a-second scan of unknown topics: without this, every reply waited
+        once-a-second scan of unknown topics: without this, every reply would wait
         0.5 s on average (up to 1 s) before the consumer fetched it.
         """
         try:
@@ -177,56 +238,25 @@ class Waiter(threading.Thread):
         except KafkaException as exc:  # the scan will find it later
             logger.debug("waiter: metadata of %s: %s", topic, exc)
 
-    def _forget(self, wait_id: str) -> Wait | None:
-        wait = self.waits.pop(wait_id, None)
-        if wait is None:
-            return None
-        self.by_topic.pop(wait.return_topic, None)
-        self._retry.pop(wait_id, None)
-        self._done.pop(wait_id, None)
-        if len(self._deadlines) > 2 * len(self.waits) + 1024:
-            # Finished waits leave their deadline in the heap until it is due (an hour by default):
-            # drop them now and then, so that the heap follows the waits held, not the waits served.
-            self._deadlines = [(due, i) for due, i in self._deadlines if i in self.waits]
-            heapq.heapify(self._deadlines)
-        if wait_id in self._settled:
-            self._settled.discard(wait_id)
-            self._unassign("settled", wait.return_topic)
-        elif self._fresh.pop(wait_id, None) is not None:
-            self._unassign("replies", wait.return_topic)
-        return wait
-
-    def _apply(self, change: Change) -> None:
-        if change.kind == "add" and change.wait is not None:
-            self._add(change.wait)
-        else:
-            for wait_id in change.ids:
-                self._forget(wait_id)
-
-    # -- completion --------------------------------------------------------------------------
-    def _finish(self, wait: Wait, result: Any = None, exc: BaseException | None = None) -> None:
-        try:
-            complete(self.app, wait, result=result, exc=exc, events=self.events,
-                     done=self._done.setdefault(wait.id, {}))
-        except Exception as err:
-            attempt = self._retry.get(wait.id, (0, 0, None, None))[1] + 1
-            delay = min(30.0, 0.5 * 2 ** min(attempt, 6))
-            self._retry[wait.id] = (time.monotonic() + delay, attempt, result, exc)
-            logger.warning("waiter: cannot complete %s (%s); retry %d in %.1fs", wait.label, err, attempt, delay)
-            return
-        if exc is None:
-            self.completed += 1
-        else:
-            self.failed += 1
-        self._forget(wait.id)
-        self.registry.remove(wait)
-        self._to_delete.append(wait.return_topic)
+    # -- replies and completion ------------------------------------------------------------------
+    def _read(self) -> None:
+        """Read what the consumers have (the fresh one waits up to 10 ms for a first record)."""
+        msgs = [(m, "replies") for m in consume_ready(self.replies, 500, 0.01)] if self._fresh else []
+        if self._settled:
+            msgs += [(m, "settled") for m in self.settled.consume(500, timeout=0 if self._fresh else 0.01)]
+        for msg, which in msgs:
+            err = msg.error()
+            if err is None:
+                self._on_reply(msg)
+            elif err.code() not in _QUIET_ERRORS:
+                logger.debug("waiter: %s consumer: %s", which, err.str())
+                self.on_kafka_error(err, which)
 
     def _on_reply(self, msg: Any) -> None:
-        wait_id = self.by_topic.get(msg.topic())
-        wait = self.waits.get(wait_id) if wait_id else None
-        if wait is None or wait.id in self._retry:
-            return
+        """Complete the wait ``msg`` answers, or drop ``msg`` when it may not complete it."""
+        wait = self.book.for_topic(msg.topic())
+        if wait is None or self.book.retrying(wait.id):
+            return  # a wait no longer held, or one whose completion with an earlier record is being retried
         why = reply_rejection(msg.headers(), wait.id, require_id=self.require_id)
         if why is not None:
             self.rejected += 1
@@ -234,7 +264,7 @@ class Waiter(threading.Thread):
                            msg.partition(), msg.offset(), why, wait.label)
             return
         try:
-            check_size(msg.value() or b"", int(setting(self.app, "fusion_max_message_bytes")), "the reply")
+            check_size(msg.value() or b"", settings(self.app).max_message_bytes, "the reply")
         except PayloadTooLarge as err:
             self._finish(wait, exc=DependencyFailed(f"{wait.label}: {err}"))
             return
@@ -247,27 +277,67 @@ class Waiter(threading.Thread):
         else:
             self._finish(wait, result=result)
 
+    def _finish(self, wait: Wait, result: Any = None, exc: BaseException | None = None) -> None:
+        """Complete ``wait``'s task; then remove the wait from the registry and queue its topic for deletion.
+
+        A completion that raises leaves everything in place and is tried again later
+        with the same outcome (:meth:`WaitBook.failed`).
+        """
+        try:
+            complete(self.app, wait, result=result, exc=exc, events=self.events, done=self.book.done(wait.id))
+        except Exception as err:
+            retry = self.book.failed(wait.id, result, exc)
+            logger.warning("waiter: cannot complete %s (%s); retry %d in %.1fs", wait.label, err, retry.attempt,
+                           retry.due - self.monotonic())
+            return
+        if exc is None:
+            self.completed += 1
+        else:
+            self.failed += 1
+        self._forget(wait.id)
+        self._remove(wait)
+
+    def _remove(self, wait: Wait) -> None:
+        """Remove a finished wait from the registry, then queue its topic for deletion.
+
+        A registry that cannot be reached keeps the wait in ``_to_remove`` (tried
+        again every second): the waiter goes on, and should it die first, the
+        waiter that replays the wait finds its outcome stored and only replays the
+        idempotent steps after it.
+        """
+        try:
+            self.registry.remove(wait)
+        except Exception as err:
+            if wait.id not in self._to_remove:
+                logger.warning("waiter: cannot remove %s from the registry (%s); trying again", wait.label, err)
+            self._to_remove[wait.id] = wait
+            return
+        self._to_remove.pop(wait.id, None)
+        self._to_delete.append(wait.return_topic)
+
+    def _remove_pending(self) -> None:
+        now = self.monotonic()
+        if self._to_remove and now - self._last_remove >= 1.0:
+            self._last_remove = now
+            for wait in list(self._to_remove.values()):
+                self._remove(wait)
+                if wait.id in self._to_remove:
+                    break  # still unreachable: the rest waits for the next turn
+
     def _expire(self) -> None:
-        now = now_ms()
-        while self._deadlines and self._deadlines[0][0] <= now:
-            _, wait_id = heapq.heappop(self._deadlines)
-            wait = self.waits.get(wait_id)
-            if wait is None or wait_id in self._retry:
-                continue
+        for wait in self.book.expired():
             waited = (wait.deadline - wait.created) / 1000
             self._finish(wait, exc=DependencyTimeout(
                 f"{wait.label} did not reply within {waited:g}s (return topic {wait.return_topic})"))
 
     def _retry_due(self) -> None:
-        now = time.monotonic()
-        for wait_id, (due, _attempt, result, exc) in list(self._retry.items()):
-            wait = self.waits.get(wait_id)
-            if wait is not None and due <= now:
-                self._finish(wait, result, exc)
+        for wait, retry in self.book.retries_due():
+            self._finish(wait, retry.result, retry.exc)
 
     def _delete_topics(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if self._to_delete and (force or now - self._last_delete > 0.5):
+        """Delete the finished return topics, in one request per :data:`DELETE_EVERY_SECONDS` at most."""
+        now = self.monotonic()
+        if self._to_delete and (force or now - self._last_delete > DELETE_EVERY_SECONDS):
             names, self._to_delete = self._to_delete, []
             self._last_delete = now
             try:
@@ -278,6 +348,16 @@ class Waiter(threading.Thread):
 
     # -- the reply consumers ---------------------------------------------------------------------
     def _consumer(self, which: str) -> Any:
+        """A new reply consumer for role ``which`` (``replies``: fresh, ``settled``), the current one from now."""
+        self._made[which] += 1
+        serial, me = self._made[which], weakref.ref(self)
+
+        def on_error(err: KafkaError) -> None:
+            log_error(err)
+            waiter = me()
+            if waiter is not None:
+                waiter.on_kafka_error(err, which, serial)
+
         return clients(self.app).consumer(**{
             "group.id": "fusion.reply-readers",  # never joined nor committed: partitions are assigned
             "client.id": f"fusion-waiter-{self.worker_name}",
@@ -288,78 +368,130 @@ class Waiter(threading.Thread):
             "fetch.wait.max.ms": FRESH_FETCH_WAIT_MS if which == "replies" else SETTLED_FETCH_WAIT_MS,
             "log_level": 4,  # no per-topic info lines for every return topic assigned and deleted
             "topic.metadata.refresh.interval.ms": 30000,
+            "error_cb": on_error,
         })
+
+    def on_kafka_error(self, err: KafkaError, which: str | None = None, serial: int | None = None) -> None:
+        """Note an error a reply consumer reported (its ``error_cb``, or an error event from ``consume``).
+
+        A transport-level error (:data:`OUTAGE_ERRORS`) starts, or extends, an outage:
+        :meth:`_replace_after_outage` replaces both consumers once it is over.
+        Errors of a consumer already replaced are ignored.
+
+        Parameters:
+            err: the error.
+            which: the role of the consumer that reported it, when known.
+            serial: which consumer of that role reported it (errors of replaced ones are ignored).
+        """
+        if which is not None and serial is not None and serial != self._made[which]:
+            return
+        if err.code() in OUTAGE_ERRORS:
+            self._outage_error = self.monotonic()
+
+    def _replace_after_outage(self) -> None:
+        """Replace both reply consumers once :data:`OUTAGE_QUIET_SECONDS` passed since the last outage error."""
+        since = self._outage_error
+        if since is None or self.monotonic() - since < OUTAGE_QUIET_SECONDS:
+            return
+        self._outage_error = None
+        carried = {which: self._replace(which)[1] for which in _ROLES}
+        self.consumers_replaced += 1
+        logger.info("waiter: replaced both reply consumers after a Kafka outage (no transport error for %.0fs); "
+                    "%d fresh and %d settled waits read again from offset 0", OUTAGE_QUIET_SECONDS,
+                    carried["replies"], carried["settled"])
 
     def _recycle(self) -> None:
         """Replace a reply consumer that was given ``fusion_kafka_client_recycle_topics`` return topics
-        more than it holds now (see :meth:`fusion_celery.kafka.Clients._touch` for why).
-
-        Runs between two polls, when every record the old consumer returned has been handled: the
-        new one is assigned the waits the old one held, from offset 0, so no reply is missed.
-        """
-        limit = int(setting(self.app, "fusion_kafka_client_recycle_topics"))
+        more than it holds now (see :mod:`fusion_celery.clients` for why)."""
+        limit = settings(self.app).kafka_client_recycle_topics
         if limit <= 0:
             return
-        for which, holding in (("replies", self._fresh), ("settled", self._settled)):
-            if self._touched[which] - len(holding) < limit:
+        for which in _ROLES:
+            if self._touched[which] - len(self._holding(which)) < limit:
                 continue
-            parts = [TopicPartition(self.waits[w].return_topic, 0, 0) for w in holding if w in self.waits]
-            new, old = self._consumer(which), getattr(self, which)
-            if parts:
-                new.incremental_assign(parts)
-            setattr(self, which, new)
-            self._unassign_due[which] = []
-            touched, self._touched[which] = self._touched[which], len(parts)
-            try:
-                old.close()
-            except Exception as exc:
-                logger.warning("waiter: closing a replaced %s consumer: %s", which, exc)
+            touched, carried = self._replace(which)
             logger.info("waiter: replaced its %s consumer after %d return topics (%d waits carried over)", which,
-                        touched, len(parts))
+                        touched, carried)
+
+    def _holding(self, which: str) -> dict[str, float] | set[str]:
+        return self._fresh if which == "replies" else self._settled
+
+    def _replace(self, which: str) -> tuple[int, int]:
+        """Replace consumer ``which`` by a new one assigned every wait it holds, from offset 0.
+
+        Runs between two polls, when every record the old consumer returned has been
+        handled, so no reply is missed; the old one is closed after the new one holds
+        its waits.
+
+        Returns:
+            The return topics the old consumer was given, and the waits carried over.
+        """
+        waits = [w for w in map(self.book.get, self._holding(which)) if w is not None]
+        parts = [TopicPartition(w.return_topic, 0, 0) for w in waits]
+        new, old = self._consumer(which), getattr(self, which)
+        if parts:
+            new.incremental_assign(parts)
+        setattr(self, which, new)
+        self._unassign_due[which] = []
+        touched, self._touched[which] = self._touched[which], len(parts)
+        try:
+            old.close()
+        except Exception as exc:
+            logger.warning("waiter: closing a replaced %s consumer: %s", which, exc)
+        return touched, len(parts)
 
     # -- the loop ----------------------------------------------------------------------------
-    def run(self) -> None:
+    def _open(self) -> None:
+        """Make the consumers and join the registry's waiters; set :attr:`ready`."""
         self.registry = registry(self.app)
         self.replies, self.settled = self._consumer("replies"), self._consumer("settled")
-        watcher = self.registry.watch(self.worker_name)
+        self._watcher = self.registry.watch(self.worker_name)
         self.ready.set()
+
+    def _step(self) -> None:
+        """One turn of the loop: registry changes, replies, deadlines, retries, consumer upkeep."""
+        assert self._watcher is not None
+        for change in self._watcher.poll(0 if self.book else 0.1):
+            self._apply(change)
+        self._flush_unassign()  # before a wait dropped and added again is assigned again
+        self._assign_new()
+        if self.book:
+            self._read()
+        self._settle()
+        self._expire()
+        self._retry_due()
+        self._flush_unassign()
+        self._recycle()
+        self._replace_after_outage()
+        self._remove_pending()
+        self._delete_topics()
+        clients(self.app).producer.poll(0)
+
+    def _close(self) -> None:
+        """Delete the finished topics, leave the waiters (the waits go to the others), close the clients."""
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("delete return topics", lambda: self._delete_topics(force=True)),
+            ("leave the waiters", self._watcher.close if self._watcher is not None else lambda: None),
+            ("close the reply consumers", self._close_replies),
+            ("close the event dispatcher", self.events.close)]
+        for step, close in steps:
+            try:
+                close()
+            except Exception as exc:
+                logger.warning("waiter: cannot %s: %s", step, exc)
+        logger.info("waiter: stopped (%d completed, %d failed, %d records rejected, %d left to the others)",
+                    self.completed, self.failed, self.rejected, len(self.book))
+
+    def run(self) -> None:
+        self._open()
         try:
             while not self.stop_event.is_set():
-                for change in watcher.poll(0 if self.waits else 0.1):
-                    self._apply(change)
-                self._flush_unassign()  # before a wait dropped and added again is assigned again
-                self._assign_new()
-                if self.waits:
-                    msgs = consume_ready(self.replies, 500, 0.01) if self._fresh else []
-                    if self._settled:
-                        msgs += self.settled.consume(500, timeout=0 if self._fresh else 0.01)
-                    for msg in msgs:
-                        err = msg.error()
-                        if err is None:
-                            self._on_reply(msg)
-                        elif err.code() not in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
-                            logger.debug("waiter: %s", err.str())
-                self._settle()
-                self._expire()
-                self._retry_due()
-                self._flush_unassign()
-                self._recycle()
-                self._delete_topics()
-                clients(self.app).producer.poll(0)
+                self._step()
         except Exception:
             logger.exception("waiter: crashed; its waits go to the other workers")
             raise
         finally:
-            for step, close in (("delete return topics", lambda: self._delete_topics(force=True)),
-                                ("leave the waiters", watcher.close),
-                                ("close the reply consumers", self._close_replies),
-                                ("close the event dispatcher", self.events.close)):
-                try:
-                    close()
-                except Exception as exc:
-                    logger.warning("waiter: cannot %s: %s", step, exc)
-            logger.info("waiter: stopped (%d completed, %d failed, %d records rejected, %d left to the others)",
-                        self.completed, self.failed, self.rejected, len(self.waits))
+            self._close()
 
     def _close_replies(self) -> None:
         for consumer in (self.replies, self.settled):
@@ -367,6 +499,12 @@ class Waiter(threading.Thread):
             consumer.close()
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop the thread and wait for it: its waits go to the other workers' waiters.
+
+        Parameters:
+            timeout: seconds to wait for the thread to finish; past them it is left running
+                (a daemon thread) and a warning is logged.
+        """
         self.stop_event.set()
         self.join(timeout)
         if self.is_alive():
@@ -374,16 +512,23 @@ class Waiter(threading.Thread):
                            timeout)
 
     def status(self) -> dict[str, Any]:
-        """What this waiter holds: pending waits, the oldest, counts by topic."""
-        waits = list(self.waits.values())
-        oldest = min(waits, key=lambda w: w.created, default=None)
+        """What this waiter holds (``celery fusion status``; safe to call from another thread).
+
+        Returns:
+            ``pending`` waits, the ``oldest`` one and its age in seconds (``oldest_age_s``),
+            the waits per request topic (``by_topic``), the counters ``completed``,
+            ``failed``, ``rejected``, ``retrying`` (completions to try again) and
+            ``consumers_replaced`` (after Kafka outages).
+        """
+        oldest = self.book.oldest()
         return {
-            "pending": len(waits),
-            "oldest_age_s": round((now_ms() - oldest.created) / 1000, 3) if oldest else None,
+            "pending": len(self.book),
+            "oldest_age_s": round((self.now_ms() - oldest.created) / 1000, 3) if oldest else None,
             "oldest": {"id": oldest.id, "topic": oldest.topic, "dep": oldest.dep} if oldest else None,
-            "by_topic": dict(Counter(w.topic for w in waits)),
+            "by_topic": self.book.count_by_topic(),
             "completed": self.completed,
             "failed": self.failed,
             "rejected": self.rejected,
-            "retrying": len(self._retry),
+            "retrying": self.book.retries,
+            "consumers_replaced": self.consumers_replaced,
         }

@@ -14,18 +14,19 @@ from typing import Any
 
 from celery import bootsteps
 from celery.signals import worker_process_shutdown
-from celery.worker.consumer import Consumer as CeleryConsumer
 
-from .config import setting
+from . import compat
+from .clients import clients, close_clients
+from .compat import Consumer
+from .config import reload, settings
 from .errors import ConfigurationError
 from .intake import Intake
-from .kafka import clients, close_clients
-from .memory import fix_mmap_threshold, limit_malloc_arenas
+from .malloc import fix_mmap_threshold, limit_malloc_arenas
 from .reaper import Reaper
 from .runtime import close_registry, reactors
 from .waiter import Waiter
 
-__all__ = ["FusionStep", "RestorePrefetched", "check_backend", "import_reactor_modules"]
+__all__ = ["Consumer", "FusionStep", "RestorePrefetched", "check_backend", "import_reactor_modules"]
 
 logger = logging.getLogger("fusion_celery")
 
@@ -36,7 +37,7 @@ def import_reactor_modules(app: Any) -> None:
     Like Celery's own ``imports`` setting, modules in the current directory are
     found even when the ``celery`` console script does not put it on ``sys.path``.
     """
-    for name in setting(app, "fusion_imports") or []:
+    for name in settings(app).imports or []:
         try:
             app.loader.import_from_cwd(name)
         except ImportError as exc:
@@ -61,14 +62,16 @@ def check_backend(app: Any) -> None:
 class FusionStep(bootsteps.StartStopStep):
     """Runs fusion-celery's intake, waiter and reaper inside ``celery worker``."""
 
-    requires = {"celery.worker.components:Pool"}
+    requires = {compat.POOL_STEP}
     label = "fusion"
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
+        compat.check_versions()
+        conf = reload(worker.app)  # every config module is loaded by now
         # Before any of the worker's threads start and before its pool forks (children inherit it).
-        limit_malloc_arenas(int(setting(worker.app, "fusion_malloc_arena_max")))
-        fix_mmap_threshold(int(setting(worker.app, "fusion_malloc_mmap_threshold")))
+        limit_malloc_arenas(conf.malloc_arena_max)
+        fix_mmap_threshold(conf.malloc_mmap_threshold)
         self.intake: Intake | None = None
         self.waiter: Waiter | None = None
         self.reaper: Reaper | None = None
@@ -78,7 +81,7 @@ class FusionStep(bootsteps.StartStopStep):
         try:
             import_reactor_modules(app)
             check_backend(app)
-            clients(app).check_reachable(float(setting(app, "fusion_startup_timeout")))
+            clients(app).check_reachable(settings(app).startup_timeout)
             tasks = [app.tasks[name] for name in reactors(app).values()]
             self.waiter = Waiter(app, worker.hostname)
             self.waiter.start()
@@ -110,8 +113,6 @@ class FusionStep(bootsteps.StartStopStep):
         self.stop(worker)
 
 
-
-
 class RestorePrefetched(bootsteps.StartStopStep):
     """Consumer step: tasks this worker had prefetched when its broker connection broke go back to their queue.
 
@@ -124,71 +125,34 @@ class RestorePrefetched(bootsteps.StartStopStep):
     ``unacked`` after the first).
     """
 
-    requires = {"celery.worker.consumer.tasks:Tasks"}
+    requires = {compat.TASKS_STEP}
     label = "fusion-restore"
 
     def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
         self.pending: list[Any] = []
 
-    @staticmethod
-    def _qos(c: Any) -> Any:
-        return getattr(getattr(getattr(c, "task_consumer", None), "channel", None), "qos", None)
-
     def stop(self, c: Any) -> None:
         # What the closing channel could not restore is still in its QoS's delivered map.
-        self.pending = list(getattr(self._qos(c), "_delivered", None) or ())
+        self.pending = compat.delivered_tags(compat.task_channel_qos(c))
 
     def start(self, c: Any) -> None:
         tags, self.pending = self.pending, []
-        qos = self._qos(c)
-        if not tags or not hasattr(qos, "restore_by_tag"):
+        qos = compat.task_channel_qos(c)
+        if not tags or not compat.can_restore_by_tag(qos):
             return
         restored = 0
         for tag in tags:
             try:
-                qos.restore_by_tag(tag)
+                compat.restore_by_tag(qos, tag)
                 restored += 1
             except Exception as exc:  # the visibility timeout will bring it back
                 logger.warning("cannot restore prefetched task %s: %s", tag, exc)
         logger.info("restored %d task(s) prefetched before the broker connection was lost", restored)
 
 
-class Consumer(CeleryConsumer):
-    """Celery's worker consumer, made to survive a broker connection lost while tasks are prefetched.
-
-    On a lost connection Celery 5.7 collects the broken connection and then closes it; kombu's
-    Redis channel, closing, tries to put the prefetched messages back through a transport already
-    torn down and raises ``AttributeError`` ("'NoneType' object has no attribute 'hostname'"),
-    which stops the worker ("Unrecoverable error").  Those messages are put back by
-    :class:`RestorePrefetched` once the connection is back, so the closing channel need not try.
-    The fusion app selects this class through Celery's ``worker_consumer`` setting.
-    """
-
-    def on_connection_error_after_connected(self, exc: Exception) -> None:
-        for qos in (RestorePrefetched._qos(self), _default_qos(self.connection)):
-            if qos is not None:
-                qos.restore_at_shutdown = False
-                # A task acknowledged late (fusion's are) that finishes after the connection broke would
-                # acknowledge through this channel, whose transport is gone: kombu raises AttributeError
-                # and the worker stops.  Its message is put back by RestorePrefetched instead, and the
-                # copy is dropped by the run-once claim of the step it carries.
-                qos.ack = qos.reject = _gone
-        super().on_connection_error_after_connected(exc)
-
-
-def _gone(*_: Any, **__: Any) -> None:
-    """Acknowledging on a channel whose connection is gone: nothing to do (see Consumer)."""
-
-
-def _default_qos(connection: Any) -> Any:
-    # The attribute, not the property: the property would open a new channel.
-    channel = getattr(connection, "_default_channel", None)
-    return getattr(channel, "_qos", None)
-
-
 @worker_process_shutdown.connect
 def _close_child_clients(**_: Any) -> None:
     """A pool child is exiting: flush and close the Kafka clients it made for its tasks."""
-    from .kafka import close_all_clients
+    from .clients import close_all_clients
     close_all_clients()

@@ -1,9 +1,9 @@
 """Bad input over the wire: a flood of malformed requests, oversized payloads and replies, a fuzzed allow-list,
 records too large to dead-letter whole.
 
-Against the real stack and real workers, but for the unit tests of the dead-letter copy's size and of
-an intake whose dead-letter topic refuses a copy.  The pure decoders are fuzzed with Hypothesis in
-test_protocol.py and test_graph.py.
+Against the real stack and real workers, but for the unit tests of the dead-letter copy's size; an
+intake whose dead-letter topic refuses a copy runs on stand-in Kafka clients and the stack's Redis (its
+run book).  The pure decoders are fuzzed with Hypothesis in test_protocol.py and test_graph.py.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from unittest.mock import ANY
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import NewTopic
-from conftest import high_watermark, isolated_env, return_topic_name, topic_name, wait_for
-from reliability import Load, Sampler, check, check_all_handed, collect, intake_counts, report
+from support.kafka import high_watermark, return_topic_name, topic_name
+from support.reliability import Load, Sampler, check, check_all_handed, collect, intake_counts, report
+from support.waiting import wait_for
+from support.workers import isolated_env
 
 from fusion_celery import intake as intake_module
 from fusion_celery.application import create_app
@@ -60,6 +62,7 @@ def malformed(rng: random.Random, i: int) -> tuple[bytes, str, list | None]:
     return b"\x00\x01garbage", "not-json", None
 
 
+@pytest.mark.integration
 def test_10000_malformed_mixed_with_1000_good(request, kit, worker_factory, redis_client):
     bad_n, good_n = (10_000, 1_000)
     env = {**isolated_env("kafka", db=8), "FUSION_MAX_MESSAGE_BYTES": str(LIMIT)}
@@ -158,6 +161,7 @@ def call(kit, topic, data, timeout=90):
     return json.loads(msg.value()), dict(msg.headers() or [])
 
 
+@pytest.mark.integration
 def test_reply_above_the_limit_is_an_error_reply_naming_the_setting(kit, services_worker):
     # the session worker runs with fusion_max_message_bytes=100000
     body, headers = call(kit, topic_name("big"), 150_000)
@@ -168,6 +172,7 @@ def test_reply_above_the_limit_is_an_error_reply_naming_the_setting(kit, service
     assert call(kit, topic_name("big"), 10)[0] == "x" * 10  # below the limit all is well
 
 
+@pytest.mark.integration
 def test_dependency_request_above_the_limit_fails_before_sending(kit, services_worker, service):
     sink = kit.topic()
     svc = service(sink, lambda data: "never")
@@ -183,6 +188,7 @@ def test_dependency_request_above_the_limit_fails_before_sending(kit, services_w
     assert svc.received == []
 
 
+@pytest.mark.integration
 def test_dependency_reply_above_the_limit_fails_the_wait(kit, services_worker, service):
     svc_topic = kit.topic()
     service(svc_topic, lambda data: "z" * 200_000)
@@ -193,6 +199,7 @@ def test_dependency_reply_above_the_limit_fails_the_wait(kit, services_worker, s
     assert "dep 'huge'" in msg and "the reply is 200002 bytes, above the limit of 100000" in msg
 
 
+@pytest.mark.integration
 def test_pipeline_with_data_above_the_limit_fails_at_once(app, services_worker):
     res = app.send_task("fusion.pipeline", args=[topic_name("add"), ["x" * 120_000]], kwargs={"timeout": 30})
     with pytest.raises(Exception) as exc:
@@ -233,6 +240,7 @@ def allowed(name: str, prefix: str, patterns: list[str]) -> bool:
     return valid_topic_name(name) and (name.startswith(prefix) or any(re.fullmatch(p, name) for p in patterns))
 
 
+@pytest.mark.integration
 def test_no_reply_lands_outside_the_allow_list(request, kit, worker_factory):
     patterns = [r"replies\.team-a"]
     env = {**isolated_env("kafka", db=10), "FUSION_REPLY_ALLOWLIST": json.dumps(patterns)}
@@ -311,6 +319,7 @@ def add_answers(kit, topic: str) -> bool:
     return json.loads(reply.value()) == 3
 
 
+@pytest.mark.integration
 def test_records_too_large_to_dead_letter_whole_are_cut_and_the_reactor_goes_on(kit, worker_factory):
     """Under default settings, a 999,900-byte record that is not JSON and a 1.5 MB one (its topic allows it) are
     dead-lettered cut to what the producer accepts, headers included, with the reason and the original size in
@@ -344,6 +353,7 @@ def test_records_too_large_to_dead_letter_whole_are_cut_and_the_reactor_goes_on(
     assert intake_counts(w.log(), ("received", "dead_lettered", "started", "dropped"))[topic] == (3, 2, 1, 0)
 
 
+@pytest.mark.integration
 def test_a_copy_the_broker_refuses_as_too_large_is_dead_lettered_as_its_headers_alone(kit, worker_factory):
     """The worker's producer takes 2 MB (fusion_kafka_producer_config) and so does fusion_max_message_bytes,
     but the dead-letter topic has the broker's limit (about 1 MB): a 1.5 MB record that is not JSON is
@@ -366,7 +376,7 @@ def test_a_copy_the_broker_refuses_as_too_large_is_dead_lettered_as_its_headers_
     assert intake_counts(w.log(), ("received", "dead_lettered", "started", "dropped"))[topic] == (2, 1, 1, 0)
 
 
-# -- the dead-letter copy's size and a copy the dead-letter topic refuses (no services) --------------
+# -- the dead-letter copy's size (no services) and a copy the dead-letter topic refuses (Redis) --------
 WHY = [("fusion-dlq-reason", b"not-json"), ("fusion-dlq-error", b"the value is not JSON: Expecting value: line 1"),
        ("fusion-dlq-source", b"orders[0]@12345")]
 
@@ -505,6 +515,7 @@ def why(offset: int) -> list[tuple[str, bytes]]:
     ([KafkaError.TOPIC_AUTHORIZATION_FAILED], False),  # an ACL: dropped at once
     ([KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.MSG_SIZE_TOO_LARGE], True),  # too large, even as headers
 ])
+@pytest.mark.integration
 def test_a_record_the_dead_letter_topic_refuses_for_good_is_dropped_and_logged(dlq_intake, caplog, refusals,
                                                                               headers_alone):
     it, outcomes, sent, started = dlq_intake
@@ -521,6 +532,7 @@ def test_a_record_the_dead_letter_topic_refuses_for_good_is_dropped_and_logged(d
     assert KafkaError(refusals[-1]).str() in error.getMessage()
 
 
+@pytest.mark.integration
 def test_a_copy_the_dead_letter_topic_refuses_as_too_large_is_sent_as_its_headers(dlq_intake):
     it, outcomes, sent, started = dlq_intake
     outcomes += [KafkaError.MSG_SIZE_TOO_LARGE, None]
@@ -532,6 +544,7 @@ def test_a_copy_the_dead_letter_topic_refuses_as_too_large_is_sent_as_its_header
     assert it.consumer.stored == [0, 1]
 
 
+@pytest.mark.integration
 def test_a_dead_letter_send_that_fails_while_kafka_is_away_is_made_again(dlq_intake):
     it, outcomes, sent, started = dlq_intake
     outcomes += [KafkaError._MSG_TIMED_OUT]

@@ -5,7 +5,10 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+import pytest
+from support.stack import ROOT
+
+pytestmark = pytest.mark.integration
 
 
 def test_bench_smoke_run_completes_and_writes_json(stack, tmp_path):

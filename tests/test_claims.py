@@ -5,7 +5,9 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from conftest import free_port, redis_server, wait_for
+from support.ports import free_port
+from support.redis_server import redis_server
+from support.waiting import wait_for
 
 from fusion_celery import claims
 from fusion_celery.application import create_app

@@ -8,7 +8,13 @@ import sys
 import time
 import uuid
 
-from conftest import ROOT, isolated_env, topic_name, wait_for
+import pytest
+from support.kafka import topic_name
+from support.stack import ROOT
+from support.waiting import wait_for
+from support.workers import isolated_env
+
+pytestmark = pytest.mark.integration
 
 
 def fusion(*args, timeout=120, env=None):

@@ -10,8 +10,9 @@ import uuid
 import pytest
 import redis
 
+from fusion_celery.clock import now_ms
 from fusion_celery.completion import complete
-from fusion_celery.registry import Wait, now_ms
+from fusion_celery.registry import Wait
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 """docker-compose.yml, checked for structure where no Docker engine runs.
 
-The services, images, ports, commands, health checks and start order that
-issue 7 asks for, and the consistency of the application containers' settings
+The services, images, ports, commands, health checks and start order of the
+local deployment, and the consistency of the application containers' settings
 with the Kafka listeners and with fusion-celery's own settings.
 """
 
@@ -11,7 +11,7 @@ import re
 
 import pytest
 import yaml
-from conftest import ROOT
+from support.stack import ROOT
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,12 @@ import sys
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import NewTopic
-from conftest import REGISTRIES, ROOT, committed_total, isolated_env, return_topic_name, wait_for
+from support.kafka import committed_total, return_topic_name
+from support.stack import ROOT
+from support.waiting import wait_for
+from support.workers import REGISTRIES, isolated_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 
 def park(kit, service, env, n):

@@ -9,7 +9,11 @@ import time
 import uuid
 
 import pytest
-from conftest import REGISTRIES, return_topic_name, topic_name, wait_for
+from support.kafka import return_topic_name, topic_name
+from support.waiting import wait_for
+from support.workers import REGISTRIES
+
+pytestmark = pytest.mark.integration
 
 
 def rt(kit):
@@ -159,7 +163,7 @@ def test_200_at_once_all_correct_and_no_return_topic_left(kit, deployment, redis
 @pytest.mark.parametrize("registry", REGISTRIES)
 def test_pool_children_replaced_after_every_task_still_work(kit, worker_factory, registry):
     """Client handles never cross a fork: children forked later (max-tasks-per-child=1) make their own."""
-    from conftest import isolated_env
+    from support.workers import isolated_env
     env = isolated_env(registry)
     worker_factory(name="fork", env=env, concurrency=2, extra_args=("--max-tasks-per-child=1",))
     for data, want in (([1, 2, 3], 4), ([4, 5, 6], 13), ([10], 8)):
@@ -170,7 +174,7 @@ def test_concurrency_one_worker_holds_many_waits_and_keeps_working(kit, worker_f
     """Parked waits hold no worker slot: with one slot and 150 waits pending, other requests are served."""
     from confluent_kafka import Consumer, TopicPartition
     from confluent_kafka.admin import NewTopic
-    from conftest import isolated_env
+    from support.workers import isolated_env
     env = {**isolated_env(), "FUSION_MAX_IN_FLIGHT": "1000"}  # the default (100) would pause the intake
     run = env["FUSION_TEST_RUN"]
     worker_factory(name="one", env=env, concurrency=1)

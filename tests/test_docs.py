@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from support.stack import ROOT
 
 MKDOCS = Path(sys.executable).with_name("mkdocs")
 

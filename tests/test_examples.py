@@ -21,7 +21,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, RUN_ID, free_port, isolated_env, wait_for
+from support.ports import free_port
+from support.stack import ROOT, RUN_ID
+from support.waiting import wait_for
+from support.workers import isolated_env
 
 
 def run(module: str, *args: str, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -69,6 +72,7 @@ def plain_service(env: dict[str, str]) -> Iterator[subprocess.Popen]:
 
 
 # -- examples/math --------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_math_example_client_prints_the_seed_answer(example_env, worker_factory):
     worker_factory("examples.math.reactors", name="math", env=example_env)
     out = run("examples.math.client", env=example_env)
@@ -79,6 +83,7 @@ def test_math_example_client_prints_the_seed_answer(example_env, worker_factory)
     assert out.stdout.strip() == "28"
 
 
+@pytest.mark.integration
 def test_math_example_client_reports_a_failing_reactor_in_one_line(example_env, worker_factory):
     worker_factory("examples.math.reactors", name="math", env=example_env)
     out = run("examples.math.client", '"not numbers"', env=example_env)
@@ -96,6 +101,7 @@ def test_plain_service_imports_neither_celery_nor_fusion_celery():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.integration
 def test_plain_service_follows_the_wire_protocol(example_env, kit):
     topic = example_env["FUSION_EXAMPLES_PREFIX"] + "language"
     with plain_service(example_env):
@@ -117,6 +123,7 @@ def test_plain_service_follows_the_wire_protocol(example_env, kit):
 
 
 # -- examples/enrich ------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_enrich_example_fans_out_injects_and_combines(example_env, worker_factory):
     with plain_service(example_env):
         worker_factory("examples.enrich.services,examples.enrich.pipelines", name="enrich", env=example_env)
@@ -153,6 +160,7 @@ def kafka_client_jars() -> str:
     return os.pathsep.join(str(p.parent / "*") for p in found[-1:])
 
 
+@pytest.mark.integration
 def test_java_caller_gets_the_math_answer(example_env, worker_factory):
     worker_factory("examples.math.reactors", name="math", env=example_env)
     source = ROOT / "examples" / "other_languages" / "java" / "CallReactor.java"
@@ -165,6 +173,7 @@ def test_java_caller_gets_the_math_answer(example_env, worker_factory):
 
 
 # -- examples/demo --------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_demo_once_prints_the_answer_and_flower_address_and_stops_cleanly(example_env):
     port = free_port()
     env = {**example_env, "FUSION_DEMO_ONCE": "1", "FUSION_DEMO_FLOWER_PORT": str(port)}

@@ -6,7 +6,7 @@ the gone worker's included, must all be answered.
 
 - ``kill -9``: within 15 s of the kill.  The group notices the death when the member's session expires
   (6 s by default, see ``fusion_celery.intake.group_defaults``); with librdkafka's default session of
-  45 s these requests waited 45 s and more.
+  45 s these requests would wait 45 s and more.
 - With the KIP-848 group protocol chosen by the user (``group.protocol=consumer``): workers start (no
   classic-only setting reaches librdkafka, which refuses a consumer with one), a worker stopped with
   SIGTERM leaves its groups, and the incremental assignment hands its reactor and registry partitions
@@ -24,7 +24,11 @@ from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, ConsumerGroupState, TopicPartition
-from conftest import KafkaKit, Worker, free_port, isolated_env, redis_server, return_topic_name, wait_for
+from support.kafka import KafkaKit, return_topic_name
+from support.ports import free_port
+from support.redis_server import redis_server
+from support.waiting import wait_for
+from support.workers import Worker, isolated_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

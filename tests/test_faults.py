@@ -3,7 +3,7 @@
 Each test parks a few hundred requests (100 in ``make test``, 300 in ``make soak``) whose dependency
 answers only when told, puts more requests in flight, breaks something, and then checks that nothing
 was lost, nothing happened twice and nothing failed: every request answered once and correctly, every
-chord body run once, every dependency asked once (``reliability.check``).  The workers are isolated
+chord body run once, every dependency asked once (``support.reliability.check``).  The workers are isolated
 from the session worker (their own broker and backend databases, registry and reactor topics).  Tests
 marked ``faults`` stop stack services, so the session runs them last (see conftest.py) and each one
 leaves the stack running.
@@ -15,10 +15,22 @@ import signal
 import time
 
 import pytest
-from conftest import isolated_env, return_topic_name, wait_for
-from reliability import Load, check, check_all_handed, collect, long_run, nothing_left, outage, report, start_gate
+from support.kafka import return_topic_name
+from support.reliability import (
+    Load,
+    check,
+    check_all_handed,
+    collect,
+    long_run,
+    nothing_left,
+    outage,
+    report,
+    start_gate,
+)
+from support.waiting import wait_for
+from support.workers import isolated_env
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(900)]
 
 SCALES = ["short", pytest.param("long", marks=pytest.mark.soak)]
 #: How a service goes away: stopped (SIGTERM, it shuts down cleanly) or, in the long suite, killed (SIGKILL).
@@ -46,9 +58,9 @@ def fault_env() -> dict[str, str]:
     worker pauses a reactor's intake at ``fusion_max_in_flight`` (100) of them: allow the 300 parked.
     A run lost with its message is sent again after 10 s (60 s by default), and a killed run's claim
     lasts 20 s (300 s by default), so that the tests end within minutes.  Kafka calls ride out 180 s
-    without Kafka (60 s by default): a killed broker recovers its logs before it serves again, and was
-    away 94 s in all on the development machine (a call that runs out of its budget fails with a
-    ``DependencyFailed`` naming ``fusion_kafka_retry_timeout``)."""
+    without Kafka (60 s by default): a killed broker recovers its logs before it serves again, which
+    can take a minute and a half (a call that runs out of its budget fails with a ``DependencyFailed``
+    naming ``fusion_kafka_retry_timeout``)."""
     return {**isolated_env("kafka", db=6), "FUSION_MAX_IN_FLIGHT": "1000", "FUSION_RUN_RESTART_AFTER": "10",
             "FUSION_RUN_LEASE": "20", "FUSION_KAFKA_RETRY_TIMEOUT": "180"}
 
@@ -135,9 +147,9 @@ def test_a_worker_with_prefetched_tasks_survives_a_redis_restart(kit, worker_fac
     """Tasks prefetched when the broker connection breaks run once it is back, and the worker stays up.
 
     Celery 5.7's consumer, closing the broken connection, lets kombu try to put prefetched messages back
-    through a torn-down transport; depending on which socket sees the error first that raised
-    "AttributeError: 'NoneType' object has no attribute 'hostname'" and stopped the worker (seen in CI).
-    fusion's consumer class turns that close-time restore off; RestorePrefetched puts them back instead."""
+    through a torn-down transport; depending on which socket sees the error first, kombu raises
+    "AttributeError: 'NoneType' object has no attribute 'hostname'" and the worker stops.  fusion's
+    consumer class turns that close-time restore off; RestorePrefetched puts them back instead."""
     import json
 
     import redis

@@ -4,10 +4,16 @@ import os
 import subprocess
 import sys
 
+import pytest
 import requests
-from conftest import ROOT, free_port, topic_name, wait_for
+from support.kafka import topic_name
+from support.ports import free_port
+from support.stack import ROOT
+from support.waiting import wait_for
 
 from fusion_celery import Pipeline
+
+pytestmark = pytest.mark.integration
 
 
 def test_flower_shows_the_whole_pipeline_tree(services_worker, tmp_path):

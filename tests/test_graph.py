@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fusion_celery.dispatch import merge_results
+from fusion_celery.canvas import merge_results
 from fusion_celery.errors import DepsMapError
 from fusion_celery.graph import DepsGraph, inject, register_arg_in_fn
 

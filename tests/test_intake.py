@@ -2,8 +2,9 @@
 
 The unit tests drive ``ReactorIntake._step`` against a stand-in consumer that behaves like
 librdkafka's (a paused partition returns nothing; a resumed one goes on after the last record
-returned) and a task whose ``apply_async`` fails when told.  The integration test breaks a real
-worker's broker connection (its own Redis, stopped) while requests arrive and starts it again.
+returned) and a task whose ``apply_async`` fails when told; the check of stalled runs reads their
+progress in the stack's Redis.  The integration test breaks a real worker's broker connection (its own
+Redis, stopped) while requests arrive and starts it again.
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from conftest import free_port, isolated_env, redis_server, return_topic_name, wait_for
-from reliability import check_all_handed, intake_counts
+from support.kafka import return_topic_name
+from support.ports import free_port
+from support.redis_server import redis_server
+from support.reliability import check_all_handed, intake_counts
+from support.waiting import wait_for
+from support.workers import isolated_env
 
 import fusion_celery.intake as intake_mod
 from fusion_celery.application import create_app
@@ -301,6 +306,7 @@ def watched(intake, monkeypatch):
     return it, task, consumer, clock, sent
 
 
+@pytest.mark.integration
 def test_a_run_that_has_not_started_is_sent_again_with_backoff_and_a_started_one_is_not(watched, monkeypatch):
     """A run handed over whose Celery message was lost (it never took its run-once claim) is sent again
     once it is due, with the same task id and arguments; the checks back off; a started run is left be."""

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from conftest import ROOT
+from support.stack import ROOT
 
 
 def test_ruff_is_clean():

@@ -9,9 +9,12 @@ import uuid
 
 import pytest
 from celery import chain, chord, group
-from conftest import BACKEND, BROKER, topic_name
+from support.kafka import topic_name
+from support.stack import BACKEND, BROKER
 
 from fusion_celery import DependencyFailed, DependencyTimeout, Pipeline
+
+pytestmark = pytest.mark.integration
 
 
 def test_client_with_only_broker_and_backend_urls_gets_the_math_answer(services_worker, tmp_path):

@@ -1,12 +1,17 @@
-"""Reactors over the wire, against the real stack and a real worker (issue: reactors + protocol)."""
+"""Reactors over the wire, against the real stack and a real worker."""
 
 import json
 import uuid
 
+import pytest
 from celery.result import AsyncResult
-from conftest import topic_name, wait_for
+from support.kafka import topic_name
+from support.stack import RUN_ID
+from support.waiting import wait_for
 
 from fusion_celery import run_id
+
+pytestmark = pytest.mark.integration
 
 
 def rt(kit):
@@ -83,7 +88,7 @@ def test_reactor_result_hook_and_class_form(kit, services_worker):
 def test_sigterm_mid_stream_loses_nothing(kit, worker_factory, redis_client):
     """A worker stopped while it works through a stream hands back what it did not do: a second worker,
     alone in the group after it, processes every record the first did not."""
-    from conftest import isolated_env
+    from support.workers import isolated_env
     env = isolated_env("kafka", db=14)
     run = env["FUSION_TEST_RUN"]
     env = {**env, "FUSION_TEST_QUEUE": f"celery.{run}"}
@@ -104,20 +109,19 @@ def test_sigterm_mid_stream_loses_nothing(kit, worker_factory, redis_client):
 
 
 def test_result_hook_sees_every_result(kit, services_worker, redis_client):
-    import conftest
     rec = kit.send(topic_name("add"), {"data": [2, 2]})
     rid = run_id(rec.topic(), rec.partition(), rec.offset(), rec.timestamp()[1])
-    raw = wait_for(lambda: redis_client.hget(f"seen:{conftest.RUN_ID}", rid), 60, "the hook to see the result")
+    raw = wait_for(lambda: redis_client.hget(f"seen:{RUN_ID}", rid), 60, "the hook to see the result")
     assert json.loads(raw) == {"topic": topic_name("add"), "result": 4, "error": None}
     rec = kit.send(topic_name("boom"), {"data": 1})
     rid = run_id(rec.topic(), rec.partition(), rec.offset(), rec.timestamp()[1])
-    raw = wait_for(lambda: redis_client.hget(f"seen:{conftest.RUN_ID}", rid), 60, "the hook to see the error")
+    raw = wait_for(lambda: redis_client.hget(f"seen:{RUN_ID}", rid), 60, "the hook to see the error")
     assert json.loads(raw)["error"] == "boom: 1"
 
 
 def test_backpressure_bounds_what_reaches_the_celery_broker(kit, worker_factory, redis_client):
     import redis as redis_lib
-    from conftest import isolated_env
+    from support.workers import isolated_env
     env = {**isolated_env(), "FUSION_MAX_IN_FLIGHT": "4"}
     topic = f"{env['FUSION_TEST_RUN']}.slow"
     broker = redis_lib.Redis.from_url(env["CELERY_BROKER_URL"])

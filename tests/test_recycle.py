@@ -2,8 +2,8 @@
 in flight is lost when they are.
 
 librdkafka keeps every topic a client touched (deleted return topics included) and walks them all every
-second and on every metadata answer, so a worker that never replaced its clients spent more CPU on each
-request the longer it ran (found by the 30-minute soak: see docs/operations/reliability.md).
+second and on every metadata answer, so a worker that never replaced its clients would spend more CPU on
+each request the longer it ran (see docs/operations/reliability.md).
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ import re
 import uuid
 
 import pytest
-from conftest import RUN_ID, isolated_env, wait_for
-from reliability import Load, check, collect, start_gate
+from support.reliability import Load, check, collect, start_gate
+from support.stack import RUN_ID
+from support.waiting import wait_for
+from support.workers import isolated_env
 
 from fusion_celery.application import create_app
-from fusion_celery.kafka import Clients
+from fusion_celery.clients import Clients
 
 pytestmark = pytest.mark.integration
 

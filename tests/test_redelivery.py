@@ -17,7 +17,9 @@ import contextlib
 import json
 
 import pytest
-from conftest import isolated_env, return_topic_name, wait_for
+from support.kafka import return_topic_name
+from support.waiting import wait_for
+from support.workers import isolated_env
 
 pytestmark = pytest.mark.integration
 

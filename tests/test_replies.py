@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import RUN_ID, isolated_env, return_topic_name, wait_for
+from support.kafka import return_topic_name
+from support.stack import RUN_ID
+from support.waiting import wait_for
+from support.workers import isolated_env
 
 from fusion_celery.protocol import reply_rejection
 

@@ -8,14 +8,17 @@ import time
 import uuid
 
 import pytest
-from conftest import isolated_env, return_topic_name, topic_name, wait_for
+from support.kafka import return_topic_name, topic_name
+from support.waiting import wait_for
+from support.workers import isolated_env
 
+from fusion_celery import returntopics
+from fusion_celery.answer import NEW_TOPIC_PATIENCE, OTHER_TOPIC_PATIENCE, _patience
 from fusion_celery.application import create_app
-from fusion_celery.kafka import Clients
+from fusion_celery.clients import clients, close_clients
 from fusion_celery.protocol import valid_topic_name
 from fusion_celery.reaper import ReturnTopic, is_orphan, reap
-from fusion_celery.reply import NEW_TOPIC_PATIENCE, OTHER_TOPIC_PATIENCE, _patience
-from fusion_celery.returntopics import ReturnTopicPool, name_times, new_return_topic, reapable_from
+from fusion_celery.returntopics import ReturnTopicPool, name_times, new_return_topic, reapable_from, take
 
 PREFIX = "fusion.rt."
 T0 = 1_700_000_000_000  # a creation time, epoch ms
@@ -149,54 +152,55 @@ def test_a_call_that_waits_the_default_hour_keeps_its_topic_past_the_grace(plain
 # -- the pool ----------------------------------------------------------------------------------------------
 @pytest.fixture
 def pooled(stack):
-    """Clients of an app whose return topics carry a prefix of their own (so this test sees only them)."""
+    """An app with a pool of 4 return topics that carry a prefix of their own (so this test sees only them)."""
     prefix = f"fusion.rt.pool{uuid.uuid4().hex[:6]}."
     app = create_app("pool-test")
     app.conf.update(fusion_kafka_bootstrap_servers=stack["kafka"], fusion_return_topic_pool=4,
                     fusion_return_topic_prefix=prefix)
-    c = Clients(app)
-    yield c, prefix
-    c.close()
+    yield app, prefix
+    close_clients(app)
     app.close()
 
 
 @pytest.mark.integration
 def test_the_pool_fills_in_the_background_and_hands_out_existing_topics(kit, pooled):
-    c, prefix = pooled
-    pool = c.pool
+    app, prefix = pooled
+    pool = returntopics.pool(app)
     assert isinstance(pool, ReturnTopicPool)
+    assert returntopics.pool(app) is pool, "one pool per process and app"
     assert pool.take() is None, "an empty pool hands out nothing (the caller creates its topic)"
     wait_for(lambda: pool.ready() == 4, 60, "the pool to fill up to its size")
     assert kit.topics(prefix) >= {n for n, _ in pool._ready}, "every ready topic exists in Kafka"
-    taken = c.return_topic(registered=True)
+    taken = take(app, registered=True)
     created, deadline = name_times(taken, prefix)
     assert created is not None and deadline == created, f"a pooled name carries no deadline of its own: {taken}"
     assert taken in kit.topics(prefix)
     assert pool.counts["taken"] == 1
     for _ in range(3):  # down to empty: a refill is asked for at half
-        c.return_topic(registered=True)
+        take(app, registered=True)
     wait_for(lambda: pool.ready() == 4, 60, "the pool to refill")
 
 
 @pytest.mark.integration
 def test_a_caller_without_a_registered_wait_gets_a_topic_named_with_its_deadline_not_a_pooled_one(kit, pooled):
-    c, prefix = pooled
-    c.pool.take()
-    wait_for(lambda: c.pool.ready() == 4, 60, "the pool to fill up")
+    app, prefix = pooled
+    pool = returntopics.pool(app)
+    pool.take()
+    wait_for(lambda: pool.ready() == 4, 60, "the pool to fill up")
     deadline = int(time.time() * 1000) + 3_600_000
-    mine = c.return_topic(deadline)
+    mine = take(app, deadline)
     try:
         assert name_times(mine, prefix)[1] == deadline, mine
         assert mine in kit.topics(prefix)
-        assert c.pool.counts["taken"] == 0 and c.pool.ready() == 4, "the pool was not touched"
+        assert pool.counts["taken"] == 0 and pool.ready() == 4, "the pool was not touched"
     finally:
-        c.delete_topics([mine], wait=True)
+        clients(app).delete_topics([mine], wait=True)
 
 
 @pytest.mark.integration
 def test_the_pool_never_hands_out_a_topic_the_reaper_may_take(kit, pooled):
-    c, prefix = pooled
-    pool = c.pool
+    app, prefix = pooled
+    pool = returntopics.pool(app)
     pool.take()
     wait_for(lambda: pool.ready() == 4, 60, "the pool to fill up")
     stale = {n for n, _ in pool._ready}
@@ -208,11 +212,12 @@ def test_the_pool_never_hands_out_a_topic_the_reaper_may_take(kit, pooled):
 
 @pytest.mark.integration
 def test_closing_deletes_the_unused_topics(kit, pooled):
-    c, prefix = pooled
-    c.pool.take()
-    wait_for(lambda: c.pool.ready() == 4, 60, "the pool to fill up")
-    kept = c.return_topic(registered=True)  # taken: the caller's, not the pool's to delete
-    c.close()
+    app, prefix = pooled
+    pool = returntopics.pool(app)
+    pool.take()
+    wait_for(lambda: pool.ready() == 4, 60, "the pool to fill up")
+    kept = take(app, registered=True)  # taken: the caller's, not the pool's to delete
+    close_clients(app)
     wait_for(lambda: kit.topics(prefix) == {kept}, 60, "only the taken topic to be left")
     kit.admin.delete_topics([kept])
 
@@ -244,9 +249,9 @@ def test_deleting_topics_named_twice_in_one_call_is_safe(kit, stack):
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from support.stack import ROOT
     names = [kit.topic() for _ in range(2)]
-    code = ("import sys; from fusion_celery.application import create_app; from fusion_celery.kafka import Clients\n"
+    code = ("import sys; from fusion_celery.application import create_app; from fusion_celery.clients import Clients\n"
             "app = create_app('dup'); app.conf.fusion_kafka_bootstrap_servers = sys.argv[1]\n"
             "c = Clients(app); c.delete_topics([sys.argv[2], sys.argv[3], sys.argv[3]], wait=True); c.close()\n")
     out = subprocess.run([sys.executable, "-c", code, stack["kafka"], *names], cwd=ROOT, capture_output=True,
@@ -274,7 +279,6 @@ def test_a_dispatch_names_its_return_topic_with_the_waits_deadline(kit, services
 @pytest.mark.integration
 def test_reap_against_kafka_follows_the_names(kit, stack):
     """reap() deletes the past-due unregistered topics of its prefix and leaves the others."""
-    from fusion_celery.kafka import close_clients
     from fusion_celery.registry import Wait
     from fusion_celery.runtime import registry
 

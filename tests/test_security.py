@@ -37,13 +37,17 @@ from confluent_kafka.admin import (
     UserScramCredentialDeletion,
     UserScramCredentialUpsertion,
 )
-from conftest import ROOT, RUN_ID, Worker, high_watermark, isolated_env, return_topic_name, wait_for
-from reliability import stack, stack_ports
+from support.kafka import high_watermark, return_topic_name
+from support.reliability import stack, stack_ports
+from support.stack import ROOT, RUN_ID
+from support.waiting import wait_for
+from support.workers import Worker, isolated_env
 
 from fusion_celery.config import stack_env
 
-# The listener may need a Kafka restart (a stack started before it existed): run with the faults, last.
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
+# The tests on the SASL listener are marked ``faults``: the listener may need a Kafka restart (a stack
+# started before it existed), so they run with the faults, last.
+pytestmark = pytest.mark.timeout(600)
 
 PASSWORD = f"S3cr3t-{uuid.uuid4().hex}"  # unique, so a grep for it finds nothing else
 STRANGER_PASSWORD = f"stranger-{uuid.uuid4().hex}"
@@ -134,8 +138,8 @@ print(json.dumps({"delivered": "err" in out and out["err"] is None, "error": out
 
 
 def probe(config: dict, topic: str) -> dict:
-    """Produce one record with a client of ``config``, in a process of its own (librdkafka SASL clients
-    have crashed the interpreter at exit), and say what happened."""
+    """Produce one record with a client of ``config``, in a process of its own (a librdkafka SASL client
+    may crash the interpreter at exit), and say what happened."""
     out = subprocess.run([sys.executable, "-c", PROBE, json.dumps(config), topic], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -269,6 +273,8 @@ def stored_values(url: str) -> Iterator[tuple[bytes, bytes]]:
         r.close()
 
 
+@pytest.mark.integration
+@pytest.mark.faults
 def test_fusion_celery_works_with_credentials_from_its_settings(sasl, kit, worker_factory, monkeypatch):
     # librdkafka's "security" debug context logs each SASL login ("Authenticated as <user> using <mechanism>");
     # the worker logs at debug level so that those lines, and everything else, reach its log.
@@ -328,6 +334,8 @@ def test_fusion_celery_works_with_credentials_from_its_settings(sasl, kit, worke
             assert not any(f in key + value for f in forms), f"the password is in Redis key {key!r} of {url}"
 
 
+@pytest.mark.integration
+@pytest.mark.faults
 def test_the_acls_command_grants_the_deployment_to_one_principal(sasl):
     out = fusion_cli("acls", "--principal", "User:someone", "--host", "10.0.0.1", "--calls", "prices.*",
                      "--calls", "tax", "--format", "json", env=sasl["env"])
@@ -358,6 +366,8 @@ def test_the_acls_command_grants_the_deployment_to_one_principal(sasl):
     assert bad.returncode != 0 and "use TYPE:NAME" in bad.stderr
 
 
+@pytest.mark.integration
+@pytest.mark.faults
 def test_another_principal_can_neither_use_the_registry_nor_touch_return_topics(sasl, kit):
     registry, waiters = sasl["registry"], f"fusion.waiters.{sasl['registry']}"
     kit.topic(registry)  # made by the worker of the first test; made here when this test runs alone
@@ -382,6 +392,8 @@ def test_another_principal_can_neither_use_the_registry_nor_touch_return_topics(
     wait_for(lambda: doomed not in kit.topics("fusion.rt."), 30, f"{doomed} to be deleted")
 
 
+@pytest.mark.integration
+@pytest.mark.faults
 def test_the_acls_command_warns_of_other_principals_allowed_on_the_registry(sasl, kit):
     other = f"User:other-{RUN_ID}"
     binding = AclBinding(ResourceType.TOPIC, "fusion.waits", ResourcePatternType.PREFIXED, other, "*",
@@ -437,6 +449,8 @@ class capture_events(threading.Thread):
         self.conn.release()
 
 
+@pytest.mark.integration
+@pytest.mark.faults
 def test_a_client_without_credentials_is_refused(sasl, kit):
     topic = kit.topic(return_topic_name())  # one the user may write
     # no SASL at all: the broker closes the connection, nothing is written
@@ -452,6 +466,8 @@ def test_a_client_without_credentials_is_refused(sasl, kit):
     assert probe({"bootstrap.servers": sasl["servers"], **sasl["config"]}, topic)["delivered"]
 
 
+@pytest.mark.integration
+@pytest.mark.faults
 def test_acls_hold_for_an_authenticated_user_without_them(sasl, kit):
     topic = kit.topic(return_topic_name())
     assert not authorized(sasl["servers"], sasl["stranger"], STRANGER_PASSWORD, topic, kit)
@@ -460,6 +476,8 @@ def test_acls_hold_for_an_authenticated_user_without_them(sasl, kit):
     assert not authorized(sasl["servers"], sasl["user"], PASSWORD, outside, kit)
 
 
+@pytest.mark.integration
+@pytest.mark.faults
 def test_a_worker_with_a_wrong_password_fails_clearly_without_showing_it(sasl):
     wrong = "wrong-" + PASSWORD
     env = {**sasl["env"], "FUSION_KAFKA_BOOTSTRAP_SERVERS": sasl["servers"], "FUSION_STARTUP_TIMEOUT": "5",

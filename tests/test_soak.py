@@ -16,10 +16,13 @@ import uuid
 
 import pytest
 import redis
-from conftest import isolated_env, wait_for
-from reliability import Sampler, long_run, report
+from support.reliability import Sampler, long_run, report
+from support.waiting import wait_for
+from support.workers import isolated_env
 
 from fusion_celery import create_app
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.mark.timeout(3 * 3600)
@@ -123,8 +126,8 @@ def test_steady_rate_of_pipelines_with_deps(scale, request, kit, worker_factory)
     assert warm[-1]["rss_mb"] - warm[0]["rss_mb"] < (40 if long_run(request) else 25), f"memory grew: {figures}"
     assert max(s["fds"] for s in warm) - warm[0]["fds"] < 30, f"open files grew: {figures}"
     if long_run(request):
-        # The worker's CPU per pipeline stays flat (it grew ~4x in 15 minutes while librdkafka clients
-        # kept every return topic they had touched: fusion_kafka_client_recycle_topics).
+        # The worker's CPU per pipeline stays flat: a librdkafka client keeps every topic it touched, and
+        # the worker replaces its clients (fusion_kafka_client_recycle_topics).
         assert cpu_late < 1.5 * cpu_early, f"CPU per pipeline grew: {figures}"
     # Every pipeline has three return topics (its own and its two deps'), each alive for about one
     # round trip: the live ones are bounded by the rate times the latency, not by the run's length.

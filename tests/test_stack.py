@@ -3,8 +3,12 @@
 import signal
 import uuid
 
+import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-from conftest import KAFKA, wait_for
+from support.stack import KAFKA
+from support.waiting import wait_for
+
+pytestmark = pytest.mark.integration
 
 
 def test_kafka_create_produce_consume_delete(kit):
@@ -59,7 +63,7 @@ def test_worker_stops_cleanly_on_sigterm(worker_factory):
 
 
 def test_worker_with_unreachable_kafka_fails_with_a_clear_message(stack):
-    from conftest import Worker
+    from support.workers import Worker
     w = Worker("nokafka", "tests.apps.services", env={"FUSION_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",
                                                       "FUSION_STARTUP_TIMEOUT": "3"})
     import subprocess
@@ -69,7 +73,7 @@ def test_worker_with_unreachable_kafka_fails_with_a_clear_message(stack):
 
 
 def test_worker_with_a_backend_that_cannot_run_chords_fails_clearly(stack):
-    from conftest import Worker
+    from support.workers import Worker
     w = Worker("nobackend", "tests.apps.services", env={"CELERY_RESULT_BACKEND": "rpc://"})
     import subprocess
     out = subprocess.run(w.cmd, env=w.env, capture_output=True, text=True, timeout=90, cwd=str(w.log_path.parents[2]))

@@ -16,10 +16,14 @@ from urllib.parse import unquote
 
 import pytest
 from celery import Celery
-from conftest import ROOT, RUN_ID, free_port, isolated_env, return_topic_name, wait_for
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError
 from kazoo.security import OPEN_ACL_UNSAFE, make_digest_acl
+from support.kafka import return_topic_name
+from support.ports import free_port
+from support.stack import ROOT, RUN_ID
+from support.waiting import wait_for
+from support.workers import isolated_env
 
 from fusion_celery.backends.memory import MemoryRegistry
 from fusion_celery.backends.zookeeper import (
@@ -160,6 +164,7 @@ def zk_registry(zookeeper):
     zk.close()
 
 
+@pytest.mark.integration
 def test_register_stores_a_znode_per_wait_in_its_bucket(zk_registry):
     reg = zk_registry()
     waits = [make_wait() for _ in range(5)]
@@ -190,11 +195,13 @@ def follow_a_stored_a_new_and_a_removed_wait(reg, name: str) -> tuple[Held, Wait
     return held, new
 
 
+@pytest.mark.integration
 def test_watcher_reports_stored_new_and_removed_waits(zk_registry):
     held, _ = follow_a_stored_a_new_and_a_removed_wait(zk_registry(), "solo")
     held.watcher.close()
 
 
+@pytest.mark.integration
 def test_two_watchers_divide_the_buckets_and_one_takes_over_when_the_other_leaves(zk_registry):
     ra, rb = zk_registry(), zk_registry()
     waits = {w.id for w in (make_wait() for _ in range(30))}
@@ -215,6 +222,7 @@ def test_two_watchers_divide_the_buckets_and_one_takes_over_when_the_other_leave
         b.watcher.close()
 
 
+@pytest.mark.integration
 def test_exclusive_runs_a_job_in_one_place_at_a_time(zk_registry):
     ra, rb = zk_registry(), zk_registry()
     with ra.exclusive("reaper") as first:
@@ -227,6 +235,7 @@ def test_exclusive_runs_a_job_in_one_place_at_a_time(zk_registry):
         assert after
 
 
+@pytest.mark.integration
 def test_unreachable_zookeeper_fails_new_waits_with_a_clear_error(zk_registry):
     hosts = f"127.0.0.1:{free_port()}"
     reg = zk_registry(hosts=hosts, fusion_zookeeper_connect_timeout=1.0)
@@ -239,6 +248,7 @@ def test_unreachable_zookeeper_fails_new_waits_with_a_clear_error(zk_registry):
         assert not mine
 
 
+@pytest.mark.integration
 def test_a_wait_too_large_for_a_znode_is_refused_naming_it(zk_registry):
     reg = zk_registry()
     w = make_wait()
@@ -293,6 +303,7 @@ def zk_auth(zookeeper):
     zk.close()
 
 
+@pytest.mark.integration
 def test_a_registry_with_digest_auth_works_and_every_znode_it_makes_admits_only_its_identity(
         zk_auth, zookeeper, caplog):
     caplog.set_level(1)  # everything, kazoo's own request log (level 5 and DEBUG) included
@@ -343,6 +354,7 @@ def intrusions(zk: KazooClient, reg: ZooKeeperRegistry, w: Wait) -> dict[str, Ca
     }
 
 
+@pytest.mark.integration
 def test_the_znodes_of_an_authenticated_registry_refuse_every_other_client(zk_auth, zookeeper):
     reg = zk_auth()
     w = make_wait()
@@ -376,6 +388,7 @@ def test_the_znodes_of_an_authenticated_registry_refuse_every_other_client(zk_au
         assert ZK_PASSWORD not in str(exc.value) and f"user {ZK_USER}" in str(exc.value)
 
 
+@pytest.mark.integration
 def test_a_path_made_before_authentication_was_on_is_reported_open(zk_auth, caplog):
     open_reg = zk_auth(fusion_zookeeper_username="", fusion_zookeeper_password="")
     open_reg.register(make_wait())  # the root and one bucket, open to anyone
@@ -419,6 +432,8 @@ def stack(*args: str) -> None:
     subprocess.run(["bash", str(ROOT / "stack" / "stack.sh"), *args], check=True, timeout=180)
 
 
+@pytest.mark.integration
+@pytest.mark.faults
 def test_zookeeper_restart_mid_run_loses_no_wait(kit, service, worker_factory, redis_client, zookeeper):
     env = isolated_env("zookeeper")
     run = env["FUSION_TEST_RUN"]

@@ -15,11 +15,12 @@ from urllib.parse import urlparse
 from celery import Celery
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from ..config import setting
+from ..clients import clients
+from ..config import settings
 from ..errors import FusionError
 from ..intake import group_defaults
-from ..kafka import clients, consume_ready
 from ..registry import Change, Registry, Wait, Watcher
+from ..transport import consume_ready
 
 __all__ = ["KafkaRegistry", "KafkaWatcher"]
 
@@ -29,13 +30,18 @@ GROUP_PREFIX = "fusion.waiters."
 
 
 class KafkaRegistry(Registry):
-    """Pending waits in a compacted topic (``kafka://<topic>``)."""
+    """Pending waits in a compacted topic (``kafka://<topic>``).
+
+    Parameters:
+        app: the app (its Kafka settings, ``fusion_registry_partitions``).
+        url: ``kafka://<topic>``; without a topic, ``fusion.waits``.
+    """
 
     def __init__(self, app: Celery, url: str) -> None:
         parsed = urlparse(url)
         self.app = app
         self.topic = parsed.netloc or parsed.path.strip("/") or "fusion.waits"
-        self.partitions = int(setting(app, "fusion_registry_partitions"))
+        self.partitions = settings(app).registry_partitions
         self._ready = False
 
     def ensure_topic(self) -> None:

@@ -1,14 +1,14 @@
-"""An in-memory registry for unit tests: one process, one waiter owning every wait."""
+"""An in-memory registry for unit tests (``memory://``): one process, every watcher owning every wait."""
 
 from __future__ import annotations
 
 import queue
 import threading
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ..registry import Change, Registry, Wait, Watcher
 
-__all__ = ["MemoryRegistry"]
+__all__ = ["MemoryRegistry", "MemoryWatcher"]
 
 
 class MemoryRegistry(Registry):
@@ -22,8 +22,16 @@ class MemoryRegistry(Registry):
         self._lock = threading.Lock()
 
     @classmethod
-    def shared(cls, url: str) -> MemoryRegistry:
-        """The registry for ``url`` in this process (so producers and the waiter meet)."""
+    def shared(cls, app: Any, url: str) -> MemoryRegistry:
+        """The registry for ``url`` in this process, the same for every caller (so dispatches and the waiter meet).
+
+        Parameters:
+            app: unused (the :data:`~fusion_celery.registry.RegistryFactory` signature).
+            url: ``memory://`` with anything after it; each distinct URL is a registry of its own.
+
+        Returns:
+            The registry.
+        """
         return cls._shared.setdefault(url, cls())
 
     def register(self, wait: Wait) -> None:
@@ -52,6 +60,8 @@ class MemoryRegistry(Registry):
 
 
 class MemoryWatcher(Watcher):
+    """Reports every change of its registry, in order, from a queue."""
+
     def __init__(self, registry: MemoryRegistry) -> None:
         self.registry = registry
         self.q: queue.Queue[Change] = queue.Queue()

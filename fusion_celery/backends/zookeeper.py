@@ -62,7 +62,7 @@ from kazoo.recipe.partitioner import SetPartitioner
 from kazoo.retry import KazooRetry
 from kazoo.security import ACL, make_digest_acl
 
-from ..config import setting
+from ..config import settings
 from ..errors import ConfigurationError, FusionError
 from ..registry import Change, Registry, Wait, Watcher
 
@@ -171,21 +171,33 @@ def digest_auth(username: str, password: str) -> tuple[list[tuple[str, str]], li
 
 # -- the registry --------------------------------------------------------------------------------
 class ZooKeeperRegistry(Registry):
-    """Pending waits as znodes (``zookeeper://host:port[,host:port]/path``)."""
+    """Pending waits as znodes (``zookeeper://host:port[,host:port]/path``).
+
+    Connects on first use, never here.
+
+    Parameters:
+        app: the app (its ``fusion_zookeeper_*`` settings, ``fusion_registry_partitions``).
+        url: ``zookeeper://host:port[,host:port]/path``; without hosts, ``fusion_zookeeper_hosts``.
+
+    Raises:
+        ConfigurationError: the URL or the settings are invalid (see :func:`parse_url`,
+            :func:`digest_auth`).
+    """
 
     def __init__(self, app: Celery, url: str) -> None:
         self.app = app
         self.url = url
-        self.hosts, self.path = parse_url(url, str(setting(app, "fusion_zookeeper_hosts") or ""))
-        self.buckets = int(setting(app, "fusion_registry_partitions"))
+        conf = settings(app)
+        self.hosts, self.path = parse_url(url, str(conf.zookeeper_hosts or ""))
+        self.buckets = conf.registry_partitions
         if self.buckets < 1:
             raise ConfigurationError(f"fusion_registry_partitions={self.buckets}: must be at least 1")
-        self.session_timeout = float(setting(app, "fusion_zookeeper_session_timeout"))
-        self.connect_timeout = float(setting(app, "fusion_zookeeper_connect_timeout"))
-        self.time_boundary = float(setting(app, "fusion_zookeeper_time_boundary"))
-        self.username = str(setting(app, "fusion_zookeeper_username") or "")
+        self.session_timeout = conf.zookeeper_session_timeout
+        self.connect_timeout = conf.zookeeper_connect_timeout
+        self.time_boundary = conf.zookeeper_time_boundary
+        self.username = str(conf.zookeeper_username or "")
         # The password lives only in these two (kazoo sends auth_data on every connection).
-        self._auth_data, self.acl = digest_auth(self.username, str(setting(app, "fusion_zookeeper_password") or ""))
+        self._auth_data, self.acl = digest_auth(self.username, str(conf.zookeeper_password or ""))
         self._zk: KazooClient | None = None
         self._pid = os.getpid()
         self._lock = threading.Lock()

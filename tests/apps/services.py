@@ -150,6 +150,41 @@ def _observe(sender=None, task_id=None, message=None, result=None, exception=Non
     r.expire(f"seen:{RUN}", 3600)
 
 
+from fusion_celery import signals  # noqa: E402
+
+
+def _note(signal_name: str, key: str | None, **fields) -> None:
+    """Keep what a fusion signal said, by the request it concerns (read by test_signals)."""
+    if key:
+        r.hset(f"signal:{RUN}:{signal_name}", key, json.dumps(fields, default=str))
+        r.expire(f"signal:{RUN}:{signal_name}", 3600)
+
+
+@signals.dependency_sent.connect
+def _sent(sender=None, task_id=None, topic=None, return_topic=None, dep=None, run_id=None, **_):
+    _note("dependency_sent", task_id, topic=topic, return_topic=return_topic, dep=dep, run_id=run_id)
+
+
+@signals.wait_completed.connect
+def _completed(sender=None, task_id=None, topic=None, dep=None, run_id=None, result=None, runtime=None, **_):
+    _note("wait_completed", task_id, topic=topic, dep=dep, run_id=run_id, result=result)
+
+
+@signals.wait_failed.connect
+def _failed(sender=None, task_id=None, topic=None, dep=None, run_id=None, exception=None, **_):
+    _note("wait_failed", task_id, topic=topic, dep=dep, run_id=run_id, exception=str(exception))
+
+
+@signals.wait_timed_out.connect
+def _timed_out(sender=None, task_id=None, topic=None, dep=None, run_id=None, exception=None, **_):
+    _note("wait_timed_out", task_id, topic=topic, dep=dep, run_id=run_id, exception=str(exception))
+
+
+@signals.dead_lettered.connect
+def _dead_lettered(sender=None, topic=None, dlq=None, partition=None, offset=None, reason=None, **_):
+    _note("dead_lettered", f"{topic}[{partition}]@{offset}", dlq=dlq, reason=reason)
+
+
 @reactor(t("big"))
 def big(message):
     """Answers with a string of ``message.data`` characters (for the size limits)."""

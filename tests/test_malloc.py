@@ -1,4 +1,4 @@
-"""The malloc settings a worker applies at start: the arena cap and the pinned mmap threshold (fusion_celery.memory)."""
+"""The malloc settings a worker applies at start: the arena cap and the pinned mmap threshold (fusion_celery.malloc)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import platform
 import subprocess
 import sys
 
-from fusion_celery.memory import fix_mmap_threshold, limit_malloc_arenas
+from fusion_celery.malloc import fix_mmap_threshold, limit_malloc_arenas
 
 ON_GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 
 def _in_fresh_interpreter(call: str, env: dict[str, str]) -> str:
-    """What ``fusion_celery.memory.<call>`` returns in a fresh interpreter (the settings are process-wide)."""
-    code = f"from fusion_celery import memory; print(memory.{call})"
+    """What ``fusion_celery.malloc.<call>`` returns in a fresh interpreter (the settings are process-wide)."""
+    code = f"from fusion_celery import malloc; print(malloc.{call})"
     return subprocess.run([sys.executable, "-c", code], env={"PATH": "/usr/bin:/bin", **env}, capture_output=True,
                           text=True, check=True).stdout.strip()
 

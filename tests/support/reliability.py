@@ -23,9 +23,11 @@ from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-from conftest import ROOT, Service, committed_total, high_watermark, return_topic_name, wait_for
 
 from fusion_celery.config import stack_env
+from support.kafka import Service, committed_total, high_watermark, return_topic_name
+from support.stack import ROOT
+from support.waiting import wait_for
 
 
 def long_run(request: pytest.FixtureRequest) -> bool:
@@ -212,10 +214,10 @@ class Outcome:
                 "max_asked": max(self.asked.values(), default=0)}
 
 
-#: Error types a caller may receive after a fault: each names what failed.
 #: Seconds to go on reading a load's return topic for duplicates once every request was answered: longer
 #: than the fault workers' ``fusion_run_restart_after`` (10 s), after which a copy of a run could answer.
 DUPLICATE_WATCH_S = 15.0
+#: Error types a caller may receive after a fault: each names what failed.
 CLEAR_ERRORS = {"DependencyFailed", "DependencyTimeout", "WorkerLostError", "RequestExpired"}
 
 

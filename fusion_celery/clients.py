@@ -1,152 +1,123 @@
-"""Kafka clients built from the app's settings, one set per process.
+"""The Kafka clients of one process: a shared producer and admin client, consumers on demand, topic helpers.
 
 librdkafka handles must never cross a ``fork`` (billiard forks pool children from
 the worker's main process, also later on).  :func:`clients` therefore keys the
-shared producer and admin client by process id: a forked child that asks for
-them gets fresh ones and never touches its parent's.
+shared clients by process id: a forked child that asks for them gets fresh ones
+and never touches its parent's.
+
+librdkafka keeps an object for every topic a client produced to or looked up,
+for the client's whole life (deleted topics included), and walks them all every
+second and on every metadata answer.  With a new return topic per request, the
+CPU a request costs would grow with the requests a process served, so the shared
+clients are replaced after ``fusion_kafka_client_recycle_topics`` distinct topics
+(:meth:`Clients._touch`).
+
+The client classes come from a namespace chosen once per :class:`Clients`:
+``confluent_kafka`` normally, the in-memory stub :mod:`fusion_celery.testing.kafka`
+when ``fusion_kafka_bootstrap_servers`` starts with ``memory://`` (see :func:`kafka_api`).
 """
 
 from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import importlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from types import ModuleType, SimpleNamespace
+from typing import Any, TypeVar
 
 from celery import Celery
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from .config import setting
+from .config import settings
 from .errors import ConfigurationError, FusionError
-from .returntopics import ReturnTopicPool, new_return_topic, topic_config
+from .transport import client_config, errors_logger, log_error, transient
 
-__all__ = ["Clients", "clients", "close_clients", "client_config", "consume_ready"]
+__all__ = ["Clients", "clients", "close_clients", "close_all_clients", "kafka_api", "STUB_MODULE"]
 
 logger = logging.getLogger(__name__)
-#: librdkafka's own log lines go here instead of straight to stderr.
-rdkafka_logger = logging.getLogger("fusion_celery.rdkafka")
 
-_SECRET_WORDS = ("password", "secret", "token", "key")
+T = TypeVar("T")
 
+#: The module that stands in for ``confluent_kafka`` with ``memory://`` bootstrap servers.
+STUB_MODULE = "fusion_celery.testing.kafka"
 
-def redact(config: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a librdkafka config that is safe to log (secrets replaced by ``***``)."""
-    return {k: ("***" if any(w in k.lower() for w in _SECRET_WORDS) and "location" not in k else v)
-            for k, v in config.items()}
+_CONFLUENT = SimpleNamespace(Producer=Producer, Consumer=Consumer, AdminClient=AdminClient, NewTopic=NewTopic)
 
 
-def client_config(app: Celery, kind: str, defaults: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
-    """librdkafka settings for a client of ``kind`` (``producer``, ``consumer`` or ``admin``).
+def kafka_api(app: Celery) -> ModuleType | SimpleNamespace:
+    """Where the clients of ``app`` come from: an object with ``Producer``, ``Consumer``, ``AdminClient``, ``NewTopic``.
 
-    Precedence: ``extra`` (what fusion-celery needs to work) over the user's
-    ``fusion_kafka_<kind>_config`` over ``fusion_kafka_config`` over ``defaults``.
+    Parameters:
+        app: the app whose ``fusion_kafka_bootstrap_servers`` decides.
+
+    Returns:
+        ``confluent_kafka``'s classes; with ``memory://`` bootstrap servers, the module
+        :data:`STUB_MODULE`, imported now (so only ``memory://`` needs it).
+
+    Raises:
+        ConfigurationError: ``memory://`` is asked for and the stub cannot be imported.
     """
-    config: dict[str, Any] = {"bootstrap.servers": setting(app, "fusion_kafka_bootstrap_servers")}
-    config.update(defaults or {})
-    config.update(setting(app, "fusion_kafka_config") or {})
-    config.update(setting(app, f"fusion_kafka_{kind}_config") or {})
-    config.update(extra)
-    config.setdefault("logger", rdkafka_logger)
-    return config
-
-
-class _Throttle(logging.Filter):
-    """Let one of a kind of log line through per ``interval`` seconds (librdkafka repeats itself).
-
-    While a broker is down every client reports every failed connection attempt, several
-    times a second: without this a worker writes thousands of identical lines per minute.
-    Lines are of a kind when they are equal once digits are ignored.
-    """
-
-    def __init__(self, interval: float = 10.0) -> None:
-        super().__init__()
-        self.interval = interval
-        self._last: dict[str, tuple[float, int]] = {}
-        self._lock = threading.Lock()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        kind = "".join(c for c in record.getMessage() if not c.isdigit())[:300]
-        now = time.monotonic()
-        with self._lock:
-            last, skipped = self._last.get(kind, (0.0, 0))
-            if now - last < self.interval:
-                self._last[kind] = (last, skipped + 1)
-                return False
-            if len(self._last) > 1000:
-                self._last.clear()
-            self._last[kind] = (now, 0)
-        if skipped:
-            record.msg = f"{record.msg} (and {skipped} similar in the last {self.interval:.0f}s)"
-        return True
-
-
-rdkafka_logger.addFilter(_Throttle())
-_errors_logger = logging.getLogger(f"{__name__}.errors")
-_errors_logger.addFilter(_Throttle())
-
-#: librdkafka errors that say "not now" (broker down or restarting) rather than "never".
-_TRANSIENT = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT, KafkaError._MSG_TIMED_OUT,
-              KafkaError._RESOLVE, KafkaError._WAIT_COORD, KafkaError.REQUEST_TIMED_OUT, KafkaError.NOT_CONTROLLER,
-              KafkaError.BROKER_NOT_AVAILABLE, KafkaError.LEADER_NOT_AVAILABLE,
-              KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.COORDINATOR_NOT_AVAILABLE,
-              KafkaError.NETWORK_EXCEPTION}
-
-
-def transient(err: KafkaError) -> bool:
-    """Whether ``err`` may go away by itself (the broker is unreachable, restarting or electing)."""
-    if err.code() in _TRANSIENT or err.retriable():
-        return True
-    # A restarted KRaft broker refuses topic creation until it is unfenced.
-    return err.code() == KafkaError.INVALID_REPLICATION_FACTOR and "fenced" in err.str()
-
-
-def consume_ready(consumer: Consumer, max_messages: int, timeout: float) -> list[Any]:
-    """Wait at most ``timeout`` seconds for a record, then take what else is already there (``max_messages`` in all).
-
-    ``Consumer.consume(n, timeout)`` returns only when it has ``n`` records or the
-    timeout expired, so a lone request waited out the whole timeout.
-    """
-    first = consumer.poll(timeout)
-    if first is None:
-        return []
-    return [first, *consumer.consume(max_messages - 1, timeout=0)] if max_messages > 1 else [first]
-
-
-def _error_logger(err: KafkaError) -> None:
-    # librdkafka reports transient trouble (broker down, retrying) through this callback.
-    _errors_logger.warning("kafka: %s", err)
+    servers = str(settings(app).kafka_bootstrap_servers)
+    if not servers.startswith("memory://"):
+        return _CONFLUENT
+    try:
+        return importlib.import_module(STUB_MODULE)
+    except ImportError as exc:
+        raise ConfigurationError(f"fusion_kafka_bootstrap_servers={servers!r} needs the in-memory Kafka stub "
+                                 f"{STUB_MODULE}, which cannot be imported: {exc}") from None
 
 
 class Clients:
-    """A producer and an admin client for one process, plus topic helpers."""
+    """The shared producer and admin client of one process for one app, plus topic helpers.
+
+    Use :func:`clients` to get this process's instance; an instance made directly is
+    its owner's to :meth:`close`.
+
+    Parameters:
+        app: the app whose ``fusion_kafka_*`` settings configure the clients.
+
+    Raises:
+        ConfigurationError: see :func:`kafka_api`.
+    """
 
     def __init__(self, app: Celery) -> None:
         self.app = app
         self.pid = os.getpid()
+        self.api = kafka_api(app)
         self._lock = threading.Lock()
         self._producer: Producer | None = None
         self._admin: AdminClient | None = None
         self._known_topics: dict[str, float] = {}
-        self._pool: ReturnTopicPool | None = None
+        self._attached: dict[str, Any] = {}
         self._unawaited: list[Any] = []  # futures of admin requests nobody waits for (see close)
         self._touched: dict[str, set[str]] = {"producer": set(), "admin": set()}
         self._retired: list[tuple[float, str, Any]] = []  # (when, kind, client) replaced, closed after a grace
 
     @property
     def retry_timeout(self) -> float:
-        return float(setting(self.app, "fusion_kafka_retry_timeout"))
+        """Seconds a call keeps retrying while Kafka is unreachable (``fusion_kafka_retry_timeout``)."""
+        return settings(self.app).kafka_retry_timeout
 
-    def retrying(self, what: str, fn: Any) -> Any:
-        """``fn()``, tried again while it fails with a transient Kafka error, for ``fusion_kafka_retry_timeout``.
+    def retrying(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()``, tried again while it fails with a transient Kafka error, for :attr:`retry_timeout` seconds.
 
-        Raises :class:`FusionError` starting with ``what`` when the error is not
-        transient or the broker stayed away too long: never a raw ``KafkaException``
-        (which, among other things, cannot be pickled into a task's result).
+        Parameters:
+            what: what ``fn`` does, to start the error message with.
+            fn: the call.
+
+        Returns:
+            What ``fn`` returned.
+
+        Raises:
+            FusionError: starting with ``what``, when the error is not transient or the
+                broker stayed away too long; never a raw ``KafkaException`` (which cannot
+                be pickled into a task's result).
         """
         deadline = time.monotonic() + self.retry_timeout
         delay = 0.2
@@ -158,24 +129,20 @@ class Clients:
                 if not isinstance(err, KafkaError):
                     raise FusionError(f"{what}: {err}") from None
                 if not transient(err) or time.monotonic() + delay > deadline:
-                    hint = (f" (Kafka at {setting(self.app, 'fusion_kafka_bootstrap_servers')} unreachable for "
+                    hint = (f" (Kafka at {settings(self.app).kafka_bootstrap_servers} unreachable for "
                             f"{self.retry_timeout:.0f}s, setting fusion_kafka_retry_timeout)") if transient(err) else ""
                     raise FusionError(f"{what}: {err.str()}{hint}") from None
-                _errors_logger.warning("kafka: %s: %s; retrying", what, err.str())
+                errors_logger.warning("kafka: %s: %s; retrying", what, err.str())
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
     def _touch(self, kind: str, topics: Iterable[str]) -> None:
-        """Count the distinct topics the shared ``kind`` client touched; past the limit, replace it.
+        """Count the distinct topics the shared ``kind`` client touched; past the limit, retire it.
 
-        librdkafka keeps an object for every topic a client produced to or looked up, for the
-        client's lifetime (deleted topics included), and walks them all every second and on every
-        metadata answer.  With a new return topic per request, a worker's CPU per request would
-        grow with the requests it served.  After ``fusion_kafka_client_recycle_topics`` distinct
-        topics the client is retired: the next call makes a fresh one, and the old one is closed
-        once no call can still be using it.
+        The next call then makes a fresh client, and the retired one is closed once no
+        call can still be using it (see the module's docstring for why).
         """
-        limit = int(setting(self.app, "fusion_kafka_client_recycle_topics"))
+        limit = settings(self.app).kafka_client_recycle_topics
         if limit > 0:
             retired = None
             with self._lock:
@@ -216,39 +183,81 @@ class Clients:
 
     @property
     def producer(self) -> Producer:
+        """The shared producer (idempotent, ``acks=all``), made on first use."""
         with self._lock:
             if self._producer is None:
-                self._producer = Producer(client_config(
+                self._producer = self.api.Producer(client_config(
                     self.app, "producer",
                     # librdkafka gives up on a record when we do: a record reported as failed is never
                     # delivered later, so sending it again (a retried reply) cannot duplicate it.
                     # log_level 5: no INFO line per deleted return topic it once produced to (PARTCNT)
                     defaults={"message.timeout.ms": int(self.retry_timeout * 1000), "log_level": 5},
-                    **{"linger.ms": 0, "acks": "all", "enable.idempotence": True, "error_cb": _error_logger},
+                    **{"linger.ms": 0, "acks": "all", "enable.idempotence": True, "error_cb": log_error},
                 ))
             return self._producer
 
     @property
     def admin(self) -> AdminClient:
+        """The shared admin client, made on first use."""
         with self._lock:
             if self._admin is None:
-                self._admin = AdminClient(client_config(self.app, "admin", {"log_level": 5},
-                                                        error_cb=_error_logger))
+                self._admin = self.api.AdminClient(client_config(self.app, "admin", {"log_level": 5},
+                                                                 error_cb=log_error))
             return self._admin
 
     def consumer(self, defaults: dict[str, Any] | None = None, **extra: Any) -> Consumer:
-        """A new consumer (the caller owns and closes it); the user's settings override ``defaults``."""
-        extra.setdefault("error_cb", _error_logger)
-        return Consumer(client_config(self.app, "consumer", defaults, **extra))
+        """A new consumer, which the caller owns and closes.
+
+        Parameters:
+            defaults: librdkafka settings the user's ``fusion_kafka_*config`` override.
+            extra: librdkafka settings that override the user's.
+
+        Returns:
+            The consumer (not subscribed).
+        """
+        extra.setdefault("error_cb", log_error)
+        return self.api.Consumer(client_config(self.app, "consumer", defaults, **extra))
+
+    def attachment(self, key: str, make: Callable[[], T]) -> T:
+        """The object attached to these clients under ``key``, made by ``make()`` on first use.
+
+        An attachment lives as long as these clients: :meth:`close` calls its ``close()``
+        first, while the clients still work (e.g. the return-topic pool deletes its
+        unused topics).
+
+        Parameters:
+            key: the attachment's name.
+            make: makes the object; called at most once per key.
+
+        Returns:
+            The object.
+        """
+        with self._lock:
+            found = self._attached.get(key)
+            if found is None:
+                found = self._attached[key] = make()
+            return found
 
     def produce(self, topic: str, value: bytes | None, *, key: bytes | str | None = None,
                 headers: list[tuple[str, bytes]] | None = None, timeout: float | None = None) -> Any:
-        """Produce one record and wait until Kafka acknowledged it; return its delivery record.
+        """Produce one record and wait until Kafka acknowledged it.
 
-        librdkafka keeps trying while the broker is away, for ``fusion_kafka_retry_timeout``
-        seconds (its ``message.timeout.ms``); ``timeout`` defaults to a little more, so the
-        outcome is known: a record reported as failed was not written.
-        Raises :class:`FusionError` naming the topic when delivery fails.
+        librdkafka keeps trying while the broker is away, for :attr:`retry_timeout`
+        seconds (its ``message.timeout.ms``); ``timeout`` defaults to a little more, so
+        the outcome is known: a record reported as failed was not written.
+
+        Parameters:
+            topic: where to.
+            value: the record's value.
+            key: the record's key.
+            headers: the record's headers.
+            timeout: seconds to wait for the delivery report.
+
+        Returns:
+            The delivered message (its topic, partition, offset, timestamp).
+
+        Raises:
+            FusionError: naming the topic, when delivery failed or was not reported in time.
         """
         if timeout is None:
             timeout = self.retry_timeout + 10
@@ -272,7 +281,7 @@ class Clients:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise FusionError(f"no delivery report for Kafka topic {topic!r} within {timeout:.0f}s "
-                                  f"(is Kafka at {setting(self.app, 'fusion_kafka_bootstrap_servers')} up?)")
+                                  f"(is Kafka at {settings(self.app).kafka_bootstrap_servers} up?)")
             producer.poll(min(remaining, 0.5))
         if outcome["err"] is not None:
             raise FusionError(f"cannot send to Kafka topic {topic!r}: {outcome['err'].str()}")
@@ -280,10 +289,21 @@ class Clients:
         return outcome["msg"]
 
     def topic_exists(self, topic: str, ttl: float = 60.0, wait: float = 2.0) -> bool:
-        """Whether ``topic`` exists (positive answers are cached for ``ttl`` seconds).
+        """Whether ``topic`` exists.
 
         A topic created a moment ago may not be in the broker's metadata yet, so a
         negative answer is only given after looking again for ``wait`` seconds.
+
+        Parameters:
+            topic: the topic.
+            ttl: seconds a positive answer is cached.
+            wait: seconds to keep looking before answering no.
+
+        Returns:
+            True when the metadata lists the topic with partitions.
+
+        Raises:
+            FusionError: Kafka cannot be asked (see :meth:`retrying`).
         """
         now = time.monotonic()
         if self._known_topics.get(topic, 0) > now:
@@ -305,9 +325,18 @@ class Clients:
                       timeout: float = 30.0, exist_ok: bool = True, visible: bool = False) -> None:
         """Create topics and wait for the controller's answer.
 
-        With ``visible``, also wait until the broker's metadata lists every
-        partition with a leader: a consumer that *subscribes* to a topic it does
-        not see yet only looks again at its next metadata refresh (minutes).
+        Parameters:
+            names: the topics (a name given twice is created once).
+            partitions: partitions of each.
+            config: topic settings of each.
+            timeout: seconds the controller has to answer.
+            exist_ok: whether a topic that exists already is fine.
+            visible: also wait until the metadata lists every partition with a leader
+                (see :meth:`wait_visible`): a consumer that *subscribes* to a topic it
+                does not see yet only looks again at its next metadata refresh.
+
+        Raises:
+            FusionError: naming the topics, when they cannot be created.
         """
         names = list(dict.fromkeys(names))  # a name twice in one request crashes librdkafka's result handling
         if not names:
@@ -315,7 +344,7 @@ class Clients:
         pending = list(names)
 
         def create() -> None:
-            new = [NewTopic(n, num_partitions=partitions, replication_factor=-1, config=config or {})
+            new = [self.api.NewTopic(n, num_partitions=partitions, replication_factor=-1, config=config or {})
                    for n in pending]
             futures = self.admin.create_topics(new, operation_timeout=timeout, request_timeout=timeout)
             for name, fut in futures.items():
@@ -331,7 +360,15 @@ class Clients:
             self.wait_visible(names, timeout)
 
     def wait_visible(self, names: Iterable[str], timeout: float = 30.0) -> None:
-        """Wait until the metadata shows every partition of ``names`` with a leader."""
+        """Wait until the metadata shows every partition of ``names`` with a leader.
+
+        Parameters:
+            names: the topics.
+            timeout: seconds to wait.
+
+        Raises:
+            FusionError: a topic has no leader after ``timeout`` seconds.
+        """
         pending = set(names)
         deadline = time.monotonic() + timeout
         self._touch("admin", pending)
@@ -350,7 +387,14 @@ class Clients:
                 time.sleep(0.02)
 
     def delete_topics(self, names: Iterable[str], wait: bool = False, timeout: float = 30.0) -> None:
-        """Delete topics; missing ones are fine.  With ``wait`` block until the controller answered."""
+        """Delete topics; missing ones are fine.
+
+        Parameters:
+            names: the topics (a name given twice is deleted once).
+            wait: block until the controller answered (failures other than "no such
+                topic" are logged); otherwise :meth:`close` waits for the answers.
+            timeout: seconds the controller has to answer.
+        """
         names = list(dict.fromkeys(names))  # a name twice in one request crashes librdkafka's result handling
         if not names:
             return
@@ -366,36 +410,16 @@ class Clients:
                 if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
                     logger.warning("cannot delete topic %s: %s", name, exc.args[0].str())
 
-    @property
-    def pool(self) -> ReturnTopicPool | None:
-        """This process's pool of ready return topics (``fusion_return_topic_pool``; None when 0)."""
-        size = int(setting(self.app, "fusion_return_topic_pool"))
-        if size <= 0:
-            return None
-        with self._lock:
-            if self._pool is None:
-                self._pool = ReturnTopicPool(self.app, self, size)
-            return self._pool
-
-    def return_topic(self, deadline_ms: int | None = None, *, registered: bool = False) -> str:
-        """A new, existing return topic for one wait that ends at ``deadline_ms`` (epoch ms).
-
-        A topic made here carries ``deadline_ms`` in its name, so the reaper leaves it
-        alone until that deadline plus ``fusion_reaper_grace`` even though no registered
-        wait names it.  A pooled topic was named before its wait existed and carries no
-        deadline: only a caller that names its topic in a registered wait at once
-        (``registered``) gets one, ready in the pool when there is one.
-        """
-        pool = self.pool if registered else None
-        name = pool.take() if pool is not None else None
-        if name is None:
-            name = new_return_topic(self.app, deadline_ms=deadline_ms)
-            self.create_topics([name], partitions=1, config=topic_config(self.app), visible=True)
-        return name
-
     def check_reachable(self, timeout: float) -> None:
-        """Raise :class:`ConfigurationError` unless a Kafka broker answers within ``timeout`` seconds."""
-        servers = setting(self.app, "fusion_kafka_bootstrap_servers")
+        """Make sure a Kafka broker answers.
+
+        Parameters:
+            timeout: seconds to wait for an answer.
+
+        Raises:
+            ConfigurationError: no broker answered within ``timeout`` seconds.
+        """
+        servers = settings(self.app).kafka_bootstrap_servers
         try:
             self.admin.list_topics(timeout=timeout)
         except KafkaException as exc:
@@ -404,16 +428,19 @@ class Clients:
                 f"check fusion_kafka_bootstrap_servers / FUSION_KAFKA_BOOTSTRAP_SERVERS") from None
 
     def close(self) -> None:
-        """Delete the pool's unused return topics, flush the producer, and destroy the clients.
+        """Close the attachments, flush the producer, and destroy the clients.
 
         Destroyed here, not left to the garbage collector: the cyclic collector may run on a
         librdkafka thread (it runs Python callbacks of admin requests), and a client destroyed
         from one of librdkafka's own threads aborts the process.
         """
         with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.close()
+            attached, self._attached = self._attached, {}
+        for key, obj in attached.items():
+            try:
+                obj.close()
+            except Exception as exc:  # closing must not keep the clients open
+                logger.warning("kafka: closing %s: %s", key, exc)
         with self._lock:
             producer, admin, self._producer, self._admin = self._producer, self._admin, None, None
             unawaited, self._unawaited = self._unawaited, []
@@ -447,7 +474,17 @@ atexit.register(lambda: close_all_clients())
 
 
 def clients(app: Celery) -> Clients:
-    """This process's :class:`Clients` for ``app`` (new ones after a fork)."""
+    """This process's :class:`Clients` for ``app``.
+
+    Parameters:
+        app: the app.
+
+    Returns:
+        The instance made by the first call in this process (a forked child gets its own).
+
+    Raises:
+        ConfigurationError: see :func:`kafka_api`.
+    """
     key = (id(app), os.getpid())
     with _clients_lock:
         found = _clients.get(key)
@@ -462,7 +499,7 @@ def clients(app: Celery) -> Clients:
 
 
 def close_clients(app: Celery) -> None:
-    """Flush and drop this process's clients for ``app`` (warm shutdown)."""
+    """Close and drop this process's clients for ``app`` (a warm shutdown); the next use makes new ones."""
     with _clients_lock:
         found = _clients.pop((id(app), os.getpid()), None)
     if found is not None:
@@ -470,7 +507,7 @@ def close_clients(app: Celery) -> None:
 
 
 def close_all_clients() -> None:
-    """Flush and drop every client this process made (a pool child on its way out)."""
+    """Close and drop every :class:`Clients` this process made (a pool child on its way out, the interpreter's exit)."""
     with _clients_lock:
         mine = [k for k in _clients if k[1] == os.getpid()]
         found = [_clients.pop(k) for k in mine]
