@@ -12,7 +12,10 @@ attributes, behind small functions the rest of the package calls:
 * kombu's ``Connection._default_channel`` and the virtual ``Channel._qos``;
 * Celery's ``Consumer.on_connection_error_after_connected`` hook;
 * Celery's ``_state`` module, whose current and default app a worker run
-  inside a test process changes (:func:`current_app_restored`).
+  inside a test process changes (:func:`current_app_restored`);
+* Celery's ``RedisBackend._create_client`` and its result consumer's
+  ``_wait_for_pubsub``, which the in-process test app replaces to serve results
+  from fakeredis (:func:`redis_backend_class`).
 
 ``tests/test_compat.py`` fails when an installed Celery or kombu no longer has
 one of them, and :func:`check_versions` warns at worker start when the
@@ -41,6 +44,7 @@ __all__ = [
     "default_channel_qos",
     "delivered_tags",
     "disarm",
+    "redis_backend_class",
     "release",
     "restore_by_tag",
     "task_channel_qos",
@@ -194,3 +198,30 @@ def current_app_restored() -> Iterator[None]:
     finally:
         _state.set_default_app(previous_default)
         _state._set_current_app(previous_current)
+
+
+def redis_backend_class(name: str, make_client: Any, wait_readable: Any, **attrs: Any) -> type:
+    """Celery's Redis result backend, with its clients and its wait for results replaced.
+
+    Parameters:
+        name: the class's name.
+        make_client: ``make_client(backend, **params) -> client``, called where Celery
+            would connect to Redis (``params`` as Celery passes them: ``db``, ``host``, ...).
+        wait_readable: ``wait_readable(pubsub, timeout) -> bool``, called where the
+            result consumer waits for a pub/sub message on the connection's socket.
+        attrs: more class attributes.
+
+    Returns:
+        A subclass of :class:`celery.backends.redis.RedisBackend`.
+    """
+    from celery.backends.redis import RedisBackend, ResultConsumer
+
+    class _ResultConsumer(ResultConsumer):
+        def _wait_for_pubsub(self, pubsub: Any, timeout: float | None) -> bool:
+            return bool(wait_readable(pubsub, timeout))
+
+    def _create_client(self: Any, **params: Any) -> Any:
+        return make_client(self, **params)
+
+    return type(name, (RedisBackend,), {"ResultConsumer": _ResultConsumer, "_create_client": _create_client,
+                                        **attrs})

@@ -37,6 +37,16 @@ def register_arg_in_fn(name: str, fn: ArgInFn | None = None) -> Any:
     Works as a decorator (``@register_arg_in_fn("merge")``) or a call.  The
     function must be registered in every process that runs dispatching
     subtasks (import it from a module listed in ``fusion_imports``).
+
+    Parameters:
+        name: the name deps-maps use.
+        fn: the function; omitted when used as a decorator.
+
+    Returns:
+        ``fn``, or a decorator.
+
+    Raises:
+        TypeError: ``fn`` is not callable.
     """
     def deco(f: ArgInFn) -> ArgInFn:
         if not callable(f):
@@ -144,9 +154,14 @@ def _dep(name: Any, spec: Any, names: set[str], max_timeout: float | None) -> De
 class DepsGraph:
     """A validated deps-map with its topological order.
 
-    Raises :class:`DepsMapError` naming the culprit: an unknown dep, a cycle (with
-    its path), a missing or illegal topic, an unknown ``arg_in_fn``, args of the
-    wrong type, a bad timeout.
+    Parameters:
+        deps_map: name -> ``{topic, args, deps, arg_in_fn, timeout}``.
+        max_timeout: the longest ``timeout`` a dep may ask for (seconds; None: no limit).
+
+    Raises:
+        DepsMapError: naming the culprit: an unknown dep, a cycle (with its path), a
+            missing or illegal topic, an unknown ``arg_in_fn``, args of the wrong type,
+            a bad timeout.
     """
 
     def __init__(self, deps_map: Mapping[str, Any], max_timeout: float | None = None) -> None:

@@ -149,13 +149,28 @@ def reactor(topic: str, *, deps: DepsFn = None, app: Celery | None = None, name:
             **task_options: Any) -> Callable[[Callable[..., Any]], ReactorTask]:
     """Make a function the processing step of a reactor serving Kafka topic ``topic``.
 
-    ``deps`` is fusion-clj's deps-fn: a function of the :class:`Message` returning a
-    deps-map (or ``None``), or a constant deps-map.  The function receives the
-    message and, if it takes two arguments, the dict of dep results.  ``group``
-    overrides the consumer group, ``partitions`` the partition count used when the
-    worker creates the topic.  Every other keyword (``queue``, ``rate_limit``,
-    ``time_limit``, ``autoretry_for``, ...) is passed to ``@app.task``.  ``app``
-    defaults to :data:`fusion_celery.app`.
+    The function receives the :class:`Message` and, if it takes two arguments,
+    the dict of its deps' results; what it returns is the reply.
+
+    Parameters:
+        topic: the reactor's Kafka topic (created at worker start unless
+            ``fusion_create_topics`` is off).
+        deps: fusion-clj's deps-fn: a function of the message returning a deps-map
+            (or ``None``), or a constant deps-map (checked here).
+        app: the app to register on (default :data:`fusion_celery.app`).
+        name: the Celery task's name (default ``fusion.reactor.<topic>``).
+        group: the consumer group (default ``fusion_consumer_group_prefix`` + topic).
+        partitions: the partitions of the topic when the worker creates it.
+        task_options: passed to ``@app.task`` for both steps (``queue``,
+            ``rate_limit``, ``time_limit``, ``autoretry_for``, ...).
+
+    Returns:
+        A decorator that registers the reactor and returns its :class:`ReactorTask`.
+
+    Raises:
+        ValueError: ``topic`` is not a legal Kafka topic name or another reactor serves it.
+        TypeError: ``deps`` is neither a function nor a deps-map.
+        DepsMapError: a constant deps-map is invalid (unknown dep, cycle, missing topic, ...).
     """
     def deco(fn: Callable[..., Any]) -> ReactorTask:
         from . import app as default_app

@@ -65,3 +65,66 @@ def test_memory_servers_without_the_stub_are_a_configuration_error_naming_it(app
     app.conf.fusion_kafka_bootstrap_servers = "memory://"
     with pytest.raises(ConfigurationError, match="fusion_celery.no_such_stub"):
         Clients(app)
+
+
+# -- a process's clients on the in-memory stub --------------------------------------------------------
+@pytest.fixture
+def on_stub(app):
+    """``(clients, broker)``: the app's clients on an in-memory broker of their own."""
+    import uuid
+
+    from fusion_celery.config import reload
+    from fusion_celery.testing.broker import Broker
+    name = f"clients-{uuid.uuid4().hex[:8]}"
+    app.conf.fusion_kafka_bootstrap_servers = f"memory://{name}"
+    app.conf.fusion_kafka_retry_timeout = 1.0
+    app.conf.fusion_kafka_client_recycle_topics = 3
+    reload(app)
+    c = Clients(app)
+    yield c, Broker.named(name)
+    c.close()
+
+
+def test_topics_are_created_seen_and_deleted(on_stub):
+    c, _ = on_stub
+    assert not c.topic_exists("t.one", ttl=0, wait=0)
+    c.create_topics(["t.one"], partitions=2, visible=True)
+    assert c.topic_exists("t.one", ttl=0, wait=0)
+    c.delete_topics(["t.one", "t.one"], wait=True)  # a name twice is deleted once
+    assert not c.topic_exists("t.one", ttl=0, wait=0)
+
+
+def test_produce_waits_for_the_acknowledgement_and_returns_where_the_record_went(on_stub):
+    c, _ = on_stub
+    c.create_topics(["t.two"], partitions=1, visible=True)
+    first = c.produce("t.two", b"a", key="k", headers=[("h", b"1")])
+    second = c.produce("t.two", b"b", key="k")
+    assert (first.topic(), first.partition(), first.offset()) == ("t.two", 0, 0)
+    assert second.offset() == 1
+
+
+def test_produce_rides_out_a_short_outage_and_names_the_topic_after_a_long_one(on_stub):
+    import threading
+
+    from fusion_celery.errors import FusionError
+    c, broker = on_stub
+    c.create_topics(["t.three"], visible=True)
+    broker.down()
+    threading.Timer(0.3, broker.up).start()
+    assert c.produce("t.three", b"after the outage").offset() == 0
+    broker.down()
+    try:
+        with pytest.raises(FusionError, match="t.three"):
+            c.produce("t.three", b"never")
+    finally:
+        broker.up()
+
+
+def test_a_client_that_touched_too_many_topics_is_replaced(on_stub):
+    c, _ = on_stub
+    c.create_topics([f"t.r{i}" for i in range(5)], visible=True)
+    first = c.producer
+    for i in range(5):
+        c.produce(f"t.r{i}", b"x")
+    assert c.producer is not first, "the producer was replaced after 3 distinct topics"
+    assert c.produce("t.r0", b"y").offset() == 1, "the new producer writes where the old one did"

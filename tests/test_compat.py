@@ -232,3 +232,27 @@ def test_current_app_restored_gives_back_celerys_current_and_default_app():
         _state.set_default_app(other)
         assert _state.get_current_app() is other and _state.default_app is other
     assert _state.default_app is before_default and _state.get_current_app() is before_current
+
+
+def test_the_redis_backend_connects_through_create_client_and_waits_through_wait_for_pubsub():
+    import inspect
+
+    from celery.backends.redis import RedisBackend, ResultConsumer
+    assert list(inspect.signature(RedisBackend._create_client).parameters) == ["self", "params"]
+    assert list(inspect.signature(ResultConsumer._wait_for_pubsub).parameters)[:3] == ["self", "pubsub", "timeout"]
+    source = inspect.getsource(RedisBackend)
+    assert "self._create_client(" in source, "RedisBackend no longer makes its clients with _create_client"
+    assert "_wait_for_pubsub(" in inspect.getsource(ResultConsumer), "the result consumer no longer waits there"
+
+
+def test_redis_backend_class_replaces_the_client_and_the_wait():
+    from celery.backends.redis import RedisBackend
+
+    from fusion_celery.compat import redis_backend_class
+    made, waited = [], []
+    cls = redis_backend_class("B", lambda backend, **params: made.append(params) or "client",
+                              lambda pubsub, timeout: waited.append(timeout) or True, extra=1)
+    assert issubclass(cls, RedisBackend) and cls.extra == 1
+    assert cls._create_client(object.__new__(cls), db=3) == "client" and made == [{"db": 3}]
+    consumer = object.__new__(cls.ResultConsumer)
+    assert consumer._wait_for_pubsub(object(), 0.5) is True and waited == [0.5]

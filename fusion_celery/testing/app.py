@@ -21,16 +21,14 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any, ClassVar
+from typing import Any
 
 from celery import Celery
-from celery import _state as celery_state
-from celery.backends.redis import RedisBackend
-from celery.backends.redis import ResultConsumer as RedisResultConsumer
 from celery.contrib.testing.worker import TestWorkController, start_worker
 from celery.signals import setup_logging
 
 from ..application import create_app
+from ..compat import current_app_restored, redis_backend_class
 from ..config import reload
 from .broker import SCHEME, Broker
 
@@ -40,40 +38,38 @@ except ImportError as exc:  # pragma: no cover - a dev dependency
     raise ImportError(f"fusion_celery.testing.app needs fakeredis with Lua (pip install 'fakeredis[lua]', or "
                       f"fusion-celery's dev extra): {exc}") from None
 
-__all__ = ["in_process_app", "worker", "kafka_broker", "FakeRedisBackend"]
+__all__ = ["in_process_app", "worker", "kafka_broker", "fake_redis_backend"]
 
 #: kombu's in-memory transport (a host named, so that kombu does not warn that it picked one).
 MEMORY_BROKER = "memory://localhost/"
 
 
-class _ResultConsumer(RedisResultConsumer):
-    """Celery's Redis result consumer, waiting for pub/sub messages the way a fakeredis connection can be waited on.
+def _wait_readable(pubsub: Any, timeout: float | None) -> bool:
+    """Wait for a pub/sub message the way a fakeredis connection can be waited on.
 
     Celery waits on the connection's socket with ``poll()``; a fakeredis connection has
-    no socket, so it waits on the connection's own ``can_read`` instead (which blocks
+    no socket, so this waits on the connection's own ``can_read`` instead (which blocks
     on an event until a message is queued: no busy loop).
     """
-
-    def _wait_for_pubsub(self, pubsub: Any, timeout: float | None) -> bool:
-        wait = 1.0 if timeout is None else min(timeout, 1.0)
-        if not pubsub.subscribed:
-            return bool(pubsub.subscribed_event.wait(wait))
-        connection = pubsub.connection
-        return connection is None or bool(connection.can_read(timeout=wait))
+    wait = 1.0 if timeout is None else min(timeout, 1.0)
+    if not pubsub.subscribed:
+        return bool(pubsub.subscribed_event.wait(wait))
+    connection = pubsub.connection
+    return connection is None or bool(connection.can_read(timeout=wait))
 
 
-class FakeRedisBackend(RedisBackend):
-    """Celery's Redis result backend whose client is a :class:`fakeredis.FakeRedis` on :attr:`server`.
+def _fake_client(backend: Any, **params: Any) -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis(server=backend.server, db=int(params.get("db") or 0))
+
+
+def fake_redis_backend(server: fakeredis.FakeServer | None = None) -> type:
+    """Celery's Redis result backend whose clients are :class:`fakeredis.FakeRedis` on ``server``.
 
     Celery makes one backend per thread; they all share the server, as they would share
-    a Redis.  :func:`in_process_app` makes a subclass with a server of its own per app.
+    a Redis.  :func:`in_process_app` makes one class, with a server of its own, per app.
     """
-
-    server: ClassVar[fakeredis.FakeServer]
-    ResultConsumer = _ResultConsumer
-
-    def _create_client(self, **params: Any) -> fakeredis.FakeRedis:
-        return fakeredis.FakeRedis(server=self.server, db=int(params.get("db") or 0))
+    return redis_backend_class("FakeRedisBackend", _fake_client, _wait_readable,
+                               server=server or fakeredis.FakeServer())
 
 
 def in_process_app(name: str = "fusion-test", **conf: Any) -> Celery:
@@ -95,7 +91,7 @@ def in_process_app(name: str = "fusion-test", **conf: Any) -> Celery:
     app = create_app(name, broker=MEMORY_BROKER, backend="redis://", set_as_current=False)
     # Celery takes CELERY_BROKER_URL / CELERY_RESULT_BACKEND from the environment over its config (a test
     # suite for the real stack sets them): the read and write URLs, and the backend class, take precedence.
-    app.backend_cls = type("FakeRedisBackend", (FakeRedisBackend,), {"server": fakeredis.FakeServer()})
+    app.backend_cls = fake_redis_backend()
     app.conf.update(
         broker_read_url=MEMORY_BROKER,
         broker_write_url=MEMORY_BROKER,
@@ -206,10 +202,8 @@ def worker(app: Celery, *, concurrency: int = 4, hostname: str | None = None, lo
         w.ready_timeout = ready_timeout
         return w
 
-    previous_default, previous_current = celery_state.default_app, celery_state.get_current_app()
     with ExitStack() as stack:
-        stack.callback(celery_state._set_current_app, previous_current)
-        stack.callback(celery_state.set_default_app, previous_default)
+        stack.enter_context(current_app_restored())
         setup_logging.connect(_leave_logging_alone)
         try:
             w = stack.enter_context(start_worker(
