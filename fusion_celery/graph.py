@@ -9,7 +9,9 @@ Each dep is sent to its ``topic`` with its ``args`` as the request's ``data``,
 after the results of its ``deps`` were injected, in the order ``deps`` lists
 them, with ``arg_in_fn(args, result)``.  The deps-map travels inside Celery
 messages, so ``arg_in_fn`` is a *name*: ``conj`` (append, the default), ``cons``
-(prepend), or one registered with :func:`register_arg_in_fn`.
+(prepend), or one registered with :func:`register_arg_in_fn`.  A dep's request is
+keyed by its ``key`` when it has one, else by its own id, so that a topic's
+requests spread over its partitions.
 """
 
 from __future__ import annotations
@@ -64,14 +66,19 @@ def arg_in_fns() -> dict[str, ArgInFn]:
 register_arg_in_fn("conj", lambda args, result: [*args, result])
 register_arg_in_fn("cons", lambda args, result: [result, *args])
 
-_KEYS = {"topic", "args", "deps", "arg_in_fn", "timeout"}
+_KEYS = {"topic", "args", "deps", "arg_in_fn", "timeout", "key"}
 _ALIASES = {"arg-in-fn": "arg_in_fn"}
 _BUILTIN_SEQUENCE_FNS = {"conj", "cons"}
 
 
 @dataclass(frozen=True)
 class Dep:
-    """One validated dependency."""
+    """One validated dependency.
+
+    ``key`` is the Kafka key of the dep's request: None keys it by the request's id
+    (the dispatching subtask's id), which spreads a topic's requests over its
+    partitions; a key of the caller's keeps the requests that share it on one partition.
+    """
 
     name: str
     topic: str
@@ -79,18 +86,21 @@ class Dep:
     deps: tuple[str, ...] = ()
     arg_in_fn: str = "conj"
     timeout: float | None = None
+    key: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "topic": self.topic, "args": self.args,
                              "deps": list(self.deps), "arg_in_fn": self.arg_in_fn}
         if self.timeout is not None:
             d["timeout"] = self.timeout
+        if self.key is not None:
+            d["key"] = self.key
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Dep:
         return cls(d["name"], d["topic"], d.get("args", []), tuple(d.get("deps", ())),
-                   d.get("arg_in_fn", "conj"), d.get("timeout"))
+                   d.get("arg_in_fn", "conj"), d.get("timeout"), d.get("key"))
 
 
 def _dep(name: Any, spec: Any, names: set[str], max_timeout: float | None) -> Dep:
@@ -148,14 +158,19 @@ def _dep(name: Any, spec: Any, names: set[str], max_timeout: float | None) -> De
             raise DepsMapError(f"{where}.timeout: {timeout}s is longer than the chord lifetime "
                                f"result_chord_expires={max_timeout:.0f}s; raise that setting first")
         timeout = float(timeout)
-    return Dep(name, topic, args, tuple(deps), fn, timeout)
+
+    key = spec.get("key")
+    if key is not None and not isinstance(key, str):
+        raise DepsMapError(f"{where}.key: must be a string (the Kafka key of the dep's request) or None, "
+                           f"got {type(key).__name__}")
+    return Dep(name, topic, args, tuple(deps), fn, timeout, key)
 
 
 class DepsGraph:
     """A validated deps-map with its topological order.
 
     Parameters:
-        deps_map: name -> ``{topic, args, deps, arg_in_fn, timeout}``.
+        deps_map: name -> ``{topic, args, deps, arg_in_fn, timeout, key}``.
         max_timeout: the longest ``timeout`` a dep may ask for (seconds; None: no limit).
 
     Raises:

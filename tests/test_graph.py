@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from fusion_celery.canvas import merge_results
 from fusion_celery.errors import DepsMapError
-from fusion_celery.graph import DepsGraph, inject, register_arg_in_fn
+from fusion_celery.graph import Dep, DepsGraph, inject, register_arg_in_fn
 
 SEED = {"one": {"topic": "add", "args": [1, 2, 3]},
         "two": {"topic": "subtract", "args": [2], "arg_in_fn": "cons", "deps": ["one"]}}
@@ -52,6 +52,8 @@ def test_isolated_dep_is_kept():
     ({"a": {"topic": "t"}, "b": {"topic": "t", "deps": ["a"], "args": 5}}, r"\.args: must be a list"),
     ({"a": {"topic": "t", "args": {1, 2}}}, r"not JSON-serializable"),
     ({"a": {"topic": "t", "timeout": -1}}, r"timeout: must be a positive"),
+    ({"a": {"topic": "t", "key": 42}}, r"deps-map\['a'\]\.key: must be a string .*got int"),
+    ({"a": {"topic": "t", "key": ["acct", 1]}}, r"\.key: must be a string .*got list"),
     ({"a": {"topic": "t", "dpes": []}}, r"unknown key"),
     ({"a": "add"}, r"must be a mapping"),
     ([1, 2], r"must be a mapping"),
@@ -59,6 +61,16 @@ def test_isolated_dep_is_kept():
 def test_invalid_deps_maps_name_the_culprit(deps_map, match):
     with pytest.raises(DepsMapError, match=match):
         DepsGraph(deps_map)
+
+
+def test_a_key_is_kept_and_travels_with_the_dep_only_when_given():
+    g = DepsGraph({"keyed": {"topic": "t", "key": "account-42"}, "plain": {"topic": "t", "key": None},
+                   "empty": {"topic": "t", "key": ""}})
+    assert (g.deps["keyed"].key, g.deps["plain"].key, g.deps["empty"].key) == ("account-42", None, "")
+    assert g.deps["keyed"].to_dict()["key"] == "account-42"
+    assert "key" not in g.deps["plain"].to_dict(), "a dep without a key sends the same Celery message as before"
+    for dep in g.deps.values():
+        assert Dep.from_dict(dep.to_dict()) == dep
 
 
 def test_timeout_longer_than_chord_lifetime_is_refused():
@@ -78,7 +90,7 @@ def test_renderings():
 
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.text(min_size=0, max_size=3),
-                       st.dictionaries(st.sampled_from(["topic", "args", "deps", "arg_in_fn", "timeout", "zz"]),
+                       st.dictionaries(st.sampled_from(["topic", "args", "deps", "arg_in_fn", "timeout", "key", "zz"]),
                                        st.none() | st.integers() | st.text(max_size=4)
                                        | st.lists(st.text(max_size=3), max_size=3)), max_size=5)
        | st.integers() | st.text())
@@ -99,8 +111,8 @@ anything = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.
 
 @settings(max_examples=400, deadline=None)
 @given(st.dictionaries(st.text(max_size=3) | st.integers(),
-                       st.dictionaries(st.sampled_from(["topic", "args", "deps", "arg_in_fn", "arg-in-fn",
-                                                        "timeout", "result"]) | st.integers() | st.text(max_size=3),
+                       st.dictionaries(st.sampled_from(["topic", "args", "deps", "arg_in_fn", "arg-in-fn", "timeout",
+                                                        "key", "result"]) | st.integers() | st.text(max_size=3),
                                        anything, max_size=5) | anything, max_size=5) | anything)
 def test_any_python_structure_is_a_graph_or_a_deps_map_error(deps_map):
     try:
