@@ -220,6 +220,43 @@ def test_a_record_for_a_missing_topic_waits_for_it_then_fails(kit):
     assert len(kit.admin.list_topics(timeout=1).topics["made-by-producing"].partitions) == 1
 
 
+def test_a_record_for_a_known_topic_that_was_deleted_fails_at_once_as_librdkafkas_does(kit):
+    """librdkafka waits ``topic.metadata.propagation.max.ms`` only for a topic it never saw: one it knew is
+    refused by the broker, and the metadata refresh that follows marks it gone (``rd_kafka_topic_set_notexists``)."""
+    p = kit.producer()  # the default allowance: 30 s
+    kit.topic("listed")
+    kit.topic("written")
+    assert p.list_topics("listed", timeout=1).topics["listed"].error is None
+    p.produce("written", b"first")
+    assert p.flush(1) == 0
+    for name in ("listed", "written"):
+        kit.admin.delete_topics([name])[name].result(1)
+    reports: dict[str, Any] = {}
+    started = time.monotonic()
+    for name in ("listed", "written"):
+        p.produce(name, b"x", on_delivery=lambda e, m, name=name: reports.update({name: e}))
+    assert p.flush(1) == 0 and time.monotonic() - started < 0.5
+    assert {n: e.code() for n, e in reports.items()} == {"listed": KafkaError.UNKNOWN_TOPIC_OR_PART,
+                                                        "written": KafkaError.UNKNOWN_TOPIC_OR_PART}
+    with pytest.raises(KafkaException) as gone:  # known to be gone now: refused before it is queued
+        p.produce("listed", b"y")
+    assert code(gone) == KafkaError._UNKNOWN_TOPIC
+    kit.topic("listed")  # made again
+    p.produce("listed", b"z")
+    assert p.flush(1) == 0
+
+
+def test_a_metadata_answer_that_lists_a_known_topic_as_missing_makes_produce_refuse_it(kit):
+    p = kit.producer()
+    kit.topic("t")
+    p.list_topics("t", timeout=1)
+    kit.admin.delete_topics(["t"])["t"].result(1)
+    assert p.list_topics("t", timeout=1).topics["t"].error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+    with pytest.raises(KafkaException) as gone:
+        p.produce("t", b"x")
+    assert code(gone) == KafkaError._UNKNOWN_TOPIC
+
+
 # -- consuming -----------------------------------------------------------------------------------------------
 def test_an_assigned_partition_of_a_missing_topic_reports_unknown_topic_once(kit):
     c = kit.consumer()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import OFFSET_INVALID, TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException, Message
+from confluent_kafka.admin import ClusterMetadata
 
 from .broker import Headers, kafka_error, partition_for
 from .client import Client, Config, as_bytes, as_headers, deadline_after, record_size, seconds_of, sooner, time_left
@@ -40,6 +41,14 @@ class Producer(Client):
     or, for a topic that still does not exist, ``topic.metadata.propagation.max.ms``
     (``_UNKNOWN_TOPIC``).  Delivery reports are served by :meth:`poll` and
     :meth:`flush`, in order; like librdkafka's they carry no headers.
+
+    Like librdkafka, the producer remembers the topics it has seen exist (a
+    :meth:`list_topics` answer listed them, or it wrote to them).  The propagation
+    allowance is for topics it never saw: a record for a known topic that has been
+    deleted fails at once with ``UNKNOWN_TOPIC_OR_PART`` (librdkafka: the broker refuses
+    it, and the metadata refresh that follows says the topic is gone).  A known topic
+    found gone, by that or by a metadata answer that lists it as missing, is refused by
+    ``produce`` with ``_UNKNOWN_TOPIC`` until it exists again.
     """
 
     _closed_text = "Producer has been closed"
@@ -57,6 +66,8 @@ class Producer(Client):
         self._queue: list[_Pending] = []
         self._reports: deque[tuple[Callable[..., Any] | None, KafkaError | None, Message]] = deque()
         self._sending = False
+        self._known: set[str] = set()  # topics this producer has seen exist
+        self._gone: set[str] = set()  # topics it knew, then learned were deleted
 
     def __len__(self) -> int:
         with self._cond:
@@ -82,6 +93,7 @@ class Producer(Client):
             KafkaException: ``MSG_SIZE_TOO_LARGE`` (larger than ``message.max.bytes``), ``_UNKNOWN_PARTITION``.
             BufferError: ``queue.buffering.max.messages`` records and reports are outstanding.
             RuntimeError: the producer was closed.
+            KafkaException: ``_UNKNOWN_TOPIC`` for a topic this producer learned was deleted.
         """
         self._check_open()
         value_b, key_b, hdrs = as_bytes(value, "value"), as_bytes(key, "key"), as_headers(headers)
@@ -93,6 +105,11 @@ class Producer(Client):
             if len(self._queue) + len(self._reports) >= self.max_messages:
                 raise BufferError("Local: Queue full")
             known = self.broker.topics.get(topic)
+            if topic in self._gone:
+                if known is None:
+                    raise KafkaException(kafka_error(KafkaError._UNKNOWN_TOPIC,
+                                                     "Unable to produce message: Local: Unknown topic"))
+                self._gone.discard(topic)  # made again (the stub's metadata is never stale)
             if known is not None and partition >= len(known.partitions):
                 raise KafkaException(kafka_error(KafkaError._UNKNOWN_PARTITION,
                                                  "Unable to produce message: Local: Unknown partition"))
@@ -129,7 +146,12 @@ class Producer(Client):
                     continue
                 t = broker.topics[p.topic]
             if t is None:
-                if p.expires <= now:
+                if broker.available and (p.topic in self._known or p.topic in self._gone):
+                    self._known.discard(p.topic)
+                    self._gone.add(p.topic)
+                    self._report(p, kafka_error(KafkaError.UNKNOWN_TOPIC_OR_PART,
+                                                "Broker: Unknown topic or partition"))
+                elif p.expires <= now:
                     self._report(p, kafka_error(KafkaError._MSG_TIMED_OUT, "Local: Message timed out"))
                 elif broker.available and p.unknown_until <= now:
                     self._report(p, kafka_error(KafkaError._UNKNOWN_TOPIC, "Local: Unknown topic"))
@@ -144,6 +166,7 @@ class Producer(Client):
                 self._report(p, kafka_error(KafkaError.MSG_SIZE_TOO_LARGE, "Broker: Message size too large"),
                              partition)
             else:
+                self._known.add(p.topic)
                 r = broker.append(p.topic, partition, p.key, p.value, p.headers, p.timestamp)
                 self._reports.append((p.callback, None, Message(
                     topic=p.topic, partition=partition, offset=r.offset, key=p.key, value=p.value,
@@ -157,6 +180,23 @@ class Producer(Client):
         self._reports.append((p.callback, err, Message(
             topic=p.topic, partition=-1 if partition is None else partition, offset=OFFSET_INVALID, key=p.key,
             value=p.value, error=err, timestamp=(TIMESTAMP_NOT_AVAILABLE, -1))))
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> ClusterMetadata:
+        """The cluster's metadata (see :meth:`Client.list_topics`), which this producer also learns from.
+
+        A topic listed with partitions is known from now on; a known topic listed as missing
+        is gone (see the class's docstring).
+        """
+        md = super().list_topics(topic, timeout)
+        with self._cond:
+            for name, tmd in md.topics.items():
+                if tmd.error is None:
+                    self._known.add(name)
+                    self._gone.discard(name)
+                elif name in self._known:
+                    self._known.discard(name)
+                    self._gone.add(name)
+        return md
 
     def poll(self, timeout: float | None = None) -> int:
         """Serve delivery reports and errors.
