@@ -110,7 +110,11 @@ def call(ctx: click.Context, topic: str, data: str, wait: bool, timeout: float, 
     try:
         consumer.assign([TopicPartition(return_topic, 0, 0)])  # see waiter.py: offset 0 avoids a lookup
         deadline = time.monotonic() + max(0.0, (deadline_ms - now_ms()) / 1000)
-        rec = c.produce(topic, encode_request(payload, return_topic, id=corr_id, deadline=deadline_ms), key=topic)
+        try:
+            rec = c.produce(topic, encode_request(payload, return_topic, id=corr_id, deadline=deadline_ms),
+                            key=topic)
+        except FusionError as exc:
+            _fail(str(exc))
         run = run_id(rec.topic(), rec.partition(), rec.offset(), rec.timestamp()[1])
         shown = None
         while time.monotonic() < deadline:

@@ -35,7 +35,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from .config import settings
-from .errors import ConfigurationError, FusionError
+from .errors import ConfigurationError, FusionError, UnknownTopic
 from .transport import client_config, errors_logger, log_error, transient
 
 __all__ = ["Clients", "clients", "close_clients", "close_all_clients", "kafka_api", "STUB_MODULE"]
@@ -46,6 +46,14 @@ T = TypeVar("T")
 
 #: The module that stands in for ``confluent_kafka`` with ``memory://`` bootstrap servers.
 STUB_MODULE = "fusion_celery.testing.kafka"
+
+#: Seconds :meth:`Clients.topic_exists` trusts a positive answer by default.
+KNOWN_TOPIC_TTL = 60.0
+
+#: Delivery errors that mean the topic does not exist: the broker refused the record
+#: (``UNKNOWN_TOPIC_OR_PART``), or librdkafka knows the topic is gone or never found it within
+#: ``topic.metadata.propagation.max.ms`` (``_UNKNOWN_TOPIC``).
+_NO_SUCH_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC})
 
 _CONFLUENT = SimpleNamespace(Producer=Producer, Consumer=Consumer, AdminClient=AdminClient, NewTopic=NewTopic)
 
@@ -154,6 +162,11 @@ class Clients:
                     setattr(self, f"_{kind}", None)
                     if retired is not None:
                         self._retired.append((time.monotonic(), kind, retired))
+                    if kind == "producer":
+                        # The new producer has not seen these topics: librdkafka would hold a record
+                        # for one deleted meanwhile for topic.metadata.propagation.max.ms before
+                        # failing it.  Looked up again, they are known to it (or found missing).
+                        self._known_topics.clear()
             if retired is not None:
                 logger.info("kafka: replacing this process's %s after %d topics (librdkafka keeps every topic "
                             "a client touched; setting fusion_kafka_client_recycle_topics)", kind, limit)
@@ -257,7 +270,9 @@ class Clients:
             The delivered message (its topic, partition, offset, timestamp).
 
         Raises:
-            FusionError: naming the topic, when delivery failed or was not reported in time.
+            UnknownTopic: the topic does not exist (any more): the broker refused the record, or
+                librdkafka knows the topic is gone.  It is then dropped from :meth:`topic_exists`'s cache.
+            FusionError: naming the topic, when delivery failed otherwise or was not reported in time.
         """
         if timeout is None:
             timeout = self.retry_timeout + 10
@@ -270,12 +285,13 @@ class Clients:
 
         producer = self.producer
         try:
-            producer.produce(topic, value, key=key, headers=headers, on_delivery=on_delivery)
-        except BufferError:
-            producer.poll(1.0)
-            producer.produce(topic, value, key=key, headers=headers, on_delivery=on_delivery)
+            try:
+                producer.produce(topic, value, key=key, headers=headers, on_delivery=on_delivery)
+            except BufferError:
+                producer.poll(1.0)
+                producer.produce(topic, value, key=key, headers=headers, on_delivery=on_delivery)
         except KafkaException as exc:
-            raise FusionError(f"cannot send to Kafka topic {topic!r}: {exc.args[0]}") from None
+            raise self._send_failed(topic, exc.args[0]) from None
         deadline = time.monotonic() + timeout
         while not done.is_set():
             remaining = deadline - time.monotonic()
@@ -284,19 +300,35 @@ class Clients:
                                   f"(is Kafka at {settings(self.app).kafka_bootstrap_servers} up?)")
             producer.poll(min(remaining, 0.5))
         if outcome["err"] is not None:
-            raise FusionError(f"cannot send to Kafka topic {topic!r}: {outcome['err'].str()}")
+            raise self._send_failed(topic, outcome["err"])
         self._touch("producer", (topic,))
         return outcome["msg"]
 
-    def topic_exists(self, topic: str, ttl: float = 60.0, wait: float = 2.0) -> bool:
+    def _send_failed(self, topic: str, err: KafkaError | Any) -> FusionError:
+        """The error to raise for a record to ``topic`` that Kafka refused with ``err``.
+
+        A refusal because the topic does not exist also drops the topic from the cache of
+        :meth:`topic_exists`, so that the next look-up asks the broker again.
+        """
+        if isinstance(err, KafkaError) and err.code() in _NO_SUCH_TOPIC:
+            self.forget_topic(topic)
+            return UnknownTopic(f"Kafka topic {topic!r} does not exist ({err.str()})")
+        text = err.str() if isinstance(err, KafkaError) else err
+        return FusionError(f"cannot send to Kafka topic {topic!r}: {text}")
+
+    def topic_exists(self, topic: str, ttl: float = KNOWN_TOPIC_TTL, wait: float = 2.0) -> bool:
         """Whether ``topic`` exists.
 
-        A topic created a moment ago may not be in the broker's metadata yet, so a
-        negative answer is only given after looking again for ``wait`` seconds.
+        A positive answer is cached for ``ttl`` seconds, so that sending request after
+        request to a topic costs no metadata round trip each; the cache forgets a topic
+        when a record sent to it is refused because it does not exist (see :meth:`produce`),
+        and when the producer that looked it up is replaced.  A topic created a moment
+        ago may not be in the broker's metadata yet, so a negative answer is only given
+        after looking again for ``wait`` seconds (negative answers are not cached).
 
         Parameters:
             topic: the topic.
-            ttl: seconds a positive answer is cached.
+            ttl: seconds a positive answer is cached (0: ask the broker now).
             wait: seconds to keep looking before answering no.
 
         Returns:
@@ -306,7 +338,7 @@ class Clients:
             FusionError: Kafka cannot be asked (see :meth:`retrying`).
         """
         now = time.monotonic()
-        if self._known_topics.get(topic, 0) > now:
+        if ttl > 0 and self._known_topics.get(topic, 0) > now:
             return True
         deadline = now + wait
         while True:
@@ -320,6 +352,14 @@ class Clients:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.05)
+
+    def forget_topic(self, topic: str) -> None:
+        """Drop ``topic`` from :meth:`topic_exists`'s cache: the next look-up asks the broker.
+
+        Parameters:
+            topic: the topic.
+        """
+        self._known_topics.pop(topic, None)
 
     def create_topics(self, names: Iterable[str], partitions: int = 1, config: dict[str, str] | None = None,
                       timeout: float = 30.0, exist_ok: bool = True, visible: bool = False) -> None:

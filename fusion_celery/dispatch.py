@@ -20,7 +20,7 @@ from .clients import clients
 from .clock import now_ms
 from .completion import resume_stored, save_request
 from .config import settings
-from .errors import DependencyFailed, FusionError
+from .errors import DependencyFailed, FusionError, UnknownTopic
 from .graph import Dep, inject
 from .protocol import PARENT_HEADER, ROOT_HEADER, check_size, encode_request
 from .registry import Wait
@@ -29,7 +29,7 @@ from .run import Run
 from .runtime import registry
 from .signals import dependency_sent
 
-__all__ = ["DispatchTask", "open_wait", "lineage_headers"]
+__all__ = ["DispatchTask", "open_wait", "lineage_headers", "no_such_topic"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +44,19 @@ def lineage_headers(task: Task) -> list[tuple[str, bytes]]:
             (PARENT_HEADER, task.request.id.encode())]
 
 
+def no_such_topic(topic: str, dep: str | None) -> DependencyFailed:
+    """The failure of a request to ``topic``, which does not exist (``dep``: the dependency's name, if any)."""
+    return DependencyFailed(f"{'dep ' + repr(dep) + ': ' if dep else ''}topic {topic!r} does not exist")
+
+
 def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | None = None,
               carry: dict[str, Any] | None = None, run: Run | None = None,
               deadline: int | None = None) -> None:
     """Take a return topic, register the wait for ``task``, send the request, and park the task.
+
+    Whether ``topic`` exists is asked of Kafka only when this process has not seen it
+    lately (:meth:`~fusion_celery.clients.Clients.topic_exists` caches a positive answer);
+    a topic deleted since is found out by the send, which Kafka then refuses.
 
     Parameters:
         task: the running task to park (a dispatching subtask or a pipeline).
@@ -61,12 +70,13 @@ def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | N
 
     Raises:
         Ignore: always, once the request is on its way (the waiter finishes the task).
-        FusionError: what failed before that (a missing topic, a request too large, Kafka away).
+        DependencyFailed: ``topic`` does not exist, or no longer does.
+        FusionError: what else failed before the request was sent (a request too large, Kafka away).
     """
     app = task.app
     c = clients(app)
     if not c.topic_exists(topic):
-        raise DependencyFailed(f"{'dep ' + repr(dep) + ': ' if dep else ''}topic {topic!r} does not exist")
+        raise no_such_topic(topic, dep)
     created = now_ms()
     wait_deadline = created + int(timeout * 1000)
     if deadline is not None:
@@ -86,9 +96,11 @@ def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | N
         faults.point("dispatch.after-register")
         c.produce(topic, encode_request(data, return_topic, id=task.request.id, deadline=wait_deadline),
                   key=topic, headers=lineage_headers(task))
-    except FusionError:
+    except FusionError as exc:
         reg.remove(wait)
         c.delete_topics([return_topic])
+        if isinstance(exc, UnknownTopic):
+            raise no_such_topic(topic, dep) from None
         raise
     dependency_sent.send(sender=task, task_id=wait.id, topic=topic, return_topic=return_topic, dep=dep,
                          run_id=run.id if run else None)

@@ -18,6 +18,7 @@ __all__ = [
     "RequestExpired",
     "ReplyNotAllowed",
     "PayloadTooLarge",
+    "UnknownTopic",
 ]
 
 
@@ -61,6 +62,10 @@ class ReplyNotAllowed(ProtocolError):
 
 class DepsMapError(FusionError, ValueError):
     """A deps-map is invalid; the message names the dependency (or key) at fault."""
+
+
+class UnknownTopic(FusionError):
+    """Kafka refused a record because its topic does not exist (it was deleted, or never made)."""
 
 
 class DependencyFailed(FusionError):

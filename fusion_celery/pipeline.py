@@ -32,6 +32,7 @@ from .canvas import merge_results
 from .claims import RUN_OPTIONS, once
 from .clients import clients
 from .config import settings
+from .errors import UnknownTopic
 from .graph import DepsGraph
 from .protocol import check_size, encode_request, valid_topic_name
 from .run import Run
@@ -54,8 +55,7 @@ def delivery_record(msg: Any) -> dict[str, Any]:
 
 def call_topic(task: Task, topic: str, data: Any = None, timeout: float | None = None, wait: bool = True) -> Any:
     """Send ``data`` to ``topic``; park until the reply (``wait``) or return the delivery record."""
-    from .dispatch import lineage_headers, open_wait
-    from .errors import DependencyFailed
+    from .dispatch import lineage_headers, no_such_topic, open_wait
     app = task.app
     if not valid_topic_name(topic):
         raise ValueError(f"{topic!r} is not a legal Kafka topic name")
@@ -65,10 +65,13 @@ def call_topic(task: Task, topic: str, data: Any = None, timeout: float | None =
     if not wait:
         c = clients(app)
         if not c.topic_exists(topic):
-            raise DependencyFailed(f"topic {topic!r} does not exist")
+            raise no_such_topic(topic, None)
         body = encode_request(data, None, id=task.request.id)
         check_size(body, settings(app).max_message_bytes, f"the request to topic {topic!r}")
-        msg = c.produce(topic, body, key=topic, headers=lineage_headers(task))
+        try:
+            msg = c.produce(topic, body, key=topic, headers=lineage_headers(task))
+        except UnknownTopic:
+            raise no_such_topic(topic, None) from None
         return delivery_record(msg)
     open_wait(task, topic=topic, data=data, timeout=float(timeout or settings(app).default_timeout))
 

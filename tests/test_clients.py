@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 import types
 
 import confluent_kafka
@@ -128,3 +129,70 @@ def test_a_client_that_touched_too_many_topics_is_replaced(on_stub):
         c.produce(f"t.r{i}", b"x")
     assert c.producer is not first, "the producer was replaced after 3 distinct topics"
     assert c.produce("t.r0", b"y").offset() == 1, "the new producer writes where the old one did"
+
+
+# -- the cache of topics known to exist ---------------------------------------------------------------
+class LookupCounter:
+    """Counts the metadata requests for each topic that go through the clients' current producer."""
+
+    def __init__(self, c: Clients, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.counts: dict[str | None, int] = {}
+        producer = c.producer
+        real = producer.list_topics
+
+        def counting(topic=None, timeout=-1):
+            self.counts[topic] = self.counts.get(topic, 0) + 1
+            return real(topic, timeout)
+
+        monkeypatch.setattr(producer, "list_topics", counting)
+
+
+def test_a_topic_known_to_exist_costs_no_metadata_request_until_its_answer_expires(on_stub, monkeypatch):
+    c, _ = on_stub
+    c.create_topics(["t.cached"], visible=True)
+    lookups = LookupCounter(c, monkeypatch)
+    assert all(c.topic_exists("t.cached") for _ in range(50))
+    assert lookups.counts == {"t.cached": 1}, "only the first look-up asks the broker"
+    assert c.topic_exists("t.cached", ttl=0), "ttl=0 asks the broker whatever the cache holds"
+    assert lookups.counts == {"t.cached": 2}
+    assert c.topic_exists("t.cached", ttl=0.05)
+    time.sleep(0.1)
+    assert c.topic_exists("t.cached")
+    assert lookups.counts == {"t.cached": 4}, "a positive answer is trusted for the ttl of the look-up that gave it"
+
+
+def test_a_send_to_a_cached_topic_that_was_deleted_fails_at_once_naming_it_and_uncaches_it(on_stub):
+    from fusion_celery.errors import UnknownTopic
+    c, broker = on_stub
+    c.create_topics(["t.gone"], visible=True)
+    assert c.topic_exists("t.gone")
+    broker.delete_topic("t.gone")
+    assert c.topic_exists("t.gone"), "the cache still says yes: no metadata request was made"
+    started = time.monotonic()
+    with pytest.raises(UnknownTopic, match=r"Kafka topic 't\.gone' does not exist \(Broker: Unknown topic"):
+        c.produce("t.gone", b"x")
+    assert time.monotonic() - started < 0.5, "refused by the broker, not held for the metadata propagation"
+    assert not c.topic_exists("t.gone", wait=0), "the refusal dropped the topic from the cache"
+
+
+def test_a_send_to_a_topic_the_producer_never_saw_fails_after_the_propagation_allowance(on_stub):
+    from fusion_celery.config import reload
+    from fusion_celery.errors import UnknownTopic
+    c, _ = on_stub
+    c.app.conf.fusion_kafka_producer_config = {"topic.metadata.propagation.max.ms": 200}
+    reload(c.app)
+    with pytest.raises(UnknownTopic, match=r"'t\.never' does not exist \(Local: Unknown topic\)"):
+        c.produce("t.never", b"x")
+
+
+def test_a_replaced_producer_looks_the_cached_topics_up_again(on_stub, monkeypatch):
+    c, _ = on_stub  # the producer is replaced after 3 distinct topics
+    c.create_topics(["t.a", "t.b", "t.c"], visible=True)
+    assert c.topic_exists("t.a")
+    first = c.producer
+    for name in ("t.a", "t.b", "t.c"):
+        c.produce(name, b"x")
+    assert c.producer is not first
+    lookups = LookupCounter(c, monkeypatch)
+    assert c.topic_exists("t.a")
+    assert lookups.counts == {"t.a": 1}, "the new producer never saw t.a: it is asked again, and knows it then"
