@@ -64,6 +64,16 @@ def fusion() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL + 1)
 
 
+def _request_key(key: str | None, corr_id: str | None) -> str:
+    """The Kafka key of ``call``'s request: ``--key``, else the correlation id, else a fresh random one.
+
+    Never the topic's name: every request would land on one partition of the topic.
+    """
+    if key is not None:
+        return key
+    return corr_id if corr_id is not None else uuid.uuid4().hex
+
+
 @fusion.command(help="Send DATA (JSON) to TOPIC; with --wait print the answer, else the delivery record.")
 @click.argument("topic")
 @click.argument("data")
@@ -71,8 +81,12 @@ def fusion() -> None:
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               help="Seconds to wait for the answer.")
 @click.option("--id", "corr_id", default=None, help="Correlation id to send (echoed in the reply headers).")
+@click.option("--key", default=None,
+              help="Kafka key of the request (default: its correlation id, so that requests spread over the "
+                   "topic's partitions; requests with the same key land on one partition).")
 @click.pass_context
-def call(ctx: click.Context, topic: str, data: str, wait: bool, timeout: float, corr_id: str | None) -> None:
+def call(ctx: click.Context, topic: str, data: str, wait: bool, timeout: float, corr_id: str | None,
+         key: str | None) -> None:
     from confluent_kafka import TopicPartition
 
     from . import progress
@@ -94,7 +108,7 @@ def call(ctx: click.Context, topic: str, data: str, wait: bool, timeout: float, 
         _fail(f"topic {topic!r} does not exist")
     if not wait:
         try:
-            rec = c.produce(topic, encode_request(payload, None, id=corr_id), key=topic)
+            rec = c.produce(topic, encode_request(payload, None, id=corr_id), key=_request_key(key, corr_id))
         except FusionError as exc:
             _fail(str(exc))
         click.echo(json.dumps(delivery_record(rec)))
@@ -112,7 +126,7 @@ def call(ctx: click.Context, topic: str, data: str, wait: bool, timeout: float, 
         deadline = time.monotonic() + max(0.0, (deadline_ms - now_ms()) / 1000)
         try:
             rec = c.produce(topic, encode_request(payload, return_topic, id=corr_id, deadline=deadline_ms),
-                            key=topic)
+                            key=_request_key(key, corr_id))
         except FusionError as exc:
             _fail(str(exc))
         run = run_id(rec.topic(), rec.partition(), rec.offset(), rec.timestamp()[1])

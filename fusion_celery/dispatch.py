@@ -29,7 +29,7 @@ from .run import Run
 from .runtime import registry
 from .signals import dependency_sent
 
-__all__ = ["DispatchTask", "open_wait", "lineage_headers", "no_such_topic"]
+__all__ = ["DispatchTask", "open_wait", "lineage_headers", "request_key", "no_such_topic"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,16 @@ def lineage_headers(task: Task) -> list[tuple[str, bytes]]:
             (PARENT_HEADER, task.request.id.encode())]
 
 
+def request_key(task: Task, key: str | None) -> str:
+    """The Kafka key of ``task``'s request: ``key`` if the caller gave one, else the request's id.
+
+    The request's id is the task's id, fresh per request, so a topic's requests spread
+    over its partitions (and so over the workers that read them); requests that share a
+    caller's key land on one partition, in the order they were sent.
+    """
+    return task.request.id if key is None else key
+
+
 def no_such_topic(topic: str, dep: str | None) -> DependencyFailed:
     """The failure of a request to ``topic``, which does not exist (``dep``: the dependency's name, if any)."""
     return DependencyFailed(f"{'dep ' + repr(dep) + ': ' if dep else ''}topic {topic!r} does not exist")
@@ -51,7 +61,7 @@ def no_such_topic(topic: str, dep: str | None) -> DependencyFailed:
 
 def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | None = None,
               carry: dict[str, Any] | None = None, run: Run | None = None,
-              deadline: int | None = None) -> None:
+              deadline: int | None = None, key: str | None = None) -> None:
     """Take a return topic, register the wait for ``task``, send the request, and park the task.
 
     Whether ``topic`` exists is asked of Kafka only when this process has not seen it
@@ -67,6 +77,7 @@ def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | N
         carry: the results known so far, merged into the task's result.
         run: the reactor or pipeline run the dependency serves (a failure answers it).
         deadline: epoch ms after which nobody waits any more, whatever ``timeout`` says.
+        key: the request's Kafka key (None: the task's id, see :func:`request_key`).
 
     Raises:
         Ignore: always, once the request is on its way (the waiter finishes the task).
@@ -95,7 +106,7 @@ def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | N
         reg.register(wait)
         faults.point("dispatch.after-register")
         c.produce(topic, encode_request(data, return_topic, id=task.request.id, deadline=wait_deadline),
-                  key=topic, headers=lineage_headers(task))
+                  key=request_key(task, key), headers=lineage_headers(task))
     except FusionError as exc:
         reg.remove(wait)
         c.delete_topics([return_topic])
@@ -149,7 +160,7 @@ def dispatch(self: Task, prior: Any = None, *, dep: dict[str, Any], run: dict[st
             args = inject(d, carry)
             timeout = d.timeout or settings(self.app).default_timeout
             open_wait(self, topic=d.topic, data=args, timeout=timeout, dep=d.name, carry=carry,
-                      run=Run.from_dict(run), deadline=deadline)
+                      run=Run.from_dict(run), deadline=deadline, key=d.key)
         except (Ignore, DependencyFailed):
             raise
         except Exception as exc:

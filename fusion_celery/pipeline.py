@@ -17,6 +17,12 @@ function of their results::
 The pipeline task parks while the services work, like a dispatching subtask: no
 worker slot is held.  Without waiting (``wait=False``) it returns the Kafka
 delivery record ``{"topic", "partition", "offset"}``, as fusion-clj did.
+
+A topic pipeline's request is keyed by its id (the pipeline task's), so that
+requests to a topic spread over its partitions; ``key=`` keeps the requests of
+one entity on one partition::
+
+    math.delay([1, 2, 3], key="account-42")
 """
 
 from __future__ import annotations
@@ -53,15 +59,29 @@ def delivery_record(msg: Any) -> dict[str, Any]:
             "timestamp": msg.timestamp()[1]}
 
 
-def call_topic(task: Task, topic: str, data: Any = None, timeout: float | None = None, wait: bool = True) -> Any:
-    """Send ``data`` to ``topic``; park until the reply (``wait``) or return the delivery record."""
-    from .dispatch import lineage_headers, no_such_topic, open_wait
+def check_key(key: Any) -> str | None:
+    """``key`` if it can be a request's Kafka key (a string, or None for the request's id).
+
+    Raises:
+        TypeError: anything else.
+    """
+    if key is not None and not isinstance(key, str):
+        raise TypeError(f"a request's key must be a string (or None: the request's id), got {type(key).__name__}")
+    return key
+
+
+def call_topic(task: Task, topic: str, data: Any = None, timeout: float | None = None, wait: bool = True,
+               key: str | None = None) -> Any:
+    """Send ``data`` to ``topic``, keyed by ``key`` or the request's id; park until the reply (``wait``)
+    or return the delivery record."""
+    from .dispatch import lineage_headers, no_such_topic, open_wait, request_key
     app = task.app
     if not valid_topic_name(topic):
         raise ValueError(f"{topic!r} is not a legal Kafka topic name")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                 or timeout <= 0):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    check_key(key)
     if not wait:
         c = clients(app)
         if not c.topic_exists(topic):
@@ -69,19 +89,20 @@ def call_topic(task: Task, topic: str, data: Any = None, timeout: float | None =
         body = encode_request(data, None, id=task.request.id)
         check_size(body, settings(app).max_message_bytes, f"the request to topic {topic!r}")
         try:
-            msg = c.produce(topic, body, key=topic, headers=lineage_headers(task))
+            msg = c.produce(topic, body, key=request_key(task, key), headers=lineage_headers(task))
         except UnknownTopic:
             raise no_such_topic(topic, None) from None
         return delivery_record(msg)
-    open_wait(task, topic=topic, data=data, timeout=float(timeout or settings(app).default_timeout))
+    open_wait(task, topic=topic, data=data, timeout=float(timeout or settings(app).default_timeout), key=key)
 
 
 def _pipeline(self: Task, *args: Any, topic: str | None = None, data: Any = None, timeout: float | None = None,
-              wait: bool = True) -> Any:
+              wait: bool = True, key: str | None = None) -> Any:
     """Send ``data`` to the reactor or service on ``topic`` and wait for its answer (or not).
 
     Called by name as ``fusion.pipeline(topic, data)``; in a chain, the previous
-    task's result becomes ``data`` when the signature has none.
+    task's result becomes ``data`` when the signature has none.  ``key`` is the
+    request's Kafka key (default: the request's id, this task's id).
     """
     if topic is None:
         if not args:
@@ -90,7 +111,7 @@ def _pipeline(self: Task, *args: Any, topic: str | None = None, data: Any = None
     if data is None and args:
         data = args[0]
     with once(self, "dispatch"):  # a duplicate delivery must not send the request twice
-        return call_topic(self, topic, data, timeout, wait)
+        return call_topic(self, topic, data, timeout, wait, key)
 
 
 def register_pipeline(app: Celery) -> Task:
@@ -167,34 +188,54 @@ class Pipeline:
             cls = TopicPipeline if topic is not None else DepsPipeline
         return super().__new__(cls)
 
-    def _kwargs(self, data: Any, timeout: float | None, wait: bool) -> dict[str, Any]:
+    def _kwargs(self, data: Any, timeout: float | None, wait: bool, key: str | None) -> dict[str, Any]:
         raise NotImplementedError
 
     def _options(self) -> dict[str, Any]:
         return {}
 
-    def s(self, data: Any = None, *, timeout: float | None = None, wait: bool = True) -> Signature:
-        """A signature of this pipeline for ``data`` (for canvas composition)."""
-        return self.app.signature(self.name, kwargs=self._kwargs(data, timeout, wait), **self._options())
+    def s(self, data: Any = None, *, timeout: float | None = None, wait: bool = True,
+          key: str | None = None) -> Signature:
+        """A signature of this pipeline for ``data`` (for canvas composition).
 
-    def si(self, data: Any = None, *, timeout: float | None = None, wait: bool = True) -> Signature:
-        """An immutable signature (ignores the previous task's result in a chain)."""
-        return self.s(data, timeout=timeout, wait=wait).set(immutable=True)
+        Parameters:
+            data: the input (None in a chain: the previous task's result).
+            timeout: seconds to wait for the answer (default: the pipeline's, then ``fusion_default_timeout``).
+            wait: False to send without waiting (a topic pipeline only): the answer is the delivery record.
+            key: the request's Kafka key (a topic pipeline only; default: the request's id, which
+                spreads requests over the topic's partitions).  Requests with the same key land on
+                one partition, in the order they were sent.
 
-    def delay(self, data: Any = None, *, timeout: float | None = None, wait: bool = True) -> AsyncResult:
-        """Start the pipeline for ``data``; ``.get()`` on the result gives the answer."""
-        return self.s(data, timeout=timeout, wait=wait).apply_async()
+        Returns:
+            The signature.
+
+        Raises:
+            ValueError: ``wait=False`` or a ``key`` for a deps-map pipeline.
+            TypeError: a ``key`` that is not a string.
+        """
+        return self.app.signature(self.name, kwargs=self._kwargs(data, timeout, wait, check_key(key)),
+                                  **self._options())
+
+    def si(self, data: Any = None, *, timeout: float | None = None, wait: bool = True,
+           key: str | None = None) -> Signature:
+        """An immutable signature (ignores the previous task's result in a chain); see :meth:`s`."""
+        return self.s(data, timeout=timeout, wait=wait, key=key).set(immutable=True)
+
+    def delay(self, data: Any = None, *, timeout: float | None = None, wait: bool = True,
+              key: str | None = None) -> AsyncResult:
+        """Start the pipeline for ``data``; ``.get()`` on the result gives the answer (arguments: see :meth:`s`)."""
+        return self.s(data, timeout=timeout, wait=wait, key=key).apply_async()
 
     def apply_async(self, args: tuple = (), kwargs: dict[str, Any] | None = None, **options: Any) -> AsyncResult:
-        """Like :meth:`celery.Task.apply_async`: ``args`` may hold the data, ``kwargs`` timeout/wait."""
+        """Like :meth:`celery.Task.apply_async`: ``args`` may hold the data, ``kwargs`` timeout/wait/key."""
         kwargs = dict(kwargs or {})
         sig = self.s(args[0] if args else kwargs.pop("data", None), timeout=kwargs.pop("timeout", None),
-                     wait=kwargs.pop("wait", True))
+                     wait=kwargs.pop("wait", True), key=kwargs.pop("key", None))
         return sig.apply_async(**options)
 
-    def __call__(self, data: Any = None, *, timeout: float | None = None) -> Any:
+    def __call__(self, data: Any = None, *, timeout: float | None = None, key: str | None = None) -> Any:
         """Start the pipeline and wait for its answer (from outside any task)."""
-        return self.delay(data, timeout=timeout).get(timeout=(timeout or self.timeout or 3600) + 30)
+        return self.delay(data, timeout=timeout, key=key).get(timeout=(timeout or self.timeout or 3600) + 30)
 
 
 def _app(app: Celery | None) -> Celery:
@@ -220,8 +261,11 @@ class TopicPipeline(Pipeline):
     def _options(self) -> dict[str, Any]:
         return self._task_options
 
-    def _kwargs(self, data: Any, timeout: float | None, wait: bool) -> dict[str, Any]:
-        return {"data": data, "timeout": timeout or self.timeout, "topic": self.topic, "wait": wait}
+    def _kwargs(self, data: Any, timeout: float | None, wait: bool, key: str | None) -> dict[str, Any]:
+        kwargs = {"data": data, "timeout": timeout or self.timeout, "topic": self.topic, "wait": wait}
+        if key is not None:  # absent otherwise: a worker that predates keys takes the call as before
+            kwargs["key"] = key
+        return kwargs
 
 
 class DepsPipeline(Pipeline):
@@ -249,7 +293,10 @@ class DepsPipeline(Pipeline):
         self.app.task(name=self.task.finish_name, base=CombineTask, bind=True, shared=False, lazy=False,
                       combine_fn=combine_fn, **options)(CombineTask.run)
 
-    def _kwargs(self, data: Any, timeout: float | None, wait: bool) -> dict[str, Any]:
+    def _kwargs(self, data: Any, timeout: float | None, wait: bool, key: str | None) -> dict[str, Any]:
         if not wait:
             raise ValueError("a deps-map pipeline always waits for its services")
+        if key is not None:
+            raise ValueError("a deps-map pipeline sends no request of its own: give its deps a 'key' in the "
+                             "deps-map instead")
         return {"data": data, "timeout": timeout or self.timeout}
