@@ -63,7 +63,7 @@ def group_owners(kit: KafkaKit, group: str, topic: str) -> tuple[bool, dict[int,
 
 def ask(kit: KafkaKit, topic: str, partition: int | None, return_topic: str, request_id: str,
         data: Any = None) -> None:
-    """Send one request to ``partition`` of the reactor ``topic`` (fusion's own senders key by topic name)."""
+    """Send one request to ``partition`` of the reactor ``topic`` (fusion's own senders pick it by the key)."""
     body = json.dumps({"data": request_id if data is None else data, "return-topic": return_topic, "id": request_id})
     if partition is None:
         kit.producer.produce(topic, body)
