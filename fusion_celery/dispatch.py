@@ -26,6 +26,7 @@ from .protocol import PARENT_HEADER, ROOT_HEADER, check_size, encode_request
 from .registry import Wait
 from .returntopics import take, topic_config
 from .run import Run
+from .runtask import AnsweringTask
 from .runtime import registry
 from .signals import dependency_sent
 
@@ -136,17 +137,16 @@ def _return_topic(task: Task, deadline_ms: int) -> str:
     return take(app, deadline_ms, registered=True)
 
 
-class DispatchTask(Task):
-    """Base of ``fusion.dispatch``: a failure before the wait is parked answers the run at once."""
+class DispatchTask(AnsweringTask):
+    """Base of ``fusion.dispatch``: a failure before the wait is parked fails the run's dependency at once."""
+
+    def run_of(self, task_id: str, kwargs: dict[str, Any]) -> Run | None:
+        return Run.from_dict(kwargs.get("run"))
 
     def on_failure(self, exc, task_id, args, kwargs, einfo):
-        run = Run.from_dict((kwargs or {}).get("run"))
+        run = self.run_of(task_id, kwargs or {})
         if run is not None:
             answer.dependency_failed(self.app, run, exc)
-
-    def on_worker_lost(self, task_id: str, kwargs: dict[str, Any], exc: BaseException) -> None:
-        """Called by :mod:`fusion_celery.answer` when the pool process running this task died."""
-        self.on_failure(exc, task_id, (), kwargs, None)
 
 
 def dispatch(self: Task, prior: Any = None, *, dep: dict[str, Any], run: dict[str, Any] | None = None,

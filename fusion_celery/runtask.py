@@ -27,10 +27,10 @@ from .canvas import chord_lifetime, compile_deps
 from .graph import DepsGraph
 from .run import Run
 
-__all__ = ["RunTask", "FinishTask"]
+__all__ = ["AnsweringTask", "RunTask", "FinishTask"]
 
 
-class _Answering(Task):
+class AnsweringTask(Task):
     """A step whose failure answers its run's caller."""
 
     def run_of(self, task_id: str, kwargs: dict[str, Any]) -> Run | None:
@@ -47,7 +47,7 @@ class _Answering(Task):
         self.on_failure(exc, task_id, (), kwargs, None)
 
 
-class RunTask(_Answering):
+class RunTask(AnsweringTask):
     """The start step of a run (see the module docstring)."""
 
     #: The finish step's name is the start step's plus this.
@@ -78,5 +78,5 @@ class RunTask(_Answering):
         return DepsGraph(deps_map, max_timeout=chord_lifetime(self.app))
 
 
-class FinishTask(_Answering):
+class FinishTask(AnsweringTask):
     """The finish step of a run (see the module docstring)."""

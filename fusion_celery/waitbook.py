@@ -64,7 +64,7 @@ class Added(NamedTuple):
 
     #: True when the wait is new to the book, or replaces one held with another return topic.
     added: bool
-    #: The wait held before under the same id with another return topic (its topic is no longer read).
+    #: The wait this one replaces: the same id with another return topic, which is not read any more.
     replaced: Wait | None = None
 
 
@@ -173,7 +173,7 @@ class WaitBook:
         return wait
 
     def _prune(self) -> None:
-        """Drop the heap entries that no longer count, so the heap follows the waits held, not those served."""
+        """Drop the heap entries of waits not held (or held with another deadline): the heap follows the waits held."""
         self._deadlines = [(due, i) for due, i in self._deadlines if self._due.get(i) == due]
         heapq.heapify(self._deadlines)
 

@@ -256,7 +256,7 @@ class Waiter(threading.Thread):
         """Complete the wait ``msg`` answers, or drop ``msg`` when it may not complete it."""
         wait = self.book.for_topic(msg.topic())
         if wait is None or self.book.retrying(wait.id):
-            return  # a wait no longer held, or one whose completion with an earlier record is being retried
+            return  # not a held wait, or a wait whose completion is being retried
         why = reply_rejection(msg.headers(), wait.id, require_id=self.require_id)
         if why is not None:
             self.rejected += 1

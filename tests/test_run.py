@@ -38,7 +38,7 @@ def test_wait_records_carry_the_run_and_read_the_older_reactor_field():
     assert back == wait
     older = json.loads(wait.to_json())
     older["reactor"] = older.pop("run")
-    older["total"] = 3  # a field no longer kept is ignored
+    older["total"] = 3  # a field Wait does not have is ignored
     assert Wait.from_json(json.dumps(older)).run == run
 
 

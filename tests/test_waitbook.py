@@ -3,25 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from support.clock import Clock
 
 from fusion_celery.registry import Wait
 from fusion_celery.waitbook import PRUNE_SLACK, TAKEOVER_GRACE_MS, Added, WaitBook, retry_delay
-
-
-class Clock:
-    """One time base for both clocks of a book: ``t`` seconds since the epoch, moved by :meth:`advance`."""
-
-    def __init__(self) -> None:
-        self.t = 1_800_000_000.0
-
-    def now_ms(self) -> int:
-        return int(self.t * 1000)
-
-    def monotonic(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
+from support.clock import Clock
 
 import fusion_celery.waiter as waiter_module
 from fusion_celery.application import create_app
@@ -25,22 +26,7 @@ from fusion_celery.errors import DependencyFailed, DependencyTimeout
 from fusion_celery.registry import Wait
 from fusion_celery.waiter import FRESH_SECONDS, OUTAGE_QUIET_SECONDS, Waiter
 
-
 # -- fakes -----------------------------------------------------------------------------------------
-class Clock:
-    """Both clocks of a waiter on one time base, moved by :meth:`advance`."""
-
-    def __init__(self) -> None:
-        self.t = 1_800_000_000.0
-
-    def now_ms(self) -> int:
-        return int(self.t * 1000)
-
-    def monotonic(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 class Record:
