@@ -71,7 +71,7 @@ class EphemeralCaller:
         try:
             corr = uuid.uuid4().hex
             self.producer.produce(topic, json.dumps({"data": data, "return-topic": rt, "id": corr}).encode(),
-                                  key=topic)
+                                  key=corr)  # keyed by the request's id: requests spread over partitions
             self.producer.poll(0)
             deadline = time.monotonic() + timeout
             while True:
@@ -174,7 +174,7 @@ class CorrelationCaller:
         body = json.dumps({"data": data, "return-topic": self.reply_topic, "id": corr}).encode()
         while True:
             try:
-                self.producer.produce(topic, body, key=topic)
+                self.producer.produce(topic, body, key=corr)
                 break
             except BufferError:
                 self.producer.poll(0.05)
@@ -219,6 +219,7 @@ class LoopResult:
     lost: int = 0
     warmup_s: float = 0.0
     note: str = ""
+    total: int = 0  # every completion of the loop: warm-up, window and drain
 
     @property
     def rps(self) -> float:
@@ -273,4 +274,5 @@ def closed_loop(caller: CorrelationCaller, topic: str, data: Any, in_flight: int
     if caller.outstanding():
         res.drained = False
         res.lost = caller.forget_all()
+    res.total = state["done"]
     return res

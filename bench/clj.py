@@ -77,7 +77,7 @@ class CljReactor:
 
         while True:
             try:
-                self.producer.produce(topic, value, key=topic, on_delivery=on_delivery)
+                self.producer.produce(topic, value, key=uuid.uuid4().hex, on_delivery=on_delivery)
                 break
             except BufferError:
                 self.producer.poll(0.1)

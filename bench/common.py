@@ -22,6 +22,7 @@ __all__ = [
     "RETURN_PREFIX",
     "SERVICE_NAMES",
     "SHAPES",
+    "CHANNELS",
     "clj_topic",
     "deps_map",
     "expected_result",
@@ -68,14 +69,19 @@ def svc(name: str, run: str | None = None) -> str:
     return f"bench.{run or run_id()}.svc.{name}"
 
 
-def reactor_topic(shape: str, run: str | None = None, variant: str | None = None) -> str:
-    """The topic of the fusion-celery reactor of ``shape``.
+#: The reply channels a worker's reactors use, each on reactor topics of its own (None: the app's default).
+CHANNELS = (None, "leased", "shared", "ephemeral")
+
+
+def reactor_topic(shape: str, run: str | None = None, variant: str | None = None, channel: str | None = None) -> str:
+    """The topic of the fusion-celery reactor of ``shape`` whose deps use reply channel ``channel``.
 
     ``variant`` (default: ``BENCH_VARIANT`` of this process) names a second fusion-celery worker with
     other settings, e.g. ``pool`` (``fusion_return_topic_pool``), serving its own reactor topics.
+    ``channel`` None: the worker's ``fusion_reply_channel``.
     """
     variant = os.environ.get("BENCH_VARIANT", "") if variant is None else variant
-    return f"bench.{run or run_id()}.r{variant}.{shape}"
+    return f"bench.{run or run_id()}.r{variant}{'-' + channel if channel else ''}.{shape}"
 
 
 def clj_topic(shape: str, run: str | None = None) -> str:

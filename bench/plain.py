@@ -46,3 +46,71 @@ def canvas(shape: str, data: Any = DATA):
     if shape == "diamond":
         return chain(dep.s(name="a", args=data), group(dep.s(name="b"), dep.s(name="c")), dep.s(name="d"), body)
     raise ValueError(f"unknown shape {shape!r}")
+
+
+@app.task(name="bench.plain.done")
+def done(prior: Any = None, *, token: str, key: str) -> None:
+    """The last step of a throughput request: tell the driver it completed (a push on a Redis list)."""
+    app.backend.client.rpush(key, token)
+
+
+def closed_loop(app_: Celery, shape: str, in_flight: int, *, window_s: float, warmup_completions: int,
+                warmup_timeout: float, drain_timeout: float) -> Any:
+    """Plain Celery's throughput: keep ``in_flight`` canvases of ``shape`` running, each completion starting
+    the next, and count completions per second over a window (as :func:`bench.clients.closed_loop` does).
+
+    Each canvas ends with :func:`done`, which pushes its token on a Redis list that this
+    driver pops, so that no result is polled per request.
+    """
+    import time
+    import uuid
+
+    from .clients import LoopResult
+
+    res = LoopResult(in_flight)
+    client = app_.backend.client
+    key = f"bench-plain-done-{uuid.uuid4().hex}"
+    started: dict[str, float] = {}
+
+    def submit() -> None:
+        token = uuid.uuid4().hex
+        started[token] = time.perf_counter()
+        chain(canvas(shape), done.s(token=token, key=key)).apply_async()
+
+    t_start = time.perf_counter()
+    for _ in range(in_flight):
+        submit()
+    done_count, measuring, running = 0, False, True
+    window_start = window_end = None
+    warm_deadline = time.monotonic() + warmup_timeout
+    drain_deadline = None
+    while started:
+        now = time.perf_counter()
+        if not measuring and running and (done_count >= warmup_completions or time.monotonic() > warm_deadline):
+            if done_count < warmup_completions:
+                res.note = f"warm-up: {done_count} of {warmup_completions} completions within {warmup_timeout:.0f}s"
+            res.warmup_s = now - t_start
+            measuring, window_start = True, now
+        if measuring and window_start is not None and now - window_start >= window_s:
+            measuring, running, window_end = False, False, now
+            drain_deadline = time.monotonic() + drain_timeout
+        if drain_deadline is not None and time.monotonic() > drain_deadline:
+            break
+        popped = client.blpop([key], timeout=1)
+        if popped is None:
+            continue
+        t = started.pop(popped[1].decode(), None)
+        if t is None:
+            continue
+        done_count += 1
+        if measuring:
+            res.completed += 1
+            res.latencies.append(time.perf_counter() - t)
+        if running:
+            submit()
+    res.window_s = (window_end or time.perf_counter()) - (window_start or t_start)
+    res.drained = not started
+    res.lost = len(started)
+    res.total = done_count
+    client.delete(key)
+    return res

@@ -65,16 +65,17 @@ def tables(result: dict[str, Any]) -> str:
                 rows.append([r["design"], r["in_flight"], "-", "-", "-", "-", r["skipped"]])
                 continue
             churn = r.get("churn", {}).get("by_owner", {})
-            owner = {"fusion-celery": "fusion", "fusion-celery + pool": "fusion-pool"}.get(r["design"], "clj")
-            own = churn.get(owner, {})
+            made = [v for o, v in churn.items() if o.startswith("fusion") or o == "clj"]
+            created = round(sum(v.get("created_per_s", 0) for v in made), 1)
+            peak = sum(v.get("peak_alive", 0) for v in made)
             note = r.get("note", "")
             if not r.get("drained", True):
                 note = f"{note} {r.get('lost')} lost in drain".strip()
             rows.append([r["design"], r["in_flight"], r.get("rps"), r.get("p50_ms"), r.get("p99_ms"),
-                         f"{own.get('created_per_s', 0)} / {own.get('deleted_per_s', 0)} / {own.get('peak_alive', 0)}",
+                         f"{created} / {peak}", _fmt(r.get("topics_created_per_request")),
                          (f"{r.get('failed')} failed " if r.get("failed") else "") + note])
         out.append(_table(["design", "in flight", "req/s", "p50 ms", "p99 ms",
-                           "return topics created/s / deleted/s / peak", "notes"], rows))
+                           "return topics created/s / peak alive", "topics created per request", "notes"], rows))
 
     w = result.get("waiting")
     if w:

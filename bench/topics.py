@@ -17,10 +17,15 @@ __all__ = ["ChurnSampler", "Topics", "owner_of"]
 
 
 def owner_of(name: str) -> str:
-    """Who made a return topic: ``clj`` (consumer-per-wait design), ``client`` (the bench callers), ``fusion`` or
-    ``fusion-pool`` (the worker with a return-topic pool)."""
+    """Who made a return topic: ``clj`` (consumer-per-wait design), ``client`` (the bench callers), ``fusion``
+    (ephemeral), ``fusion-pool`` (the worker with a return-topic pool), ``fusion-leased`` (lease pools) or
+    ``fusion-shared`` (the shared reply topics)."""
     if name.startswith(POOL_PREFIX):
         return "fusion-pool"
+    if name.startswith(f"{RETURN_PREFIX}lease."):
+        return "fusion-leased"
+    if name.startswith(f"{RETURN_PREFIX}shared."):
+        return "fusion-shared"
     rest = name[len(RETURN_PREFIX):].split(".", 1)[-1]
     if rest.startswith("clj-"):
         return "clj"
@@ -62,7 +67,7 @@ class Topics:
                     pass  # already gone
 
     def wait_no_return_topics(self, timeout: float, ignore: set[str] = frozenset(),
-                              ignore_prefix: str | None = None) -> dict[str, Any]:
+                              ignore_prefix: str | tuple[str, ...] | None = None) -> dict[str, Any]:
         """Wait until no return topic (but those in ``ignore`` or starting with ``ignore_prefix``) is left;
         say how many were left, how long it took, and how many were ignored by prefix."""
         t0 = time.monotonic()

@@ -63,9 +63,13 @@ def chord_lifetime(app: Celery) -> float | None:
     return float(value.total_seconds() if hasattr(value, "total_seconds") else value)
 
 
-def _dispatch(app: Celery, graph: DepsGraph, name: str, run: Run, deadline: int | None) -> Signature:
+def _dispatch(app: Celery, graph: DepsGraph, name: str, run: Run, deadline: int | None,
+              reply: str | None) -> Signature:
     dep = graph.deps[name]
-    return app.tasks["fusion.dispatch"].s(dep=dep.to_dict(), run=run.to_dict(), deadline=deadline).set(
+    spec = dep.to_dict()
+    if dep.reply is None and reply is not None:
+        spec["reply"] = reply
+    return app.tasks["fusion.dispatch"].s(dep=spec, run=run.to_dict(), deadline=deadline).set(
         shadow=f"fusion.dispatch[{dep.topic}]", task_id=dispatch_id(run.id, name))
 
 
@@ -74,7 +78,7 @@ def _level(sigs: list[Signature]) -> Signature:
 
 
 def compile_deps(app: Celery, graph: DepsGraph, body: Signature, *, run: Run,
-                 deadline: int | None = None) -> Signature:
+                 deadline: int | None = None, reply: str | None = None) -> Signature:
     """The canvas that runs every dep of ``graph`` for ``run``, then ``body`` with their results.
 
     Parameters:
@@ -83,13 +87,14 @@ def compile_deps(app: Celery, graph: DepsGraph, body: Signature, *, run: Run,
         body: the run's final step; it receives the results of the last steps.
         run: the run the deps serve (a failing dep answers it).
         deadline: epoch ms after which no dep waits any more (the request's own deadline).
+        reply: the reply channel of the deps that name none (None: ``fusion_reply_channel``).
 
     Returns:
         A chain ending in ``body``.
     """
     branches = []
     for levels in graph.components():
-        steps = [_level([_dispatch(app, graph, n, run, deadline) for n in level]) for level in levels]
+        steps = [_level([_dispatch(app, graph, n, run, deadline, reply) for n in level]) for level in levels]
         branches.append(steps[0] if len(steps) == 1 else chain(*steps))
     if len(branches) == 1:
         inner = branches[0]

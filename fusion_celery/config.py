@@ -113,11 +113,30 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fusion_registry_partitions", 12,
             "Partitions of the Kafka registry topic, or buckets of the ZooKeeper registry: the unit in which "
             "waits are divided among workers (the same value in every process).", int),
-    Setting("fusion_return_topic_prefix", "fusion.rt.", "Prefix of the ephemeral return topics."),
+    Setting("fusion_return_topic_prefix", "fusion.rt.",
+            "Prefix of the return topics fusion-celery makes: ephemeral ones, lease pools' (`<prefix>lease.`) and the "
+            "shared ones (`<prefix>shared.`)."),
     Setting("fusion_return_topic_pool", 0,
             "Return topics each process creates ahead of time, in one request per batch, so that a dispatch "
             "does not wait for the Kafka controller (0: create each topic when it is needed). Unused ones are "
             "deleted when the process stops, and none older than half of the reaper's grace is handed out.", int),
+    Setting("fusion_reply_channel", "leased",
+            "How a dependency's return topic is had, unless its deps-map entry (`reply`), its reactor or its "
+            "pipeline says otherwise: `leased` (long-lived topics of a per-worker pool, each leased to one wait "
+            "at a time), `shared` (a few permanent topics; only for services that echo the `fusion-id` header) "
+            "or `ephemeral` (a topic created and deleted per request). See docs/operations/topics.md."),
+    Setting("fusion_lease_pool_max", 512,
+            "Most topics a worker's lease pool holds, ready and leased; a wait that finds the pool at this bound "
+            "gets an ephemeral topic.", int),
+    Setting("fusion_lease_batch", 16,
+            "Topics a lease pool creates at once (in one CreateTopics request) when it has none ready; also how "
+            "many ready topics it keeps when idle.", int),
+    Setting("fusion_lease_cooldown", 0.5,
+            "Seconds a leased topic rests after its wait's reply before it is leased again; a topic that "
+            "receives anything meanwhile is retired (deleted).", float),
+    Setting("fusion_lease_idle", 300.0,
+            "Seconds a ready leased topic may go unused before the pool deletes it (down to `fusion_lease_batch` "
+            "topics).", float),
     Setting("fusion_return_topic_retention_ms", 7 * 24 * 3600 * 1000,
             "`retention.ms` of return topics: a safety net should a topic outlive the reaper.", int),
     Setting("fusion_reply_allowlist", [], "Regular expressions of extra topics a reactor may reply to "

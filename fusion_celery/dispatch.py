@@ -1,6 +1,6 @@
 """The Kafka-dispatching subtask: send one dependency its request, then park until its reply.
 
-``fusion.dispatch`` takes an ephemeral return topic, registers the wait in the
+``fusion.dispatch`` takes a return topic from its reply channel, registers the wait in the
 durable registry (before anything is sent, so no reply can be missed), sends the
 request and raises ``Ignore``: the worker slot is free again at once.  The waiter
 completes the task when the reply arrives (see :mod:`fusion_celery.completion`).
@@ -8,6 +8,7 @@ completes the task when the reply arrives (see :mod:`fusion_celery.completion`).
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -16,6 +17,7 @@ from celery.exceptions import Ignore
 
 from . import answer, claims, faults, progress
 from .canvas import merge_results
+from .channels import Opened, channel
 from .clients import clients
 from .clock import now_ms
 from .completion import resume_stored, save_request
@@ -24,7 +26,7 @@ from .errors import DependencyFailed, FusionError, UnknownTopic
 from .graph import Dep, inject
 from .protocol import PARENT_HEADER, ROOT_HEADER, check_size, encode_request
 from .registry import Wait
-from .returntopics import take, topic_config
+from .returntopics import topic_config
 from .run import Run
 from .runtask import AnsweringTask
 from .runtime import registry
@@ -62,7 +64,7 @@ def no_such_topic(topic: str, dep: str | None) -> DependencyFailed:
 
 def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | None = None,
               carry: dict[str, Any] | None = None, run: Run | None = None,
-              deadline: int | None = None, key: str | None = None) -> None:
+              deadline: int | None = None, key: str | None = None, reply: str | None = None) -> None:
     """Take a return topic, register the wait for ``task``, send the request, and park the task.
 
     Whether ``topic`` exists is asked of Kafka only when this process has not seen it
@@ -79,6 +81,7 @@ def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | N
         run: the reactor or pipeline run the dependency serves (a failure answers it).
         deadline: epoch ms after which nobody waits any more, whatever ``timeout`` says.
         key: the request's Kafka key (None: the task's id, see :func:`request_key`).
+        reply: the reply channel (None: ``fusion_reply_channel``; see :mod:`fusion_celery.channels`).
 
     Raises:
         Ignore: always, once the request is on its way (the waiter finishes the task).
@@ -96,12 +99,15 @@ def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | N
     body = encode_request(data, None, id=task.request.id, deadline=wait_deadline)
     check_size(body, settings(app).max_message_bytes, f"the request to topic {topic!r}")
 
-    return_topic = _return_topic(task, wait_deadline)
+    opened = _open(task, reply, wait_deadline)
+    return_topic = opened.return_topic
     wait = Wait(id=task.request.id, return_topic=return_topic, topic=topic, deadline=wait_deadline,
                 request=save_request(task.request), task_name=task.request.shadow or task.name, dep=dep,
-                carry=carry, run=run, owner=task.request.hostname or "", created=created)
+                carry=carry, run=run, owner=task.request.hostname or "", created=created,
+                channel=opened.channel, offset=opened.offset, pool=opened.pool)
     # Before any reply can be completed.
-    progress.parked(app, run.id if run else None, wait.id, return_topic, (wait_deadline - created) / 1000 + 60)
+    progress.parked(app, run.id if run else None, wait.id, json.dumps(opened.to_dict()),
+                    (wait_deadline - created) / 1000 + 60)
     reg = registry(app)
     try:
         reg.register(wait)
@@ -110,7 +116,9 @@ def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | N
                   key=request_key(task, key), headers=lineage_headers(task))
     except FusionError as exc:
         reg.remove(wait)
-        c.delete_topics([return_topic])
+        ending = channel(app, opened.channel)
+        ending.end(wait.id, opened, None)
+        ending.tick(force=True)
         if isinstance(exc, UnknownTopic):
             raise no_such_topic(topic, dep) from None
         raise
@@ -119,22 +127,24 @@ def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | N
     raise Ignore()
 
 
-def _return_topic(task: Task, deadline_ms: int) -> str:
-    """The return topic of ``task``'s wait: the one an earlier attempt registered the wait with, if any.
+def _open(task: Task, reply: str | None, deadline_ms: int) -> Opened:
+    """The return topic of ``task``'s wait, from channel ``reply``: the one an earlier attempt registered
+    the wait with, if any.
 
     An attempt that died after registering its wait leaves it in the registry, held by a
-    waiter that reads the topic it names; an attempt that runs again (its lease ran out,
-    or Celery retried it after the worker was lost) registers the wait again under the
-    same id, and must name the same topic in its request for that waiter to see the reply
-    (:func:`fusion_celery.progress.parked` keeps it).
+    waiter that reads the topic it names (from the offset it names); an attempt that runs
+    again (its lease ran out, or Celery retried it after the worker was lost) registers
+    the wait again under the same id, and must name the same topic in its request for that
+    waiter to see the reply (:func:`fusion_celery.progress.parked` keeps it).
     """
     app, c = task.app, clients(task.app)
     known = progress.remembered_return_topic(app, task.request.id)
     if known:
-        if not c.topic_exists(known, wait=0.5):
-            c.create_topics([known], partitions=1, config=topic_config(app), visible=True)
-        return known
-    return take(app, deadline_ms, registered=True)
+        opened = Opened.from_dict(json.loads(known)) if known.startswith("{") else Opened(known)
+        if opened.channel == "ephemeral" and not c.topic_exists(opened.return_topic, wait=0.5):
+            c.create_topics([opened.return_topic], partitions=1, config=topic_config(app), visible=True)
+        return opened
+    return channel(app, reply).open(task.request.id, deadline_ms, task.request.hostname or "")
 
 
 class DispatchTask(AnsweringTask):
@@ -160,7 +170,7 @@ def dispatch(self: Task, prior: Any = None, *, dep: dict[str, Any], run: dict[st
             args = inject(d, carry)
             timeout = d.timeout or settings(self.app).default_timeout
             open_wait(self, topic=d.topic, data=args, timeout=timeout, dep=d.name, carry=carry,
-                      run=Run.from_dict(run), deadline=deadline, key=d.key)
+                      run=Run.from_dict(run), deadline=deadline, key=d.key, reply=d.reply)
         except (Ignore, DependencyFailed):
             raise
         except Exception as exc:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from graphlib import CycleError, TopologicalSorter
 from typing import Any
 
+from .channels import CHANNELS
 from .errors import DepsMapError
 from .protocol import valid_topic_name
 
@@ -66,7 +67,7 @@ def arg_in_fns() -> dict[str, ArgInFn]:
 register_arg_in_fn("conj", lambda args, result: [*args, result])
 register_arg_in_fn("cons", lambda args, result: [result, *args])
 
-_KEYS = {"topic", "args", "deps", "arg_in_fn", "timeout", "key"}
+_KEYS = {"topic", "args", "deps", "arg_in_fn", "timeout", "key", "reply"}
 _ALIASES = {"arg-in-fn": "arg_in_fn"}
 _BUILTIN_SEQUENCE_FNS = {"conj", "cons"}
 
@@ -78,6 +79,8 @@ class Dep:
     ``key`` is the Kafka key of the dep's request: None keys it by the request's id
     (the dispatching subtask's id), which spreads a topic's requests over its
     partitions; a key of the caller's keeps the requests that share it on one partition.
+    ``reply`` is the dep's reply channel (:mod:`fusion_celery.channels`; None: its
+    reactor's or pipeline's, else ``fusion_reply_channel``).
     """
 
     name: str
@@ -87,6 +90,7 @@ class Dep:
     arg_in_fn: str = "conj"
     timeout: float | None = None
     key: str | None = None
+    reply: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "topic": self.topic, "args": self.args,
@@ -95,12 +99,14 @@ class Dep:
             d["timeout"] = self.timeout
         if self.key is not None:
             d["key"] = self.key
+        if self.reply is not None:
+            d["reply"] = self.reply
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Dep:
         return cls(d["name"], d["topic"], d.get("args", []), tuple(d.get("deps", ())),
-                   d.get("arg_in_fn", "conj"), d.get("timeout"), d.get("key"))
+                   d.get("arg_in_fn", "conj"), d.get("timeout"), d.get("key"), d.get("reply"))
 
 
 def _dep(name: Any, spec: Any, names: set[str], max_timeout: float | None) -> Dep:
@@ -163,14 +169,17 @@ def _dep(name: Any, spec: Any, names: set[str], max_timeout: float | None) -> De
     if key is not None and not isinstance(key, str):
         raise DepsMapError(f"{where}.key: must be a string (the Kafka key of the dep's request) or None, "
                            f"got {type(key).__name__}")
-    return Dep(name, topic, args, tuple(deps), fn, timeout, key)
+    reply = spec.get("reply")
+    if reply is not None and reply not in CHANNELS:
+        raise DepsMapError(f"{where}.reply: unknown reply channel {reply!r} (one of {', '.join(CHANNELS)})")
+    return Dep(name, topic, args, tuple(deps), fn, timeout, key, reply)
 
 
 class DepsGraph:
     """A validated deps-map with its topological order.
 
     Parameters:
-        deps_map: name -> ``{topic, args, deps, arg_in_fn, timeout, key}``.
+        deps_map: name -> ``{topic, args, deps, arg_in_fn, timeout, key, reply}``.
         max_timeout: the longest ``timeout`` a dep may ask for (seconds; None: no limit).
 
     Raises:

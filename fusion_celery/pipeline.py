@@ -35,6 +35,7 @@ from celery import Celery, Signature, Task
 from celery.result import AsyncResult
 
 from .canvas import merge_results
+from .channels import check_name
 from .claims import RUN_OPTIONS, once
 from .clients import clients
 from .config import settings
@@ -71,7 +72,7 @@ def check_key(key: Any) -> str | None:
 
 
 def call_topic(task: Task, topic: str, data: Any = None, timeout: float | None = None, wait: bool = True,
-               key: str | None = None) -> Any:
+               key: str | None = None, reply: str | None = None) -> Any:
     """Send ``data`` to ``topic``, keyed by ``key`` or the request's id; park until the reply (``wait``)
     or return the delivery record."""
     from .dispatch import lineage_headers, no_such_topic, open_wait, request_key
@@ -93,16 +94,18 @@ def call_topic(task: Task, topic: str, data: Any = None, timeout: float | None =
         except UnknownTopic:
             raise no_such_topic(topic, None) from None
         return delivery_record(msg)
-    open_wait(task, topic=topic, data=data, timeout=float(timeout or settings(app).default_timeout), key=key)
+    open_wait(task, topic=topic, data=data, timeout=float(timeout or settings(app).default_timeout), key=key,
+              reply=reply)
 
 
 def _pipeline(self: Task, *args: Any, topic: str | None = None, data: Any = None, timeout: float | None = None,
-              wait: bool = True, key: str | None = None) -> Any:
+              wait: bool = True, key: str | None = None, reply: str | None = None) -> Any:
     """Send ``data`` to the reactor or service on ``topic`` and wait for its answer (or not).
 
     Called by name as ``fusion.pipeline(topic, data)``; in a chain, the previous
     task's result becomes ``data`` when the signature has none.  ``key`` is the
-    request's Kafka key (default: the request's id, this task's id).
+    request's Kafka key (default: the request's id, this task's id); ``reply`` its reply
+    channel (default: ``fusion_reply_channel``).
     """
     if topic is None:
         if not args:
@@ -111,7 +114,7 @@ def _pipeline(self: Task, *args: Any, topic: str | None = None, data: Any = None
     if data is None and args:
         data = args[0]
     with once(self, "dispatch"):  # a duplicate delivery must not send the request twice
-        return call_topic(self, topic, data, timeout, wait, key)
+        return call_topic(self, topic, data, timeout, wait, key, reply)
 
 
 def register_pipeline(app: Celery) -> Task:
@@ -251,9 +254,10 @@ class TopicPipeline(Pipeline):
     """
 
     def __init__(self, topic: str, *, timeout: float | None = None, app: Celery | None = None,
-                 **task_options: Any) -> None:
+                 reply: str | None = None, **task_options: Any) -> None:
         if not valid_topic_name(topic):
             raise ValueError(f"pipeline topic {topic!r} is not a legal Kafka topic name")
+        self.reply = None if reply is None else check_name(reply, f"pipeline {topic!r}: reply")
         self.app, self.topic, self.timeout, self.name = _app(app), topic, timeout, PIPELINE_TASK
         self.task = self.app.tasks[PIPELINE_TASK] if PIPELINE_TASK in self.app.tasks else None
         self._task_options = {"shadow": f"{PIPELINE_TASK}[{topic}]", **task_options}
@@ -265,6 +269,8 @@ class TopicPipeline(Pipeline):
         kwargs = {"data": data, "timeout": timeout or self.timeout, "topic": self.topic, "wait": wait}
         if key is not None:  # absent otherwise: a worker that predates keys takes the call as before
             kwargs["key"] = key
+        if self.reply is not None:
+            kwargs["reply"] = self.reply
         return kwargs
 
 
@@ -276,7 +282,7 @@ class DepsPipeline(Pipeline):
 
     def __init__(self, topic: None = None, *, deps: Any, combine: Callable[[Any, dict[str, Any]], Any] | None = None,
                  name: str | None = None, timeout: float | None = None, app: Celery | None = None,
-                 **task_options: Any) -> None:
+                 reply: str | None = None, **task_options: Any) -> None:
         if not callable(deps) and not isinstance(deps, Mapping):
             raise TypeError("deps must be a deps-map or a function of the input returning one")
         if isinstance(deps, Mapping):
@@ -289,7 +295,8 @@ class DepsPipeline(Pipeline):
         self.task = self.app.task(
             name=self.name, base=PipelineTask, bind=True, shared=False, lazy=False,
             deps_fn=staticmethod(deps) if callable(deps) else deps, combine_fn=combine_fn,
-            default_timeout=timeout, **options)(PipelineTask.run)
+            default_timeout=timeout, **options,
+            reply_channel=None if reply is None else check_name(reply, f"pipeline {name!r}: reply"))(PipelineTask.run)
         self.app.task(name=self.task.finish_name, base=CombineTask, bind=True, shared=False, lazy=False,
                       combine_fn=combine_fn, **options)(CombineTask.run)
 

@@ -32,6 +32,7 @@ from celery import Celery
 
 from . import answer
 from .canvas import merge_results
+from .channels import check_name
 from .claims import RUN_OPTIONS, once
 from .errors import RequestExpired
 from .graph import DepsGraph
@@ -124,20 +125,24 @@ class ProcessTask(FinishTask):
 
 
 def _register(app: Celery, topic: str, fn: Callable[..., Any], deps: DepsFn, name: str | None,
-              group: str | None, partitions: int | None, options: dict[str, Any]) -> ReactorTask:
+              group: str | None, partitions: int | None, options: dict[str, Any],
+              reply: str | None = None) -> ReactorTask:
     if not valid_topic_name(topic):
         raise ValueError(f"reactor topic {topic!r} is not a legal Kafka topic name")
     if deps is not None and not callable(deps) and not isinstance(deps, Mapping):
         raise TypeError(f"reactor {topic!r}: deps must be a function of the message or a deps-map")
     if isinstance(deps, Mapping):
         DepsGraph(deps)  # a constant deps-map is checked when the reactor is defined
+    if reply is not None:
+        check_name(reply, f"reactor {topic!r}: reply")
     task_name = name or f"fusion.reactor.{topic}"
     known = reactors(app)
     if known.get(topic, task_name) != task_name:
         raise ValueError(f"topic {topic!r} is already served by reactor {known[topic]!r}")
     task = app.task(name=task_name, base=ReactorTask, bind=True, shared=False, lazy=False, topic=topic,
                     proc_fn=staticmethod(fn), deps_fn=staticmethod(deps) if callable(deps) else deps,
-                    group_id=group, partitions=partitions, **{**RUN_OPTIONS, **options})(ReactorTask.run)
+                    group_id=group, partitions=partitions, reply_channel=reply,
+                    **{**RUN_OPTIONS, **options})(ReactorTask.run)
     app.task(name=task.finish_name, base=ProcessTask, bind=True, shared=False, lazy=False, topic=topic,
              proc_fn=staticmethod(fn), **{**RUN_OPTIONS, **options})(ProcessTask.run)
     known[topic] = task_name
@@ -145,7 +150,7 @@ def _register(app: Celery, topic: str, fn: Callable[..., Any], deps: DepsFn, nam
 
 
 def reactor(topic: str, *, deps: DepsFn = None, app: Celery | None = None, name: str | None = None,
-            group: str | None = None, partitions: int | None = None,
+            group: str | None = None, partitions: int | None = None, reply: str | None = None,
             **task_options: Any) -> Callable[[Callable[..., Any]], ReactorTask]:
     """Make a function the processing step of a reactor serving Kafka topic ``topic``.
 
@@ -161,6 +166,8 @@ def reactor(topic: str, *, deps: DepsFn = None, app: Celery | None = None, name:
         name: the Celery task's name (default ``fusion.reactor.<topic>``).
         group: the consumer group (default ``fusion_consumer_group_prefix`` + topic).
         partitions: the partitions of the topic when the worker creates it.
+        reply: the reply channel of the deps whose deps-map entry names none (``leased``,
+            ``shared``, ``ephemeral``; None: ``fusion_reply_channel``).
         task_options: passed to ``@app.task`` for both steps (``queue``,
             ``rate_limit``, ``time_limit``, ``autoretry_for``, ...).
 
@@ -174,7 +181,7 @@ def reactor(topic: str, *, deps: DepsFn = None, app: Celery | None = None, name:
     """
     def deco(fn: Callable[..., Any]) -> ReactorTask:
         from . import app as default_app
-        return _register(app or default_app, topic, fn, deps, name, group, partitions, task_options)
+        return _register(app or default_app, topic, fn, deps, name, group, partitions, task_options, reply)
     return deco
 
 
@@ -191,6 +198,7 @@ class Reactor:
     name: str | None = None
     group: str | None = None
     partitions: int | None = None
+    reply: str | None = None
     options: dict[str, Any] = {}
     task: ReactorTask
 
@@ -201,7 +209,7 @@ class Reactor:
         inst = cls()
         deps = inst.deps if type(inst).deps is not Reactor.deps else None
         cls.task = reactor(cls.topic, deps=deps, app=cls.app, name=cls.name, group=cls.group,
-                           partitions=cls.partitions, **cls.options)(inst.process)
+                           partitions=cls.partitions, reply=cls.reply, **cls.options)(inst.process)
 
     def deps(self, message: Message) -> Mapping[str, Any] | None:
         """The deps-map for ``message`` (none by default)."""

@@ -9,8 +9,12 @@ and deletes those that no pending wait names once ``fusion_reaper_grace`` has
 passed since their creation and since their deadline, whichever is later
 (:func:`is_orphan`).  So the topic of a caller that registers no wait
 (``celery fusion call``, another language) lives as long as that caller waits,
-plus the grace.  A topic whose name carries no creation time is never deleted
-automatically: nothing tells how long its caller waits.
+plus the grace.  A topic of a worker's lease pool (``<prefix>lease.<pool>.<random>``,
+see :mod:`fusion_celery.channels.leased`) is deleted once no pending wait names
+it and its pool has ended (by this app's result backend); never while its worker
+runs, nor when the result backend knows nothing of its pool (another app's).  A topic whose
+name carries no creation time (a ``shared`` reply topic, a foreign name) is never
+deleted automatically: nothing tells how long its callers wait.
 
 It runs every ``fusion_reaper_interval`` seconds in every worker, one at a time
 when the registry can coordinate (ZooKeeper: a lock, see
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 
 from celery import Celery
 
+from .channels.leased import pool_of_topic, pool_states
 from .clients import clients
 from .clock import now_ms
 from .config import settings
@@ -48,6 +53,8 @@ class ReturnTopic:
     owner: str | None
     target: str | None
     deadline_ms: int | None = None
+    pool: str | None = None
+    pool_state: str | None = None  # alive, ended or unknown (see fusion_celery.channels.leased.pool_states)
 
     @property
     def age_s(self) -> float | None:
@@ -67,12 +74,15 @@ def return_topics(app: Celery) -> list[ReturnTopic]:
     prefix = settings(app).return_topic_prefix
     names = [t for t in clients(app).admin.list_topics(timeout=10).topics if t.startswith(prefix)]
     by_topic = {w.return_topic: w for w in registry(app).pending()}
+    pools = {name: pool_of_topic(name, prefix) for name in names}
+    states = pool_states(app, sorted({p for p in pools.values() if p}))
     out = []
     for name in sorted(names):
         created, deadline = name_times(name, prefix)
         wait = by_topic.get(name)
+        pool = pools[name]
         out.append(ReturnTopic(name, created, wait.id if wait else None, wait.owner if wait else None,
-                               wait.topic if wait else None, deadline))
+                               wait.topic if wait else None, deadline, pool, states.get(pool or "")))
     return out
 
 
@@ -80,8 +90,9 @@ def is_orphan(topic: ReturnTopic, now: int, grace: float) -> bool:
     """Whether the reaper deletes ``topic`` at ``now``.
 
     Yes when no pending wait names it and ``grace`` has passed since both the
-    creation and the deadline its name carries; never when its name carries no
-    creation time.
+    creation and the deadline its name carries; for a leased topic, when no pending
+    wait names it and its pool has ended; never when its name carries neither a
+    creation time nor a pool.
 
     Parameters:
         topic: the topic.
@@ -93,6 +104,8 @@ def is_orphan(topic: ReturnTopic, now: int, grace: float) -> bool:
     """
     if topic.wait_id is not None:
         return False
+    if topic.pool is not None:
+        return topic.pool_state == "ended"
     due = reapable_from(topic.created_ms, topic.deadline_ms, int(grace * 1000))
     return due is not None and now >= due
 

@@ -60,6 +60,9 @@ class Wait:
     run: Run | None = None
     owner: str = ""
     created: int = field(default_factory=now_ms)
+    channel: str = "ephemeral"
+    offset: int = 0
+    pool: str | None = None
 
     def to_json(self) -> bytes:
         data = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -52,6 +52,8 @@ class RunTask(AnsweringTask):
 
     #: The finish step's name is the start step's plus this.
     finish_suffix: str = ".finish"
+    #: The reply channel of the deps whose entry names none (None: ``fusion_reply_channel``).
+    reply_channel: str | None = None
 
     @property
     def finish_name(self) -> str:
@@ -71,7 +73,8 @@ class RunTask(AnsweringTask):
         """
         if first:
             progress.start(self.app, run.id, len(graph))
-        return self.replace(compile_deps(self.app, graph, finish, run=run, deadline=deadline))
+        return self.replace(compile_deps(self.app, graph, finish, run=run, deadline=deadline,
+                                         reply=self.reply_channel))
 
     def graph(self, deps_map: Mapping[str, Any]) -> DepsGraph:
         """``deps_map`` checked, with no timeout beyond what the result backend keeps a chord for."""

@@ -10,13 +10,23 @@ fetch is in flight is fetched almost at once; a wait still pending after
 so that thousands of long waits cost the broker a few fetches per second instead
 of a hundred.  For each reply it completes the wait's task
 (:func:`fusion_celery.completion.complete`), then removes the wait from the
-registry, then deletes the return topic.  A wait whose deadline passes fails
-with :class:`~fusion_celery.errors.DependencyTimeout`.  If completing fails (the
+registry, then ends its return topic as its reply channel says (an ephemeral
+topic is deleted, a leased one goes back to its pool or is retired; see
+:mod:`fusion_celery.channels`).  A wait whose deadline passes fails
+with :class:`~fusion_celery.errors.DependencyTimeout`.
+
+A wait reads its own topic from the offset it was registered with (0, or a
+leased topic's end at lease time).  The ``shared`` channel's topics serve many
+waits: the fresh consumer reads each one a waiter holds a wait on, from a little
+before that wait's creation (found by time), and a record finds its wait by its
+``fusion-id`` header.  A record whose id no held wait has is kept for
+:data:`ORPHAN_SECONDS`, because the registry may report a wait after its reply
+was read; a wait that arrives later than that is read again from its creation.  If completing fails (the
 result backend is down) the wait stays and is retried; nothing is removed before
 its completion was stored.
 
 Both reply consumers are replaced by new ones, which read every held wait's
-return topic again from offset 0:
+return topic again from its start:
 
 - one that was given ``fusion_kafka_client_recycle_topics`` return topics more
   than it holds (librdkafka keeps every topic a client touched, see
@@ -24,8 +34,9 @@ return topic again from offset 0:
 - both, once :data:`OUTAGE_QUIET_SECONDS` passed after the last transport-level
   error either reported (Kafka unreachable): a consumer that lived through an
   outage can stop fetching partitions it holds, with their replies on them.
-  Reading again from offset 0 cannot lose or double a completion: a wait is
-  completed at most once, and a record of a wait no longer held is ignored.
+  Reading again from the waits' own start offsets cannot lose or double a
+  completion: a wait is completed at most once, and a record of a wait no longer
+  held is ignored.
 """
 
 from __future__ import annotations
@@ -40,18 +51,20 @@ from typing import Any
 from celery import Celery
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
+from .channels import CHANNELS, ReplyChannel, channel, wait_opened
+from .channels.leased import LeasePool
 from .clients import clients
 from .clock import now_ms
 from .completion import Events, complete
 from .config import settings
 from .errors import DependencyFailed, DependencyTimeout, PayloadTooLarge, ProtocolError, RemoteError
-from .protocol import check_size, decode_reply, reply_rejection
+from .protocol import ID_HEADER, check_size, decode_reply, headers_dict, reply_rejection
 from .registry import Change, Wait, Watcher
 from .runtime import registry
 from .transport import consume_ready, log_error
 from .waitbook import WaitBook
 
-__all__ = ["Waiter", "FRESH_SECONDS", "OUTAGE_QUIET_SECONDS", "OUTAGE_ERRORS"]
+__all__ = ["Waiter", "FRESH_SECONDS", "OUTAGE_QUIET_SECONDS", "OUTAGE_ERRORS", "ORPHAN_SECONDS", "LOOKBACK_MS"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +75,13 @@ SETTLED_FETCH_WAIT_MS = 500
 #: Waits younger than this get their topic's metadata fetched before assignment (older ones, recovered from
 #: the registry after a restart or a rebalance, are many and in no hurry: librdkafka's scan finds them).
 YOUNG_MS = 10_000
-#: Seconds between two batches of return topic deletions.
-DELETE_EVERY_SECONDS = 0.5
+#: Seconds a record on a shared topic whose id no held wait has is kept for a wait that may still come.
+ORPHAN_SECONDS = 60.0
+#: Most such records kept (the oldest go first).
+ORPHAN_MAX = 20_000
+#: A shared topic is read for a wait from this many milliseconds before the wait's creation (clocks of the
+#: worker and the broker, which stamps the records, may differ).
+LOOKBACK_MS = 10_000
 #: Seconds without a transport-level error, after one, before both reply consumers are replaced.
 OUTAGE_QUIET_SECONDS = 5.0
 #: Error codes that say a reply consumer lost its brokers (connection refused or reset, name resolution
@@ -74,6 +92,11 @@ OUTAGE_ERRORS = frozenset({KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, 
 #: Consumer errors that are part of normal operation (a partition read to its end, a return topic deleted).
 _QUIET_ERRORS = frozenset({KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART})
 _ROLES = ("replies", "settled")
+
+
+def _unique(parts: list[TopicPartition]) -> list[TopicPartition]:
+    """``parts`` with one entry per partition (the first): librdkafka refuses an assignment that names one twice."""
+    return list({(tp.topic, tp.partition): tp for tp in reversed(parts)}.values())[::-1]
 
 
 class Waiter(threading.Thread):
@@ -110,13 +133,22 @@ class Waiter(threading.Thread):
         self._unassign_due: dict[str, list[TopicPartition]] = {"replies": [], "settled": []}
         self._fresh: dict[str, float] = {}  # wait id -> when it was assigned (insertion order = age order)
         self._settled: set[str] = set()
-        self._touched = {"replies": 0, "settled": 0}  # return topics each consumer was given since it was made
+        # return topics each consumer was given since it was made (librdkafka keeps them all)
+        self._touched: dict[str, set[str]] = {"replies": set(), "settled": set()}
         self._made = {"replies": 0, "settled": 0}  # consumers made per role: the last one made is the current one
         self._outage_error: float | None = None  # when a current consumer last reported a transport error
-        self._to_delete: list[str] = []
         self._to_remove: dict[str, Wait] = {}  # finished waits whose registry removal failed
+        self._next_offset: dict[str, int | None] = {}  # finished wait -> where its topic's next wait reads from
+        self._tainted: set[str] = set()  # waits whose topic received a record it should not have
         self._last_remove = 0.0
-        self._last_delete = float("-inf")
+        # shared topics: topic -> waits held on it; where reading starts (epoch ms: every record stamped
+        # since was read or is being read); and the topics to (re)position, with the time to read from
+        self._shared: dict[str, set[str]] = {}
+        self._shared_since: dict[str, int] = {}
+        self._shared_due: dict[str, int] = {}
+        self._orphans: dict[str, tuple[Any, float]] = {}  # id -> (record, when read)
+        self.channels: dict[str, ReplyChannel] = {}
+        self.lease_pool: LeasePool | None = None
         self.completed = 0
         self.failed = 0
         self.rejected = 0
@@ -133,14 +165,39 @@ class Waiter(threading.Thread):
                 self._forget(wait_id)
 
     def _add(self, wait: Wait) -> None:
+        if wait.channel == "leased" and not self._take_topic(wait):
+            return
         added = self.book.add(wait)
         if added.replaced is not None:
             # Registered again with another topic (an attempt of its task that ran again): its request
             # names the new one, and nobody reads the old one any more.
             self._release(added.replaced)
-            self._to_delete.append(added.replaced.return_topic)
+            self._channel(added.replaced).end(added.replaced.id, wait_opened(added.replaced), None)
         if added.added:
             self._new.append(wait.id)
+
+    def _take_topic(self, wait: Wait) -> bool:
+        """Whether ``wait`` may read its leased topic: False when a held wait leased it later.
+
+        A leased topic is given back only after its wait's completion was stored, so of two
+        waits registered on one topic the one that leased it earlier (the lower start
+        offset) is finished, and only its registry removal was lost (its waiter died between
+        the two).  That one is removed again; it never reads the topic alongside the other.
+        """
+        other = self.book.for_topic(wait.return_topic)
+        if other is None or other.id == wait.id:
+            return True
+        stale = other if other.offset < wait.offset else wait
+        logger.warning("waiter: %s and %s name the leased topic %s; the earlier lease (%s, from offset %d) is "
+                       "finished and is removed again", wait.label, other.label, wait.return_topic, stale.id,
+                       stale.offset)
+        if stale is other:
+            self._forget(other.id)
+        try:
+            self.registry.remove(stale)
+        except Exception as exc:
+            logger.warning("waiter: cannot remove %s from the registry: %s", stale.label, exc)
+        return stale is not wait
 
     def _forget(self, wait_id: str) -> None:
         wait = self.book.forget(wait_id)
@@ -148,8 +205,13 @@ class Waiter(threading.Thread):
             self._release(wait)
 
     def _release(self, wait: Wait) -> None:
-        """Stop reading ``wait``'s return topic, on whichever consumer reads it."""
-        if wait.id in self._settled:
+        """Stop reading ``wait``'s return topic, on whichever consumer reads it.
+
+        A shared topic stays assigned while the waiter runs (it serves the waits to come).
+        """
+        if wait.channel == "shared":
+            self._shared.get(wait.return_topic, set()).discard(wait.id)
+        elif wait.id in self._settled:
             self._settled.discard(wait.id)
             self._unassign("settled", wait.return_topic)
         elif self._fresh.pop(wait.id, None) is not None:
@@ -168,15 +230,64 @@ class Waiter(threading.Thread):
             wait = self.book.get(wait_id)
             if wait is None or wait_id in self._fresh or wait_id in self._settled:
                 continue
+            if wait.channel == "shared":
+                self._add_shared(wait)
+                continue
             if wait.created >= young:
-                self._learn_topic(self.replies, wait.return_topic)
-            # Offset 0, not OFFSET_BEGINNING: a logical offset costs an offset lookup first; a return
-            # topic starts at 0 (and auto.offset.reset=earliest covers a topic whose start moved).
-            parts.append(TopicPartition(wait.return_topic, 0, 0))
+                self._learn_topic("replies", wait.return_topic)
+            # An explicit offset, not OFFSET_BEGINNING: a logical offset costs an offset lookup first; a
+            # return topic starts at 0, a leased one at its end at lease time (and auto.offset.reset=earliest
+            # covers a topic whose start moved).
+            parts.append(TopicPartition(wait.return_topic, 0, wait.offset))
             self._fresh[wait_id] = now
         if parts:
-            self.replies.incremental_assign(parts)
-            self._touched["replies"] += len(parts)
+            self.replies.incremental_assign(_unique(parts))
+            self._touched["replies"].update(tp.topic for tp in parts)
+        self._position_shared()
+
+
+    def _add_shared(self, wait: Wait) -> None:
+        """Read ``wait``'s shared topic from before the wait's creation, unless it is read from there already;
+        complete it at once from a record read before the registry reported it."""
+        topic, start = wait.return_topic, wait.created - LOOKBACK_MS
+        self._shared.setdefault(topic, set()).add(wait.id)
+        since = self._shared_since.get(topic)
+        if since is None or start < since:
+            due = self._shared_due.get(topic)
+            self._shared_due[topic] = start if due is None else min(due, start)
+            return
+        found = self._orphans.pop(wait.id, None)
+        if found is not None:
+            self._on_reply(found[0])
+
+    def _position_shared(self) -> None:
+        """(Re)assign the shared topics waiting for it, each from the first record stamped at or after the
+        time it must be read from (its end when there is none)."""
+        if not self._shared_due:
+            return
+        due, self._shared_due = self._shared_due, {}
+        try:
+            # The ends first: when no record is stamped at or after the time, every record before the end
+            # is older, and every later one lies past it.
+            ends = {t: self.replies.get_watermark_offsets(TopicPartition(t, 0), timeout=10, cached=False)[1]
+                    for t in due}
+            found = self.replies.offsets_for_times([TopicPartition(t, 0, ms) for t, ms in due.items()], timeout=10)
+        except KafkaException as exc:  # tried again at the next turn
+            logger.warning("waiter: cannot look up where to read %d shared topic(s): %s", len(due), exc)
+            self._shared_due.update(due)
+            return
+        parts = [TopicPartition(tp.topic, 0, tp.offset if tp.offset >= 0 else ends[tp.topic]) for tp in found]
+        assigned = [TopicPartition(t, 0) for t in due if t in self._shared_since]
+        if assigned:
+            self.replies.incremental_unassign(assigned)
+        for topic in due:
+            self._learn_topic("replies", topic)
+        self.replies.incremental_assign(parts)
+        self._touched["replies"].update(due)
+        self._shared_since.update(due)
+        for topic in due:  # replies of these waits may have been read before: read them again
+            for wait_id in self._shared.get(topic, ()):
+                self._orphans.pop(wait_id, None)
 
     def _settle(self) -> None:
         """Move the waits older than FRESH_SECONDS from the fresh consumer to the settled one."""
@@ -191,14 +302,14 @@ class Waiter(threading.Thread):
             if wait is None:
                 continue
             self._unassign("replies", wait.return_topic)
-            # From the beginning again: a reply that came meanwhile is read by the settled consumer.
+            # From its start again: a reply that came meanwhile is read by the settled consumer.
             if wait.created >= self.now_ms() - YOUNG_MS:
-                self._learn_topic(self.settled, wait.return_topic)
-            moved.append(TopicPartition(wait.return_topic, 0, 0))
+                self._learn_topic("settled", wait.return_topic)
+            moved.append(TopicPartition(wait.return_topic, 0, wait.offset))
             self._settled.add(wait_id)
         if moved:
-            self.settled.incremental_assign(moved)
-            self._touched["settled"] += len(moved)
+            self.settled.incremental_assign(_unique(moved))
+            self._touched["settled"].update(tp.topic for tp in moved)
 
     def _unassign(self, which: str, topic: str) -> None:
         """Queue ``topic`` for unassignment from consumer ``which`` (see :meth:`_flush_unassign`)."""
@@ -225,23 +336,27 @@ class Waiter(threading.Thread):
                     except Exception as exc:
                         logger.debug("waiter: unassign %s: %s", tp.topic, exc)
 
-    @staticmethod
-    def _learn_topic(consumer: Any, topic: str) -> None:
-        """Fetch a return topic's metadata before assigning it, so its reply is fetched at once.
+    def _learn_topic(self, which: str, topic: str) -> None:
+        """Fetch a return topic's metadata before consumer ``which`` is first assigned it, so its reply is
+        fetched at once.
 
         librdkafka learns the leader of a partition assigned by name only on its
         once-a-second scan of unknown topics: without this, every reply would wait
-        0.5 s on average (up to 1 s) before the consumer fetched it.
+        0.5 s on average (up to 1 s) before the consumer fetched it.  A topic the
+        consumer was given before (a leased or shared one) is known already.
         """
+        if topic in self._touched[which]:
+            return
         try:
-            consumer.list_topics(topic, timeout=5)
+            getattr(self, which).list_topics(topic, timeout=5)
         except KafkaException as exc:  # the scan will find it later
             logger.debug("waiter: metadata of %s: %s", topic, exc)
 
     # -- replies and completion ------------------------------------------------------------------
     def _read(self) -> None:
         """Read what the consumers have (the fresh one waits up to 10 ms for a first record)."""
-        msgs = [(m, "replies") for m in consume_ready(self.replies, 500, 0.01)] if self._fresh else []
+        msgs = [(m, "replies") for m in consume_ready(self.replies, 500, 0.01)] \
+            if self._fresh or self._shared_since else []
         if self._settled:
             msgs += [(m, "settled") for m in self.settled.consume(500, timeout=0 if self._fresh else 0.01)]
         for msg, which in msgs:
@@ -254,15 +369,58 @@ class Waiter(threading.Thread):
 
     def _on_reply(self, msg: Any) -> None:
         """Complete the wait ``msg`` answers, or drop ``msg`` when it may not complete it."""
+        if msg.topic() in self._shared_since:
+            self._on_shared_reply(msg)
+            return
         wait = self.book.for_topic(msg.topic())
         if wait is None or self.book.retrying(wait.id):
             return  # not a held wait, or a wait whose completion is being retried
+        if msg.offset() < wait.offset:
+            return  # a leased topic's record from before this wait's lease
         why = reply_rejection(msg.headers(), wait.id, require_id=self.require_id)
         if why is not None:
             self.rejected += 1
+            self._tainted.add(wait.id)
             logger.warning("waiter: dropped the record %s[%d]@%d: %s; %s still waits", msg.topic(),
                            msg.partition(), msg.offset(), why, wait.label)
             return
+        self._complete_from(msg, wait)
+
+    def _on_shared_reply(self, msg: Any) -> None:
+        """Complete the held wait whose id ``msg`` carries; keep ``msg`` a while when no held wait has it."""
+        wait_id = headers_dict(msg.headers()).get(ID_HEADER)
+        if wait_id is None:
+            self.rejected += 1
+            logger.warning("waiter: dropped the record %s[%d]@%d: a shared reply topic's record needs a %s "
+                           "header", msg.topic(), msg.partition(), msg.offset(), ID_HEADER)
+            return
+        wait = self.book.get(wait_id)
+        if wait is None or wait.return_topic != msg.topic():
+            if len(self._orphans) >= ORPHAN_MAX:
+                self._forget_orphan(next(iter(self._orphans)))
+            self._orphans[wait_id] = (msg, self.monotonic())
+            return
+        if self.book.retrying(wait.id):
+            return
+        self._complete_from(msg, wait)
+
+    def _forget_orphan(self, wait_id: str) -> None:
+        """Drop a kept record; its topic counts as read from after it only (see :meth:`_add_shared`)."""
+        msg, _ = self._orphans.pop(wait_id)
+        stamped = msg.timestamp()[1]
+        if msg.topic() in self._shared_since and stamped > 0:
+            self._shared_since[msg.topic()] = max(self._shared_since[msg.topic()], stamped + 1)
+
+    def _expire_orphans(self) -> None:
+        horizon = self.monotonic() - ORPHAN_SECONDS
+        while self._orphans:
+            wait_id, (_, seen) = next(iter(self._orphans.items()))
+            if seen > horizon:
+                return
+            self._forget_orphan(wait_id)
+
+    def _complete_from(self, msg: Any, wait: Wait) -> None:
+        """Complete ``wait`` with the reply ``msg`` (which may complete it)."""
         try:
             check_size(msg.value() or b"", settings(self.app).max_message_bytes, "the reply")
         except PayloadTooLarge as err:
@@ -275,10 +433,12 @@ class Waiter(threading.Thread):
         except ProtocolError as err:
             self._finish(wait, exc=DependencyFailed(f"{wait.label} sent an unreadable reply: {err}"))
         else:
+            if wait.id not in self._tainted:  # its topic may serve another wait, from after this reply
+                self._next_offset[wait.id] = msg.offset() + 1
             self._finish(wait, result=result)
 
     def _finish(self, wait: Wait, result: Any = None, exc: BaseException | None = None) -> None:
-        """Complete ``wait``'s task; then remove the wait from the registry and queue its topic for deletion.
+        """Complete ``wait``'s task; then remove the wait from the registry and end its topic.
 
         A completion that raises leaves everything in place and is tried again later
         with the same outcome (:meth:`WaitBook.failed`).
@@ -298,7 +458,7 @@ class Waiter(threading.Thread):
         self._remove(wait)
 
     def _remove(self, wait: Wait) -> None:
-        """Remove a finished wait from the registry, then queue its topic for deletion.
+        """Remove a finished wait from the registry, then end its topic (see :meth:`ReplyChannel.end`).
 
         A registry that cannot be reached keeps the wait in ``_to_remove`` (tried
         again every second): the waiter goes on, and should it die first, the
@@ -313,7 +473,14 @@ class Waiter(threading.Thread):
             self._to_remove[wait.id] = wait
             return
         self._to_remove.pop(wait.id, None)
-        self._to_delete.append(wait.return_topic)
+        self._tainted.discard(wait.id)
+        self._channel(wait).end(wait.id, wait_opened(wait), self._next_offset.pop(wait.id, None))
+
+    def _channel(self, wait: Wait) -> ReplyChannel:
+        found = self.channels.get(wait.channel)
+        if found is None:
+            found = self.channels[wait.channel] = channel(self.app, wait.channel)
+        return found
 
     def _remove_pending(self) -> None:
         now = self.monotonic()
@@ -334,17 +501,15 @@ class Waiter(threading.Thread):
         for wait, retry in self.book.retries_due():
             self._finish(wait, retry.result, retry.exc)
 
-    def _delete_topics(self, force: bool = False) -> None:
-        """Delete the finished return topics, in one request per :data:`DELETE_EVERY_SECONDS` at most."""
-        now = self.monotonic()
-        if self._to_delete and (force or now - self._last_delete > DELETE_EVERY_SECONDS):
-            names, self._to_delete = self._to_delete, []
-            self._last_delete = now
+    def _tick_channels(self, force: bool = False) -> None:
+        """The channels' upkeep: deletions, leased topics given back, the lease pool kept alive."""
+        if self.lease_pool is not None and not force:
+            self.lease_pool.tick()
+        for ch in self.channels.values():
             try:
-                clients(self.app).delete_topics(names, wait=force)
+                ch.tick(force=force)
             except Exception as exc:
-                logger.warning("waiter: cannot delete %d return topics now (%s); the reaper will", len(names),
-                               exc)
+                logger.warning("waiter: %s reply channel: %s", ch.name, exc)
 
     # -- the reply consumers ---------------------------------------------------------------------
     def _consumer(self, which: str) -> Any:
@@ -407,7 +572,7 @@ class Waiter(threading.Thread):
         if limit <= 0:
             return
         for which in _ROLES:
-            if self._touched[which] - len(self._holding(which)) < limit:
+            if len(self._touched[which]) - len(self._holding(which)) - len(self._shared_since) < limit:
                 continue
             touched, carried = self._replace(which)
             logger.info("waiter: replaced its %s consumer after %d return topics (%d waits carried over)", which,
@@ -427,13 +592,18 @@ class Waiter(threading.Thread):
             The return topics the old consumer was given, and the waits carried over.
         """
         waits = [w for w in map(self.book.get, self._holding(which)) if w is not None]
-        parts = [TopicPartition(w.return_topic, 0, 0) for w in waits]
+        parts = [TopicPartition(w.return_topic, 0, w.offset) for w in waits]
         new, old = self._consumer(which), getattr(self, which)
         if parts:
-            new.incremental_assign(parts)
+            new.incremental_assign(_unique(parts))
         setattr(self, which, new)
         self._unassign_due[which] = []
-        touched, self._touched[which] = self._touched[which], len(parts)
+        touched, self._touched[which] = len(self._touched[which]), {tp.topic for tp in parts}
+        if which == "replies":  # the shared topics too, from before their oldest held wait
+            for topic in list(self._shared_since):
+                held = [w.created for w in map(self.book.get, self._shared.get(topic, ())) if w is not None]
+                self._shared_due[topic] = min(held, default=self.now_ms()) - LOOKBACK_MS
+            self._shared_since.clear()
         try:
             old.close()
         except Exception as exc:
@@ -444,6 +614,9 @@ class Waiter(threading.Thread):
     def _open(self) -> None:
         """Make the consumers and join the registry's waiters; set :attr:`ready`."""
         self.registry = registry(self.app)
+        self.channels = {name: channel(self.app, name) for name in CHANNELS}
+        self.lease_pool = LeasePool(self.app, self.worker_name)
+        self.lease_pool.start()
         self.replies, self.settled = self._consumer("replies"), self._consumer("settled")
         self._watcher = self.registry.watch(self.worker_name)
         self.ready.set()
@@ -462,15 +635,18 @@ class Waiter(threading.Thread):
         self._retry_due()
         self._flush_unassign()
         self._recycle()
+        self._position_shared()
+        self._expire_orphans()
         self._replace_after_outage()
         self._remove_pending()
-        self._delete_topics()
+        self._tick_channels()
         clients(self.app).producer.poll(0)
 
     def _close(self) -> None:
         """Delete the finished topics, leave the waiters (the waits go to the others), close the clients."""
         steps: list[tuple[str, Callable[[], None]]] = [
-            ("delete return topics", lambda: self._delete_topics(force=True)),
+            ("end the lease pool", self.lease_pool.close if self.lease_pool is not None else lambda: None),
+            ("end return topics", lambda: self._tick_channels(force=True)),
             ("leave the waiters", self._watcher.close if self._watcher is not None else lambda: None),
             ("close the reply consumers", self._close_replies),
             ("close the event dispatcher", self.events.close)]

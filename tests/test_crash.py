@@ -26,6 +26,7 @@ def park(kit, service, env, n):
     run = env["FUSION_TEST_RUN"]
     gate = service(kit.topic(), lambda data: {"echo": data})
     gate.hold = True
+    gate.echo_id = True  # a service fit for every reply channel
     backs = [return_topic_name() for _ in range(n)]
     for f in kit.admin.create_topics([NewTopic(b, 1, 1) for b in backs]).values():
         f.result(60)
@@ -65,18 +66,51 @@ def check_answers(kit, redis_client, env, gate, backs):
     assert len(gate.received) == n, "a dependency request was sent twice"
 
 
+def lease_pool_of(env, worker):
+    """The id of ``worker``'s lease pool (it must be running)."""
+    import redis
+    client = redis.Redis.from_url(env["CELERY_RESULT_BACKEND"])
+    try:
+        found = client.get(f"fusion-lease-current-{worker.name}")
+    finally:
+        client.close()
+    assert found, f"{worker.name} runs no lease pool"
+    return found.decode()
+
+
+def reap_until_no_topic_of(kit, env, pools):
+    """Run the reaper (as ``celery fusion reap`` does) until no topic of the lease ``pools`` is left."""
+    from fusion_celery.application import create_app
+    from fusion_celery.reaper import reap
+
+    app = create_app("crash-reaper", backend=env["CELERY_RESULT_BACKEND"], set_as_current=False)
+    app.conf.update(fusion_kafka_bootstrap_servers=kit.servers, fusion_registry_url=env["FUSION_REGISTRY_URL"])
+
+    def none_left():
+        reap(app, grace=0)
+        return not {t for t in kit.topics("fusion.rt.lease.") if any(f"lease.{p}." in t for p in pools)}
+    # A killed worker's pool counts as alive until its key expires (ALIVE_SECONDS).
+    wait_for(none_left, 120, f"every topic of the lease pools {pools} to be deleted", interval=2)
+
+
 @pytest.mark.parametrize("registry", REGISTRIES)
-def test_kill_9_with_50_pending_waits(registry, kit, service, worker_factory, redis_client):
-    env = isolated_env(registry)
+def test_kill_9_with_50_pending_leased_waits_all_complete_and_no_topic_leaks(registry, kit, service,
+                                                                               worker_factory, redis_client):
+    env = {**isolated_env(registry), "FUSION_REPLY_CHANNEL": "leased"}
     a = worker_factory(name="crashA", env=env, concurrency=2)
+    pools = [lease_pool_of(env, a)]
     gate, backs = park(kit, service, env, 50)
+    assert all(f"lease.{pools[0]}." in r["return-topic"] for r in gate.received), "the waits hold leased topics"
 
     a.kill()
     gate.hold = False
     gate.release()  # the replies now wait in Kafka, nobody is listening
 
-    worker_factory(name="crashB", env=env, concurrency=2)
+    b = worker_factory(name="crashB", env=env, concurrency=2)
+    pools.append(lease_pool_of(env, b))
     check_answers(kit, redis_client, env, gate, backs)
+    assert b.stop() == 0
+    reap_until_no_topic_of(kit, env, pools)
 
 
 def held_waits(env, *workers):
@@ -91,10 +125,10 @@ def held_waits(env, *workers):
     return {w.name: (found.get(w.name) or {}).get("pending") for w in workers}
 
 
-@pytest.mark.parametrize("registry", REGISTRIES)
-def test_kill_9_the_running_peer_takes_the_dead_workers_waits_over(registry, kit, service, worker_factory,
+@pytest.mark.parametrize(("registry", "channel"), [("kafka", "shared"), ("zookeeper", "ephemeral")])
+def test_kill_9_the_running_peer_takes_the_dead_workers_waits_over(registry, channel, kit, service, worker_factory,
                                                                    redis_client):
-    env = isolated_env(registry)
+    env = {**isolated_env(registry), "FUSION_REPLY_CHANNEL": channel}
     a = worker_factory(name="peerA", env=env, concurrency=2)
     b = worker_factory(name="peerB", env=env, concurrency=2)
     n = 40

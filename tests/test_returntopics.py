@@ -225,7 +225,8 @@ def test_closing_deletes_the_unused_topics(kit, pooled):
 @pytest.mark.integration
 def test_a_worker_with_a_pool_answers_and_leaves_no_topic_after_shutdown(kit, worker_factory):
     prefix = f"fusion.rt.wpool{uuid.uuid4().hex[:6]}."
-    env = {**isolated_env(), "FUSION_RETURN_TOPIC_POOL": "3", "FUSION_RETURN_TOPIC_PREFIX": prefix,
+    env = {**isolated_env(), "FUSION_REPLY_CHANNEL": "ephemeral", "FUSION_RETURN_TOPIC_POOL": "3",
+           "FUSION_RETURN_TOPIC_PREFIX": prefix,
            "FUSION_REPLY_ALLOWLIST": r"fusion\.rt\..*"}  # the callers below use the default prefix
     w = worker_factory(name="pool", env=env, concurrency=1)
     math = f"{env['FUSION_TEST_RUN']}.math"
@@ -266,8 +267,8 @@ def test_a_dispatch_names_its_return_topic_with_the_waits_deadline(kit, services
     dep_topic = kit.topic()
     dep = service(dep_topic, lambda data: "ok")
     back = kit.topic(return_topic_name())
-    kit.send(topic_name("generic"), {"data": {"deps": {"d": {"topic": dep_topic, "timeout": 120}}},
-                                     "return-topic": back})
+    dep_entry = {"topic": dep_topic, "timeout": 120, "reply": "ephemeral"}  # a name with the wait's deadline
+    kit.send(topic_name("generic"), {"data": {"deps": {"d": dep_entry}}, "return-topic": back})
     [request] = wait_for(lambda: dep.received, 60, "the dependency's request")
     created, deadline = name_times(request["return-topic"], PREFIX)
     assert deadline == request["deadline"], request

@@ -15,15 +15,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from support.clock import Clock
 
+import fusion_celery.channels.ephemeral as ephemeral_module
+import fusion_celery.channels.leased as leased_module
 import fusion_celery.waiter as waiter_module
 from fusion_celery.application import create_app
 from fusion_celery.backends.memory import MemoryRegistry
 from fusion_celery.config import reload
 from fusion_celery.errors import DependencyFailed, DependencyTimeout
 from fusion_celery.registry import Wait
+from fusion_celery.testing.app import fake_redis_backend
 from fusion_celery.waiter import FRESH_SECONDS, OUTAGE_QUIET_SECONDS, Waiter
 
 # -- fakes -----------------------------------------------------------------------------------------
@@ -129,6 +132,14 @@ class FakeConsumer:
     def list_topics(self, topic: str | None = None, timeout: float = -1) -> None:
         return None
 
+    def get_watermark_offsets(self, tp: Any, timeout: float = -1, cached: bool = False) -> tuple[int, int]:
+        with self.fk.lock:
+            return 0, len(self.fk.topics.get(tp.topic, []))
+
+    def offsets_for_times(self, parts: list[Any], timeout: float = -1) -> list[Any]:
+        """Records here carry no time: as if every one were older than asked (-1: none at or after it)."""
+        return [TopicPartition(tp.topic, tp.partition, -1) for tp in parts]
+
     def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Record]:
         assert not self.closed
         out, self.events = self.events[:num_messages], self.events[num_messages:]
@@ -175,7 +186,8 @@ class Completions:
 @pytest.fixture
 def fk(monkeypatch) -> FakeKafka:
     fake = FakeKafka()
-    monkeypatch.setattr(waiter_module, "clients", lambda app: fake)
+    for module in (waiter_module, ephemeral_module, leased_module):
+        monkeypatch.setattr(module, "clients", lambda app: fake)
     return fake
 
 
@@ -188,7 +200,8 @@ def completions(monkeypatch) -> Completions:
 
 @pytest.fixture
 def app():
-    app = create_app(f"waiter-unit-{uuid.uuid4().hex[:6]}")
+    app = create_app(f"waiter-unit-{uuid.uuid4().hex[:6]}", backend="redis://", set_as_current=False)
+    app.backend_cls = fake_redis_backend()  # the lease pool's state
     app.conf.fusion_registry_url = f"memory://waiter-unit-{uuid.uuid4().hex}"
     app.conf.worker_send_task_events = False
     reload(app)
@@ -213,10 +226,11 @@ def waiter(app, fk, completions, clock) -> Iterator[Waiter]:
     w._close()
 
 
-def make_wait(clock: Clock, wait_id: str = "w1", topic: str = "rt.1", *, in_s: float = 60.0) -> Wait:
+def make_wait(clock: Clock, wait_id: str = "w1", topic: str = "rt.1", *, in_s: float = 60.0,
+              **fields: Any) -> Wait:
     now = clock.now_ms()
     return Wait(id=wait_id, return_topic=topic, topic="svc", deadline=now + int(in_s * 1000), request={},
-                created=now, dep="x")
+                created=now, dep="x", **fields)
 
 
 def steps(w: Waiter, n: int = 3) -> None:
@@ -683,3 +697,62 @@ def test_on_the_stub_an_outage_replaces_both_consumers_and_nothing_is_completed_
     steps(w)
     assert [c["result"] for c in completions.calls] == ["a answer", "b answer"]
     assert reg.pending() == []
+
+
+# -- reply channels --------------------------------------------------------------------------------
+def test_a_leased_wait_reads_from_its_lease_offset_and_its_topic_cools_down_instead_of_being_deleted(
+        waiter, reg, fk, completions, clock):
+    fk.send("rt.L", "the previous lease's reply")  # no id: only the offset tells it from this wait's
+    reg.register(make_wait(clock, "w1", "rt.L", channel="leased", offset=1, pool="p1"))
+    steps(waiter, 1)
+    assert current(waiter, "replies").assigned == {"rt.L": 1}
+    fk.send("rt.L", "this one")
+    steps(waiter)
+    [call] = completions.calls
+    assert call["result"] == "this one" and reg.pending() == []
+    assert fk.deleted == [], "a leased topic is not deleted"
+    [(_, wait_id, opened, next_offset)] = waiter.channels["leased"]._cooling
+    assert (wait_id, opened.return_topic, opened.pool, next_offset) == ("w1", "rt.L", "p1", 2)
+
+
+def test_a_leased_wait_whose_topic_got_a_record_with_another_id_retires_the_topic(waiter, reg, fk, completions,
+                                                                                   clock, monkeypatch):
+    retired = []
+    monkeypatch.setattr(waiter.channels["leased"], "retire", lambda wait_id, opened: retired.append(wait_id))
+    reg.register(make_wait(clock, "w1", "rt.L", channel="leased", offset=0, pool="p1"))
+    steps(waiter, 1)
+    fk.send("rt.L", "forged", headers=[("fusion-id", b"somebody-else")])
+    fk.send("rt.L", "real", headers=[("fusion-id", b"w1")])
+    steps(waiter)
+    assert [c["result"] for c in completions.calls] == ["real"] and waiter.rejected == 1
+    assert retired == ["w1"] and waiter.channels["leased"]._cooling == []
+
+
+def test_of_two_waits_on_one_leased_topic_the_earlier_lease_is_removed_and_never_read(waiter, reg, fk, completions,
+                                                                                      clock):
+    """A waiter that died between completing a wait and removing it leaves the wait in the registry while its
+    topic is leased again: the later lease is the topic's reader."""
+    reg.register(make_wait(clock, "old", "rt.L", channel="leased", offset=0, pool="p1"))
+    reg.register(make_wait(clock, "new", "rt.L", channel="leased", offset=1, pool="p1"))
+    steps(waiter, 1)
+    assert [w.id for w in reg.pending()] == ["new"] and "old" not in waiter.book
+    fk.send("rt.L", "old reply")
+    fk.send("rt.L", "new reply")
+    steps(waiter)
+    assert [(c["wait"].id, c["result"]) for c in completions.calls] == [("new", "new reply")]
+
+
+def test_a_shared_reply_read_before_its_wait_was_reported_completes_it_when_it_is(waiter, reg, fk, completions,
+                                                                                 clock):
+    reg.register(make_wait(clock, "w1", "rt.shared.0", channel="shared"))
+    steps(waiter, 1)
+    assert "rt.shared.0" in current(waiter, "replies").assigned
+    fk.send("rt.shared.0", "for w2", headers=[("fusion-id", b"w2")])  # its wait is not reported yet
+    fk.send("rt.shared.0", "no id")  # nobody can tell whose: dropped
+    steps(waiter)
+    assert completions.calls == [] and waiter.rejected == 1
+    reg.register(make_wait(clock, "w2", "rt.shared.0", channel="shared"))
+    fk.send("rt.shared.0", "for w1", headers=[("fusion-id", b"w1")])
+    steps(waiter)
+    assert sorted((c["wait"].id, c["result"]) for c in completions.calls) == [("w1", "for w1"), ("w2", "for w2")]
+    assert fk.deleted == [] and "rt.shared.0" in current(waiter, "replies").assigned, "a shared topic stays"

@@ -6,8 +6,8 @@ import concurrent.futures
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AclBinding, AclBindingFilter, NewTopic
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AclBinding, AclBindingFilter, ListOffsetsResultInfo, NewTopic
 
 from .client import Client, Config
 
@@ -136,6 +136,29 @@ class AdminClient(Client):
         """
         self._check_open()
         return {f: _outcome(lambda f=f: self.broker.remove_acls(f)) for f in acl_binding_filters}
+
+    def list_offsets(self, topic_partition_offsets: dict[TopicPartition, Any], isolation_level: Any = None,
+                     request_timeout: float | None = None) -> dict[TopicPartition, concurrent.futures.Future]:
+        """The latest (high watermark) or earliest (0) offset of each partition.
+
+        Parameters:
+            topic_partition_offsets: partition -> ``OffsetSpec.latest()`` or ``OffsetSpec.earliest()``
+                (a spec by time is not supported).
+
+        Returns:
+            A done future per partition: its result has ``.offset``, or it raises ``KafkaException``
+            (``UNKNOWN_TOPIC_OR_PART``, ``_TRANSPORT``).
+        """
+        self._check_open()
+        out = {}
+        for tp, spec in topic_partition_offsets.items():
+            earliest = type(spec).__name__ == "EarliestSpec"
+
+            def answer(tp: TopicPartition = tp, earliest: bool = earliest) -> Any:
+                low, high = self.broker.watermarks(tp.topic, tp.partition)
+                return ListOffsetsResultInfo(low if earliest else high, -1, -1)
+            out[tp] = _outcome(answer)
+        return out
 
     def poll(self, timeout: float | None = None) -> int:
         """Serve ``error_cb`` (admin results need no polling here).

@@ -388,6 +388,20 @@ class Broker:
                              "Failed to get watermark offsets: Broker: Unknown topic or partition")
             return 0, len(log)
 
+    def offset_for_time(self, topic: str, partition: int, ms: int) -> int:
+        """The offset of the partition's first record stamped at or after ``ms``, or -1 when there is none.
+
+        Raises:
+            KafkaException: ``UNKNOWN_TOPIC_OR_PART``, or ``_TRANSPORT`` when down.
+        """
+        with self.cond:
+            self.check_up("Failed to get offsets by times")
+            log = self.log(topic, partition)
+            if log is None:
+                raise _raise(KafkaError.UNKNOWN_TOPIC_OR_PART,
+                             "Failed to get offsets by times: Broker: Unknown topic or partition")
+            return next((r.offset for r in log if r.timestamp[1] >= ms), -1)
+
     def log(self, topic: str, partition: int) -> list[Record] | None:
         """The log of a partition, or None when there is no such partition (call with :attr:`cond` held)."""
         t = self.topics.get(topic)

@@ -518,6 +518,20 @@ class Consumer(Client):
         self.broker.wait_until_up(timeout)
         return self.broker.watermarks(partition.topic, partition.partition)
 
+    def offsets_for_times(self, partitions: list[TopicPartition], timeout: float | None = None
+                          ) -> list[TopicPartition]:
+        """For each partition, the offset of its first record stamped at or after the partition's ``offset``
+        (epoch ms), or -1 when there is none.
+
+        Raises:
+            KafkaException: ``UNKNOWN_TOPIC_OR_PART``; ``_TRANSPORT`` when the broker stayed unreachable.
+        """
+        self._check_open()
+        self.broker.wait_until_up(timeout)
+        return [TopicPartition(tp.topic, tp.partition, self.broker.offset_for_time(tp.topic, tp.partition,
+                                                                                   tp.offset))
+                for tp in partitions]
+
     def close(self) -> None:
         """Commit (with auto-commit), give back the partitions (``on_revoke`` runs), leave the group."""
         if self._closed:

@@ -87,9 +87,14 @@ class Group:
             self.rebalance()
 
     def topics_changed(self) -> None:
-        """A topic was created or deleted: divide the partitions again."""
-        if self.members:
-            self.rebalance()
+        """A topic was created or deleted: divide the partitions again, when that changes the division (as
+        Kafka does: a topic no member subscribes to, created or deleted, leaves the group alone)."""
+        if not self.members:
+            return
+        settled = all(m.assign is None and m.revoke is None and m.revoking is None for m in self.members.values())
+        if settled and self._divide() == {m.id: m.owned for m in self.members.values()}:
+            return
+        self.rebalance()
 
     # -- rebalancing -----------------------------------------------------------------------------------------
     def rebalance(self) -> None:

@@ -105,7 +105,11 @@ class KafkaKit:
 
 
 class Service(threading.Thread):
-    """A dependency service written with confluent-kafka alone: replies ``fn(data)`` on the return topic."""
+    """A dependency service written with confluent-kafka alone: replies ``fn(data)`` on the return topic.
+
+    With ``echo_id`` it also echoes the request's ``id`` in the ``fusion-id`` header, as the
+    ``shared`` reply channel needs.
+    """
 
     def __init__(self, servers: str, topic: str, fn: Callable[[Any], Any], *, raw: bool = False) -> None:
         super().__init__(daemon=True)
@@ -116,8 +120,9 @@ class Service(threading.Thread):
         self.producer = Producer({"bootstrap.servers": servers, "linger.ms": 0})
         self.stop_event = threading.Event()
         self.received: list[dict] = []
-        self.held: list[tuple[str, Any]] = []
+        self.held: list[tuple[str, Any, Any]] = []
         self.hold = False
+        self.echo_id = False
 
     def reply(self, return_topic: str, result: Any, headers=None) -> None:
         self.producer.produce(return_topic, json.dumps(result), headers=headers)
@@ -125,8 +130,8 @@ class Service(threading.Thread):
 
     def release(self) -> None:
         held, self.held = self.held, []
-        for return_topic, result in held:
-            self.reply(return_topic, result)
+        for return_topic, result, headers in held:
+            self.reply(return_topic, result, headers)
 
     def run(self) -> None:
         self.consumer.subscribe([self.topic])
@@ -138,11 +143,12 @@ class Service(threading.Thread):
             self.received.append({**body, "_t": time.time()})
             out = self.fn(body["data"])
             rt = body.get("return-topic") or body.get("response-topic")
+            headers = [("fusion-id", str(body["id"]).encode())] if self.echo_id and body.get("id") else None
             if rt:
                 if self.hold:
-                    self.held.append((rt, out))
+                    self.held.append((rt, out, headers))
                 else:
-                    self.reply(rt, out)
+                    self.reply(rt, out, headers)
         self.consumer.close()
 
     def stop(self) -> None:
