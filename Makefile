@@ -50,9 +50,10 @@ test: venv
 	$(WITH_STACK) $(PY) -m pytest $(PYTEST_ARGS)
 
 # No stack: a test that needs a service carries the integration marker (tests/conftest.py refuses one that
-# asks for a service fixture without it).
+# asks for a service fixture without it). Two processes (pytest-xdist), each test file in one of them, so that
+# a module's in-process worker serves all its tests.
 test-unit: venv
-	$(PY) -m pytest -m "not integration and not soak and not faults" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not integration and not soak and not faults" -n 2 --dist loadfile $(PYTEST_ARGS)
 
 demo: venv up
 	$(WITH_STACK) $(PY) -m examples.demo

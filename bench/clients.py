@@ -227,12 +227,14 @@ class LoopResult:
 
 
 def closed_loop(caller: CorrelationCaller, topic: str, data: Any, in_flight: int, *, window_s: float,
-                warmup_completions: int, warmup_timeout: float, drain_timeout: float) -> LoopResult:
+                warmup_completions: int, warmup_timeout: float, drain_timeout: float,
+                on_window: tuple[Callable[[], Any], Callable[[], Any]] | None = None) -> LoopResult:
     """Keep ``in_flight`` requests outstanding; count completions per second over a window after warm-up.
 
     A request that completes starts the next one.  The window opens after
     ``warmup_completions`` completions (so queues are full), lasts ``window_s``,
-    then no new request is sent and the ones in flight are drained.
+    then no new request is sent and the ones in flight are drained.  ``on_window`` is called as the
+    window opens and as it closes.
     """
     res = LoopResult(in_flight)
     lock = threading.Lock()
@@ -260,6 +262,8 @@ def closed_loop(caller: CorrelationCaller, topic: str, data: Any, in_flight: int
     if not warm.wait(warmup_timeout):
         res.note = f"warm-up: {state['done']} of {warmup_completions} completions within {warmup_timeout:.0f}s"
     res.warmup_s = time.perf_counter() - t_start
+    if on_window:
+        on_window[0]()
     with lock:
         state["measuring"] = True
     t0 = time.perf_counter()
@@ -268,6 +272,8 @@ def closed_loop(caller: CorrelationCaller, topic: str, data: Any, in_flight: int
         state["measuring"] = False
         state["running"] = False
     res.window_s = time.perf_counter() - t0
+    if on_window:
+        on_window[1]()
     deadline = time.monotonic() + drain_timeout
     while caller.outstanding() and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -55,7 +55,7 @@ def done(prior: Any = None, *, token: str, key: str) -> None:
 
 
 def closed_loop(app_: Celery, shape: str, in_flight: int, *, window_s: float, warmup_completions: int,
-                warmup_timeout: float, drain_timeout: float) -> Any:
+                warmup_timeout: float, drain_timeout: float, on_window: tuple[Any, Any] | None = None) -> Any:
     """Plain Celery's throughput: keep ``in_flight`` canvases of ``shape`` running, each completion starting
     the next, and count completions per second over a window (as :func:`bench.clients.closed_loop` does).
 
@@ -91,9 +91,13 @@ def closed_loop(app_: Celery, shape: str, in_flight: int, *, window_s: float, wa
                 res.note = f"warm-up: {done_count} of {warmup_completions} completions within {warmup_timeout:.0f}s"
             res.warmup_s = now - t_start
             measuring, window_start = True, now
+            if on_window:
+                on_window[0]()
         if measuring and window_start is not None and now - window_start >= window_s:
             measuring, running, window_end = False, False, now
             drain_deadline = time.monotonic() + drain_timeout
+            if on_window:
+                on_window[1]()
         if drain_deadline is not None and time.monotonic() > drain_deadline:
             break
         popped = client.blpop([key], timeout=1)

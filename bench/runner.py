@@ -116,7 +116,8 @@ def start_fusion_worker(ctx: Ctx, app: Any, tag: str = "fusion", concurrency: in
     name = f"bench-{tag}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
     prof = ctx.profile
     p = Proc(tag, [os.sys.executable, "-m", "celery", "-A", "fusion_celery", "worker", "-n", name, "-P", prof.pool,
-                   "-c", str(concurrency or prof.concurrency), "-l", "warning", "--without-mingle", "--without-gossip"],
+                   "-c", str(concurrency or prof.concurrency), "-l", os.environ.get("BENCH_WORKER_LOG", "warning"),
+                   "--without-mingle", "--without-gossip"],
              env or ctx.env, ctx.logdir)
     p.worker_name = name  # type: ignore[attr-defined]
     p.start()
@@ -281,15 +282,15 @@ def section_latency(ctx: Ctx, app: Any, plain_app: Any) -> dict[str, Any]:
             return None, time.perf_counter() - t0
         return call
 
-    def corr_call() -> tuple[Any, float]:
-        return corr.call(svc("echo"), DATA, timeout=60)
+    def corr_call(topic: str | None = None) -> Callable[[], tuple[Any, float]]:
+        return lambda: corr.call(topic or svc("echo"), DATA, timeout=60)
 
     # (key, group, shape, path, call, expected or None)
     scenarios: list[tuple[str, str, str, str, Callable[[], tuple[Any, float]], Any]] = [
         ("floor.ephemeral", "baseline", "one request", "raw Kafka, return topic per request",
          eph(floor, svc("echo"), keep_create=True), DATA),
         ("floor.correlation", "baseline", "one request", "raw Kafka, one reply topic + correlation ids",
-         corr_call, DATA),
+         corr_call(), DATA),
     ]
     for shape in SHAPES:
         exp = expected_result(shape)
@@ -302,6 +303,12 @@ def section_latency(ctx: Ctx, app: Any, plain_app: Any) -> dict[str, Any]:
              eph(caller, reactor_topic(shape, channel="ephemeral")), exp),
             (f"fusion.pipeline.{shape}", "fusion-celery", shape, "Pipeline.delay().get(), leased",
              pipe(reactor_topic(shape)), exp),
+            (f"fusion.corr.{shape}", "fusion-celery", shape,
+             "over Kafka, leased; the caller keeps one reply topic (correlation ids)", corr_call(reactor_topic(shape)),
+             exp),
+            (f"fusion-shared.corr.{shape}", "fusion-celery", shape,
+             "over Kafka, shared; the caller keeps one reply topic (correlation ids)",
+             corr_call(reactor_topic(shape, channel="shared")), exp),
             (f"clj.{shape}", "baseline", shape, "consumer per wait (fusion-clj design)",
              eph(caller, clj_topic(shape)), exp),
             (f"celery.{shape}", "baseline", shape, "plain Celery chord, no Kafka", plain(shape), None),
@@ -355,9 +362,15 @@ def section_latency(ctx: Ctx, app: Any, plain_app: Any) -> dict[str, Any]:
 
 # -- section 2: throughput ---------------------------------------------------------------------------
 def _per_request(window: dict[str, Any], requests: int) -> float | None:
-    """Return topics fusion-celery created per request during a throughput window (all its owners)."""
+    """Return topics fusion-celery created per request during a churn window (all its owners): in the
+    measuring window (steady state), or over warm-up, window and drain (``..._all``: pools growing too)."""
     created = sum(o["created"] for name, o in window["by_owner"].items() if name.startswith("fusion"))
     return round(created / requests, 4) if requests else None
+
+
+def _steady_window(churn: Any, into: dict[str, Any], label: str) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Callbacks that open and close a churn window over a loop's measuring window (``into["c"]``: its counts)."""
+    return (lambda: into.update(w=churn.open(label)), lambda: into.update(c=churn.close_window(into["w"])))
 
 
 def section_throughput(ctx: Ctx, app: Any, plain_app: Any, topics: Any, churn: Any) -> dict[str, Any]:
@@ -386,15 +399,18 @@ def section_throughput(ctx: Ctx, app: Any, plain_app: Any, topics: Any, churn: A
                 continue
             _say(f"throughput: {design}, {k} in flight")
             window = churn.open(f"throughput {design} {k}")
+            steady: dict[str, Any] = {}
             kw = {"window_s": prof.window_s, "warmup_completions": min(k, prof.warmup_completions_max),
-                  "warmup_timeout": max(60.0, 4 * prof.window_s), "drain_timeout": max(60.0, k * 0.3)}
+                  "warmup_timeout": max(60.0, 4 * prof.window_s), "drain_timeout": max(60.0, k * 0.3),
+                  "on_window": _steady_window(churn, steady, f"window {design} {k}")}
             res = plain_loop(plain_app, "onedep", k, **kw) if topic is None else closed_loop(corr, topic, DATA, k, **kw)
             w = churn.close_window(window)
             left = leftovers(ctx, topics, f"throughput {design} {k}")
             row = {"design": design, "in_flight": k, "rps": round(res.rps, 1), "completed": res.completed,
                    "failed": res.failed, "window_s": round(res.window_s, 1), "warmup_s": round(res.warmup_s, 1),
                    "drained": res.drained, "lost": res.lost, **summary(res.latencies), "churn": w,
-                   "requests": res.total, "topics_created_per_request": _per_request(w, res.total),
+                   "requests": res.total, "topics_created_per_request_all": _per_request(w, res.total),
+                   "topics_created_per_request": _per_request(steady["c"], res.completed) if "c" in steady else None,
                    "return_topics_left": left["left"]}
             if res.note:
                 row["note"] = res.note
@@ -604,7 +620,8 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     lat = {r["key"]: r for r in result.get("latency", {}).get("rows", [])}
     celery = lat.get("celery.onedep", {}).get("p50_ms")
-    for key, label in (("fusion.kafka.onedep", "leased"), ("fusion-shared.kafka.onedep", "shared")):
+    # The callers that keep one reply topic: a caller that creates a topic per call adds its own creation.
+    for key, label in (("fusion.corr.onedep", "leased"), ("fusion-shared.corr.onedep", "shared")):
         p50 = lat.get(key, {}).get("p50_ms")
         if p50 and celery:
             ratio = p50 / celery

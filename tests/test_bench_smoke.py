@@ -21,11 +21,14 @@ def test_bench_smoke_run_completes_and_writes_json(stack, tmp_path):
                 "leftovers", "targets", "duration_s"):
         assert key in result, f"missing {key!r} in the benchmark JSON"
     keys = {r["key"] for r in result["latency"]["rows"]}
-    assert {"floor.ephemeral", "floor.correlation", "fusion.kafka.onedep", "fusion.pipeline.math", "clj.diamond",
-            "celery.diamond", "fusion-pool.kafka.onedep"} <= keys
+    assert {"floor.ephemeral", "floor.correlation", "fusion.kafka.onedep", "fusion-shared.kafka.math",
+            "fusion-eph.kafka.diamond", "fusion.corr.onedep", "fusion-shared.corr.math", "fusion.pipeline.math",
+            "clj.diamond", "celery.diamond", "fusion-pool.kafka.onedep"} <= keys
     assert all(r.get("n", 0) > 0 for r in result["latency"]["rows"]), result["latency"]["rows"]
-    assert {r["design"] for r in result["throughput"]["rows"]} == {"fusion-celery", "fusion-celery + pool",
-                                                                    "consumer-per-wait"}
+    assert {r["design"] for r in result["throughput"]["rows"]} == {
+        "fusion-celery leased", "fusion-celery shared", "fusion-celery ephemeral", "consumer-per-wait", "plain Celery",
+        "fusion-celery leased, two workers"}
+    assert all(r.get("completed", 0) > 0 for r in result["throughput"]["rows"]), result["throughput"]["rows"]
     end = result["leftovers"][-1]
     assert end["section"] == "end of run" and end["left"] == 0, result["leftovers"]  # the pool's topics too
     assert result["waiting"]["fusion-celery"] and result["waiting"]["consumer-per-wait"]

@@ -83,7 +83,8 @@ def reap_until_no_topic_of(kit, env, pools):
     from fusion_celery.application import create_app
     from fusion_celery.reaper import reap
 
-    app = create_app("crash-reaper", backend=env["CELERY_RESULT_BACKEND"], set_as_current=False)
+    app = create_app("crash-reaper", set_as_current=False)
+    app.backend_cls = env["CELERY_RESULT_BACKEND"]  # over the session's CELERY_RESULT_BACKEND in the environment
     app.conf.update(fusion_kafka_bootstrap_servers=kit.servers, fusion_registry_url=env["FUSION_REGISTRY_URL"])
 
     def none_left():
