@@ -132,8 +132,8 @@ class Gate(Service):
         held = self.held
         n = len(held) if count is None else min(count, len(held))
         self.held = held[n:]
-        for return_topic, result in held[:n]:
-            self.producer.produce(return_topic, json.dumps(result))
+        for return_topic, result, headers in held[:n]:
+            self.producer.produce(return_topic, json.dumps(result), headers=headers)
             self.producer.poll(0)
         self.producer.flush(60)
         return n
