@@ -7,10 +7,11 @@ Kept next to the results in the Redis result backend:
 - ``fusion-waiting-<run id>``, a set: the dispatching subtasks of the run parked on a reply right now;
 - ``fusion-done-<run id>``, a set: those whose reply is stored (a set, so that a completion replayed
   after a crash counts once);
-- ``fusion-rt-<subtask id>``: the return topic a dispatching subtask registered its wait with, so that
-  an attempt of it that runs again (its worker died after registering the wait) sends its request
-  with the topic the waiter holding the wait reads; gone once the reply is stored, or with the wait's
-  deadline.
+- ``fusion-rt-<subtask id>``: the return topic a dispatching subtask registered its wait with (the JSON
+  of its :class:`~fusion_celery.channels.Opened`: topic, channel, start offset, pool; a bare topic name
+  from older versions), so that an attempt of it that runs again (its worker died after registering the
+  wait) sends its request with the topic the waiter holding the wait reads; gone once the reply is
+  stored, or with the wait's deadline.
 
 Written when a run compiles its deps-map, when a dep's request is sent and when its
 reply is stored; read by ``celery fusion call`` (the progress bar) and by the intake,
@@ -71,7 +72,8 @@ def _parked(client: Any, run: str | None, wait_id: str, topic: str, topic_ttl: i
 
 def parked(app: Celery, run_id: str | None, wait_id: str, return_topic: str, seconds: float) -> None:
     """Subtask ``wait_id`` (of run ``run_id``, if any) is about to send its request with ``return_topic``
-    and await the reply; the topic is kept ``seconds`` (its wait's life) for an attempt that runs again."""
+    (the JSON of its :class:`~fusion_celery.channels.Opened`) and await the reply; it is kept ``seconds``
+    (its wait's life) for an attempt that runs again."""
     with_retry(app, _parked, run_id, wait_id, return_topic, max(1, int(seconds)), int(lifetime(app)))
 
 
@@ -91,7 +93,8 @@ def advance(app: Celery, task_id: str, wait_id: str) -> None:
 
 
 def remembered_return_topic(app: Celery, wait_id: str) -> str | None:
-    """The return topic an earlier attempt of subtask ``wait_id`` registered its wait with, if any."""
+    """The return topic an earlier attempt of subtask ``wait_id`` registered its wait with, if any (as
+    :func:`parked` kept it)."""
     found = with_retry(app, lambda c, k: c.get(k), _return_topic(wait_id))
     return found.decode() if isinstance(found, bytes) else found
 

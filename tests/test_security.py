@@ -226,24 +226,27 @@ class RedisTraffic(threading.Thread):
         self.client = redis.Redis.from_url(urls[0])
         self.dbs = {db_of(u) for u in urls}
         self.lines: dict[bytes, list[bytes]] = {db: [] for db in self.dbs}
-        self.should_stop = False
+        self.stop_token: bytes | None = None
         self.monitor = self.client.monitor().__enter__()  # MONITOR is on once this returns
         self.start()
 
     def run(self) -> None:
-        while not self.should_stop:
+        while True:
             try:
                 line = self.monitor.connection.read_response()
             except Exception:
                 return
+            if self.stop_token is not None and self.stop_token in (line if isinstance(line, bytes) else b""):
+                return  # every command run before stop() was read
             m = re.match(rb"\S+ \[(\d+) ", line if isinstance(line, bytes) else b"")
             if m and m.group(1) in self.dbs:
                 self.lines[m.group(1)].append(line)
 
     def stop(self) -> None:
-        self.should_stop = True
-        self.client.ping()  # wakes the reader up: MONITOR shows every command
-        self.join(10)
+        """Read up to the commands run before this call (MONITOR shows them in order), then stop."""
+        self.stop_token = f"traffic-stop-{uuid.uuid4().hex}".encode()
+        self.client.echo(self.stop_token)
+        self.join(30)
         self.monitor.__exit__(None, None, None)
         self.client.close()
 
