@@ -381,12 +381,7 @@ class Broker:
             KafkaException: ``UNKNOWN_TOPIC_OR_PART``, or ``_TRANSPORT`` when down.
         """
         with self.cond:
-            self.check_up("Failed to get watermark offsets")
-            log = self.log(topic, partition)
-            if log is None:
-                raise _raise(KafkaError.UNKNOWN_TOPIC_OR_PART,
-                             "Failed to get watermark offsets: Broker: Unknown topic or partition")
-            return 0, len(log)
+            return 0, len(self._existing_log(topic, partition, "Failed to get watermark offsets"))
 
     def offset_for_time(self, topic: str, partition: int, ms: int) -> int:
         """The offset of the partition's first record stamped at or after ``ms``, or -1 when there is none.
@@ -395,12 +390,17 @@ class Broker:
             KafkaException: ``UNKNOWN_TOPIC_OR_PART``, or ``_TRANSPORT`` when down.
         """
         with self.cond:
-            self.check_up("Failed to get offsets by times")
-            log = self.log(topic, partition)
-            if log is None:
-                raise _raise(KafkaError.UNKNOWN_TOPIC_OR_PART,
-                             "Failed to get offsets by times: Broker: Unknown topic or partition")
+            log = self._existing_log(topic, partition, "Failed to get offsets by times")
             return next((r.offset for r in log if r.timestamp[1] >= ms), -1)
+
+    def _existing_log(self, topic: str, partition: int, what: str) -> list[Record]:
+        """The log of a partition that must exist, for a request described by ``what`` (call with :attr:`cond`
+        held); raises what the broker answers when it is down or the partition does not exist."""
+        self.check_up(what)
+        log = self.log(topic, partition)
+        if log is None:
+            raise _raise(KafkaError.UNKNOWN_TOPIC_OR_PART, f"{what}: Broker: Unknown topic or partition")
+        return log
 
     def log(self, topic: str, partition: int) -> list[Record] | None:
         """The log of a partition, or None when there is no such partition (call with :attr:`cond` held)."""
