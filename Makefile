@@ -1,10 +1,12 @@
 # fusion-celery developer entry points.
 #
 #   make venv     create .venv and install the package (editable, dev+flower extras)
-#   make up       start Kafka (KRaft) + Redis + ZooKeeper locally (stack/stack.sh)
+#   make up       start Kafka (KRaft) + Redis + ZooKeeper locally (stack/stack.sh); FUSION_KAFKA_NODES=3 make up:
+#                 a Kafka cluster of three nodes (make status/down, stack.sh stop|start kafka-2 work per node)
 #   make down     stop them;  make status  show them
 #   make test     run pytest with the stack up (starts/stops it unless already up)
 #   make test-unit  the tests that need no service (not integration/soak/faults), with no stack started
+#   make test-cluster  the tests that need a Kafka cluster (pytest -m cluster), on FUSION_KAFKA_NODES=3
 #   make soak     the long reliability suite (pytest -m soak: 30-minute soak, faults with 300 waits)
 #   make demo     venv + stack, then a worker with the math example, Flower and one pipeline call (Ctrl-C stops)
 #   make docs     build the docs (mkdocs --strict)
@@ -22,10 +24,10 @@ STACK       := bash stack/stack.sh
 WITH_STACK  := bash stack/with-stack.sh
 PYTEST_ARGS ?= -ra --durations=25
 
-.PHONY: help venv up down status test test-unit demo bench soak docs clean
+.PHONY: help venv up down status test test-unit test-cluster demo bench bench-cluster soak docs clean
 
 help:
-	@sed -n '3,14p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,16p' Makefile | sed 's/^# \{0,1\}//'
 
 venv: $(VENV)/.installed
 
@@ -55,11 +57,22 @@ test: venv
 test-unit: venv
 	$(PY) -m pytest -m "not integration and not soak and not faults" -n 2 --dist loadfile $(PYTEST_ARGS)
 
+# A Kafka cluster of three nodes (stack.sh with FUSION_KAFKA_NODES=3). A single-node stack that is up is
+# stopped first (each topology keeps its own data), and what this target started is stopped afterwards.
+test-cluster: venv
+	@if [[ "$$($(STACK) services | grep -c '^kafka')" != 3 ]] && $(STACK) status kafka >/dev/null 2>&1; then \
+	  echo "make test-cluster: stopping the single-node stack first"; $(STACK) down; fi
+	FUSION_KAFKA_NODES=3 $(WITH_STACK) $(PY) -m pytest -m cluster -p no:cacheprovider $(PYTEST_ARGS)
+
 demo: venv up
 	$(WITH_STACK) $(PY) -m examples.demo
 
 bench: venv
 	$(WITH_STACK) $(PY) -m bench
+
+# One Kafka node and a cluster of three side by side (it starts and stops the stack for each; see bench/cluster.py).
+bench-cluster: venv
+	$(PY) -m bench.cluster
 
 soak: venv
 	$(WITH_STACK) $(PY) -m pytest -m soak $(PYTEST_ARGS)

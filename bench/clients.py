@@ -62,7 +62,7 @@ class EphemeralCaller:
         """Send ``data`` to ``topic`` and return (reply value, timings in seconds)."""
         rt = return_topic_name(self.tag)
         t0 = time.perf_counter()
-        self.admin.create_topics([NewTopic(rt, 1, 1)], operation_timeout=30)[rt].result(timeout)
+        self.admin.create_topics([NewTopic(rt, 1, -1)], operation_timeout=30)[rt].result(timeout)
         t1 = time.perf_counter()
         if self.warmup:
             warm_metadata(self.consumer, rt)
@@ -114,7 +114,7 @@ class CorrelationCaller:
     def __init__(self, servers: str, reply_topic: str, tag: str = "bench") -> None:
         self.reply_topic = reply_topic
         admin = AdminClient({"bootstrap.servers": servers})
-        fut = admin.create_topics([NewTopic(reply_topic, 1, 1)], operation_timeout=30)[reply_topic]
+        fut = admin.create_topics([NewTopic(reply_topic, 1, -1)], operation_timeout=30)[reply_topic]
         try:
             fut.result(60)
         except Exception as exc:

@@ -89,7 +89,7 @@ class CljReactor:
     def call_dep(self, topic: str, data: Any) -> Any:
         """One dependency call, the fusion-clj way."""
         rt = return_topic_name("clj")
-        self.admin.create_topics([NewTopic(rt, 1, 1)])[rt].result(60)
+        self.admin.create_topics([NewTopic(rt, 1, -1)])[rt].result(60)
         self._count("topics_created")
         try:
             self._send(topic, json.dumps({"data": data, "return-topic": rt}).encode())

@@ -47,7 +47,7 @@ class Topics:
         return self.names(RETURN_PREFIX)
 
     def create(self, names: Iterable[str], partitions: int = 1) -> None:
-        new = [NewTopic(n, partitions, 1) for n in names]
+        new = [NewTopic(n, partitions, -1) for n in names]  # the broker's default replication
         if not new:
             return
         for _name, fut in self.admin.create_topics(new, operation_timeout=60).items():

@@ -106,18 +106,22 @@ class Clients:
         self._unawaited: list[Any] = []  # futures of admin requests nobody waits for (see close)
         self._touched: dict[str, set[str]] = {"producer": set(), "admin": set()}
         self._retired: list[tuple[float, str, Any]] = []  # (when, kind, client) replaced, closed after a grace
+        self._replication: tuple[int, int] | None = None
+        self._brokers = 0  # brokers the cluster listed when replication() first ran
 
     @property
     def retry_timeout(self) -> float:
         """Seconds a call keeps retrying while Kafka is unreachable (``fusion_kafka_retry_timeout``)."""
         return settings(self.app).kafka_retry_timeout
 
-    def retrying(self, what: str, fn: Callable[[], T]) -> T:
+    def retrying(self, what: str, fn: Callable[[], T],
+                 passing: Callable[[KafkaError], bool] | None = None) -> T:
         """``fn()``, tried again while it fails with a transient Kafka error, for :attr:`retry_timeout` seconds.
 
         Parameters:
             what: what ``fn`` does, to start the error message with.
             fn: the call.
+            passing: also retry the errors for which it returns True (transient for this call only).
 
         Returns:
             What ``fn`` returned.
@@ -136,9 +140,10 @@ class Clients:
                 err = exc.args[0]
                 if not isinstance(err, KafkaError):
                     raise FusionError(f"{what}: {err}") from None
-                if not transient(err) or time.monotonic() + delay > deadline:
+                again = transient(err) or (passing is not None and passing(err))
+                if not again or time.monotonic() + delay > deadline:
                     hint = (f" (Kafka at {settings(self.app).kafka_bootstrap_servers} unreachable for "
-                            f"{self.retry_timeout:.0f}s, setting fusion_kafka_retry_timeout)") if transient(err) else ""
+                            f"{self.retry_timeout:.0f}s, setting fusion_kafka_retry_timeout)") if again else ""
                     raise FusionError(f"{what}: {err.str()}{hint}") from None
                 errors_logger.warning("kafka: %s: %s; retrying", what, err.str())
                 time.sleep(delay)
@@ -361,14 +366,42 @@ class Clients:
         """
         self._known_topics.pop(topic, None)
 
+    def replication(self) -> tuple[int, int]:
+        """The replication factor and ``min.insync.replicas`` of the topics fusion-celery creates.
+
+        ``fusion_topic_replication_factor`` and ``fusion_topic_min_insync_replicas``; where a
+        setting is 0, the default that is safe on a cluster and still works on one broker:
+        min(3, brokers) copies, and 2 in sync where there are 3 copies or more.  The brokers
+        are counted once per process (at the first topic it creates).
+
+        Returns:
+            ``(replication_factor, min_insync_replicas)``.
+        """
+        if self._replication is None:
+            conf = settings(self.app)
+            md = self.retrying("cannot look up the Kafka cluster's brokers", lambda: self.admin.list_topics(timeout=10))
+            self._brokers = len(md.brokers)
+            rf = conf.topic_replication_factor
+            if rf <= 0:
+                rf = max(1, min(3, self._brokers))
+            elif rf > self._brokers:
+                logger.warning("kafka: fusion_topic_replication_factor is %d, the cluster lists %d broker(s)",
+                               rf, self._brokers)
+            isr = conf.topic_min_insync_replicas
+            if isr <= 0:
+                isr = 2 if rf >= 3 else 1
+            self._replication = (rf, isr)
+            logger.info("kafka: topics fusion-celery creates have %d replica(s), min.insync.replicas %d", rf, isr)
+        return self._replication
+
     def create_topics(self, names: Iterable[str], partitions: int = 1, config: dict[str, str] | None = None,
                       timeout: float = 30.0, exist_ok: bool = True, visible: bool = False) -> None:
-        """Create topics and wait for the controller's answer.
+        """Create topics, replicated as :meth:`replication` says, and wait for the controller's answer.
 
         Parameters:
             names: the topics (a name given twice is created once).
             partitions: partitions of each.
-            config: topic settings of each.
+            config: topic settings of each (``min.insync.replicas`` here wins over :meth:`replication`'s).
             timeout: seconds the controller has to answer.
             exist_ok: whether a topic that exists already is fine.
             visible: also wait until the metadata lists every partition with a leader
@@ -383,8 +416,11 @@ class Clients:
             return
         pending = list(names)
 
+        rf, isr = self.replication()
+        config = {"min.insync.replicas": str(isr), **(config or {})}
+
         def create() -> None:
-            new = [self.api.NewTopic(n, num_partitions=partitions, replication_factor=-1, config=config or {})
+            new = [self.api.NewTopic(n, num_partitions=partitions, replication_factor=rf, config=config)
                    for n in pending]
             futures = self.admin.create_topics(new, operation_timeout=timeout, request_timeout=timeout)
             for name, fut in futures.items():
@@ -395,7 +431,12 @@ class Clients:
                         raise
                 pending.remove(name)  # created (or there already): not again on a retry
 
-        self.retrying(f"cannot create Kafka topic(s) {', '.join(map(repr, pending))}", create)
+        def broker_restarting(err: KafkaError) -> bool:
+            """A broker re-registering (a restart) lowers the registered count for a moment: a replication
+            factor the cluster had brokers for is refused only that long."""
+            return err.code() == KafkaError.INVALID_REPLICATION_FACTOR and rf <= self._brokers
+
+        self.retrying(f"cannot create Kafka topic(s) {', '.join(map(repr, pending))}", create, broker_restarting)
         if visible:
             self.wait_visible(names, timeout)
 

@@ -150,6 +150,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fusion_consumer_group_prefix", "fusion.reactor.",
             "Consumer group of a reactor: this prefix plus its topic (override per reactor with `group=`)."),
     Setting("fusion_reactor_partitions", 3, "Partitions of a reactor topic fusion-celery creates.", int),
+    Setting("fusion_topic_replication_factor", 0,
+            "Copies of each topic fusion-celery creates (registry, reactor, dead-letter and return topics): "
+            "0 takes min(3, the brokers the cluster lists when the process first creates a topic).", int),
+    Setting("fusion_topic_min_insync_replicas", 0,
+            "`min.insync.replicas` of each topic fusion-celery creates: 0 takes 2 where the replication factor "
+            "is 3 or more (a broker may be down and no acknowledged record is lost with one more), else 1.", int),
     Setting("fusion_create_topics", True, "Create missing reactor and dead-letter topics at worker start.", _bool),
     Setting("fusion_max_in_flight", 100,
             "Messages per reactor handed to Celery and not yet finished; past it, consumption pauses.", int),

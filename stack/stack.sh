@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
-# Local service stack for fusion-celery: Kafka (KRaft, single node), Redis and
-# ZooKeeper as plain processes on 127.0.0.1 (no Docker).
+# Local service stack for fusion-celery: Kafka (KRaft: one node, or a cluster of
+# FUSION_KAFKA_NODES), Redis and ZooKeeper as plain processes on 127.0.0.1 (no Docker).
 #
 #   stack/stack.sh up                  start whatever is not running, wait until ready
 #   stack/stack.sh down                stop everything (by PID from the pidfiles)
 #   stack/stack.sh status [SERVICE..] print state; exit 0 if all (given) are up, else 3
-#   stack/stack.sh stop SERVICE        stop one service (data is kept)
+#   stack/stack.sh stop SERVICE..      stop services (data is kept; Kafka nodes together)
 #   stack/stack.sh start SERVICE       start one service on its existing data dirs
 #   stack/stack.sh restart SERVICE     stop + start
-#   SERVICE: kafka | redis | zookeeper
+#   stack/stack.sh services            print the services of this topology
+#   SERVICE: kafka | kafka-2 .. kafka-N | redis | zookeeper   (kafka is node 1; kafka-1 names it too)
 #
 # State lives in <repo>/.stack/ (pids/, logs/, data/, conf/, env). The Java
 # services' jars are fetched once from Maven Central (stack/*-pom.xml) into
 # ${FUSION_STACK_CACHE:-$HOME/.cache/fusion-celery}, outside the repo.
 #
 # Environment knobs (defaults in brackets):
+#   FUSION_KAFKA_NODES [1]  Kafka nodes, each broker and controller (N > 1: a quorum of N voters, topics
+#       replicated min(3, N) times with min.insync.replicas 2). `up` records it in .stack/kafka-nodes, which
+#       the other commands read when the variable is not set; `down` forgets it. Each topology keeps its own
+#       data (.stack/data/kafka for one node, .stack/data/kafka-<N>nodes/node-<i> for a cluster).
 #   FUSION_KAFKA_PORT [9092]  FUSION_KAFKA_CONTROLLER_PORT [9093]
 #   FUSION_KAFKA_SASL_PORT [FUSION_KAFKA_PORT + 2]  SASL_PLAINTEXT listener (SCRAM-SHA-256, ACLs enforced)
+#       Node i of a cluster listens on each of these ports + 100 * (i - 1): 9092, 9192, 9292, ...
 #   FUSION_REDIS_PORT [6379]  FUSION_ZOOKEEPER_PORT [2181]
 #   FUSION_STACK_CACHE [~/.cache/fusion-celery]  FUSION_STACK_TIMEOUT [90] (seconds per service)
 #   FUSION_REDIS_PERSIST [0]  1 = appendonly yes (redis data survives stop/start)
@@ -47,7 +53,18 @@ STOP_TIMEOUT=20
 KAFKA_HEAP="${FUSION_KAFKA_HEAP:--Xms256m -Xmx512m}"
 JAVA="${JAVA:-java}"
 
-SERVICES=(zookeeper redis kafka)
+NODES_FILE="$STATE/kafka-nodes"
+KAFKA_NODES="${FUSION_KAFKA_NODES:-$(cat "$NODES_FILE" 2>/dev/null || echo 1)}"
+[[ "$KAFKA_NODES" =~ ^[1-9]$ ]] || { echo "[stack] ERROR: FUSION_KAFKA_NODES must be 1..9, got '$KAFKA_NODES'" >&2; exit 2; }
+
+# kafka_services: node 1 is "kafka", node i > 1 is "kafka-i".
+kafka_services() {
+  local i
+  echo kafka
+  for ((i = 2; i <= KAFKA_NODES; i++)); do echo "kafka-$i"; done
+}
+mapfile -t KAFKA_SERVICES < <(kafka_services)
+SERVICES=(zookeeper redis "${KAFKA_SERVICES[@]}")
 
 # Python used for the Kafka readiness probe (needs confluent_kafka).
 if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON="python3"; fi
@@ -61,20 +78,50 @@ err() { printf '[stack] ERROR: %s\n' "$*" >&2; }
 now() { printf '%s' "${EPOCHREALTIME/,/.}"; }          # seconds with µs
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1fs", b - a }'; }
 
+# canonical SERVICE: kafka-1 is kafka; anything else as given.
+canonical() { if [[ "${1:-}" == kafka-1 ]]; then echo kafka; else echo "${1:-}"; fi; }
+
 valid_service() {
-  case "${1:-}" in kafka|redis|zookeeper) return 0 ;; *) return 1 ;; esac
+  local svc
+  for svc in "${SERVICES[@]}"; do [[ "$svc" == "$(canonical "${1:-}")" ]] && return 0; done
+  return 1
 }
 
+is_kafka() { [[ "$1" == kafka || "$1" == kafka-* ]]; }
+
+# node_of SERVICE: the Kafka node id of a kafka service (kafka: 1, kafka-i: i).
+node_of() { if [[ "$1" == kafka ]]; then echo 1; else echo "${1#kafka-}"; fi; }
+
+# Ports of Kafka node i (1-based): each base port + 100 * (i - 1).
+kafka_port() { echo $((KAFKA_PORT + 100 * ($1 - 1))); }
+controller_port() { echo $((KAFKA_CONTROLLER_PORT + 100 * ($1 - 1))); }
+sasl_port() { echo $((KAFKA_SASL_PORT + 100 * ($1 - 1))); }
+
 endpoint() {
+  local n
   case "$1" in
-    kafka) echo "$HOST:$KAFKA_PORT (SASL $HOST:$KAFKA_SASL_PORT, controller $HOST:$KAFKA_CONTROLLER_PORT)" ;;
+    kafka*) n="$(node_of "$1")"
+            echo "$HOST:$(kafka_port "$n") (SASL $HOST:$(sasl_port "$n"), controller $HOST:$(controller_port "$n"))" ;;
     redis) echo "redis://$HOST:$REDIS_PORT" ;;
     zookeeper) echo "$HOST:$ZOOKEEPER_PORT" ;;
   esac
 }
 
-port_of() {
-  case "$1" in kafka) echo "$KAFKA_PORT" ;; redis) echo "$REDIS_PORT" ;; zookeeper) echo "$ZOOKEEPER_PORT" ;; esac
+# every port SERVICE listens on
+ports_of() {
+  local n
+  case "$1" in
+    kafka*) n="$(node_of "$1")"; echo "$(kafka_port "$n") $(controller_port "$n") $(sasl_port "$n")" ;;
+    redis) echo "$REDIS_PORT" ;;
+    zookeeper) echo "$ZOOKEEPER_PORT" ;;
+  esac
+}
+
+# comma-separated list of every node's PORT_FN port
+kafka_list() {
+  local fn="$1" i out=""
+  for ((i = 1; i <= KAFKA_NODES; i++)); do out+="${out:+,}$HOST:$("$fn" "$i")"; done
+  echo "$out"
 }
 
 pidfile() { echo "$PID_DIR/$1.pid"; }
@@ -84,7 +131,7 @@ logfile() { echo "$LOG_DIR/$1.log"; }
 # (guards against a recycled pid after a reboot / crash).
 cmd_marker() {
   case "$1" in
-    kafka) echo "kafka.Kafka" ;;
+    kafka*) echo "kafka.Kafka" ;;
     zookeeper) echo "QuorumPeerMain" ;;
     redis) echo "redis-server" ;;   # redis rewrites its title to "redis-server 127.0.0.1:PORT"
   esac
@@ -139,22 +186,29 @@ have_confluent_kafka() {
   [[ "$_HAVE_CK" == 1 ]]
 }
 
+# A Kafka node is ready when the cluster's metadata, asked of that node, lists it as a broker (a
+# broker is listed once the controller has unfenced it).
 kafka_ready() {
-  port_open "$KAFKA_PORT" || return 1
+  local svc="$1" n port
+  n="$(node_of "$svc")"
+  port="$(kafka_port "$n")"
+  port_open "$port" || return 1
   if have_confluent_kafka; then
-    timeout 15 "$PYTHON" - "$HOST:$KAFKA_PORT" >/dev/null 2>&1 <<'PY'
+    timeout 15 "$PYTHON" - "$HOST:$port" "$n" >/dev/null 2>&1 <<'PY'
 import sys
 from confluent_kafka.admin import AdminClient
 md = AdminClient({"bootstrap.servers": sys.argv[1], "log_level": 0}).list_topics(timeout=5)
-sys.exit(0 if md.brokers else 1)
+sys.exit(0 if int(sys.argv[2]) in md.brokers else 1)
 PY
   else
     # No client library yet (fresh machine before `make venv`): fall back to the broker's own log.
-    grep -q "Kafka Server started" "$(logfile kafka)" 2>/dev/null
+    grep -q "Kafka Server started" "$(logfile "$svc")" 2>/dev/null
   fi
 }
 
-service_ready() { "${1}_ready"; }
+service_ready() {
+  case "$1" in kafka*) kafka_ready "$1" ;; *) "${1}_ready" ;; esac
+}
 
 # ----------------------------------------------------------------------------
 # jars from Maven Central (cached outside the repo)
@@ -241,7 +295,7 @@ PY
 # Wait (up to 90 s) until every port of SERVICE can be bound.
 wait_ports_bindable() {
   local svc="$1" port i
-  for port in $(port_of "$svc") $([[ "$svc" == kafka ]] && echo "$KAFKA_CONTROLLER_PORT $KAFKA_SASL_PORT"); do
+  for port in $(ports_of "$svc"); do
     for ((i = 0; i < 180; i++)); do
       port_bindable "$port" && break
       ((i == 0)) && say "$svc: port $port is held by a client socket for now; waiting"
@@ -251,12 +305,19 @@ wait_ports_bindable() {
 }
 
 # Refuse to start if somebody else already listens on our port.
+# A process that was just killed may still accept connections for a moment while its threads exit:
+# a port is only "in use" when it still answers after a few seconds.
 check_port_free() {
-  local svc="$1" port
-  for port in $(port_of "$svc") $([[ "$svc" == kafka ]] && echo "$KAFKA_CONTROLLER_PORT $KAFKA_SASL_PORT"); do
+  local svc="$1" port i
+  for port in $(ports_of "$svc"); do
+    for ((i = 0; i < 20; i++)); do
+      port_open "$port" || break
+      sleep 0.25
+    done
     if port_open "$port"; then
       err "$svc: port $HOST:$port is already in use by another process (not ours)."
-      err "      Stop it, or pick another port with FUSION_${svc^^}_PORT=..."
+      local base="${svc%%-*}"
+      err "      Stop it, or pick other ports with FUSION_${base^^}_PORT=..."
       return 1
     fi
   done
@@ -311,16 +372,31 @@ EOF
     -cp "$LIBS/*" org.apache.zookeeper.server.quorum.QuorumPeerMain "$CONF_DIR/zoo.cfg"
 }
 
-write_kafka_config() {
-  cat >"$CONF_DIR/kafka.properties" <<EOF
+# Data dir of Kafka node N: each topology has its own (a KRaft log belongs to one quorum).
+kafka_data() {
+  if ((KAFKA_NODES == 1)); then echo "$DATA_DIR/kafka"; else echo "$DATA_DIR/kafka-${KAFKA_NODES}nodes/node-$1"; fi
+}
+
+# Replication of the cluster's own topics and the default of new ones: min(3, nodes) copies, and
+# min.insync.replicas 2 where there are at least 3 (one broker may be down without stopping writes).
+kafka_rf() { if ((KAFKA_NODES < 3)); then echo "$KAFKA_NODES"; else echo 3; fi; }
+kafka_min_isr() { if (($(kafka_rf) >= 3)); then echo 2; else echo 1; fi; }
+
+write_kafka_config() {  # write_kafka_config SERVICE
+  local svc="$1" n voters="" i rf isr
+  n="$(node_of "$svc")"
+  for ((i = 1; i <= KAFKA_NODES; i++)); do voters+="${voters:+,}$i@$HOST:$(controller_port "$i")"; done
+  rf="$(kafka_rf)"
+  isr="$(kafka_min_isr)"
+  cat >"$CONF_DIR/$svc.properties" <<EOF
 # generated by stack/stack.sh -- edits are overwritten on every start
 process.roles=broker,controller
-node.id=1
-# static single-voter quorum (the endpoint is not baked into the formatted
-# storage, so the controller port may change between runs)
-controller.quorum.voters=1@$HOST:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT,SASL_PLAINTEXT://$HOST:$KAFKA_SASL_PORT
-advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT,SASL_PLAINTEXT://$HOST:$KAFKA_SASL_PORT
+node.id=$n
+# static quorum of every node (the endpoints are not baked into the formatted
+# storage, so the controller ports may change between runs)
+controller.quorum.voters=$voters
+listeners=PLAINTEXT://$HOST:$(kafka_port "$n"),CONTROLLER://$HOST:$(controller_port "$n"),SASL_PLAINTEXT://$HOST:$(sasl_port "$n")
+advertised.listeners=PLAINTEXT://$HOST:$(kafka_port "$n"),SASL_PLAINTEXT://$HOST:$(sasl_port "$n")
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
@@ -335,20 +411,21 @@ authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
 super.users=User:ANONYMOUS
 allow.everyone.if.no.acl.found=false
 
-log.dirs=$DATA_DIR/kafka
+log.dirs=$(kafka_data "$n")
 num.partitions=1
-default.replication.factor=1
-min.insync.replicas=1
+default.replication.factor=$rf
+min.insync.replicas=$isr
 auto.create.topics.enable=false
 delete.topic.enable=true
+unclean.leader.election.enable=false
 
-offsets.topic.replication.factor=1
+offsets.topic.replication.factor=$rf
 offsets.topic.num.partitions=8
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
+transaction.state.log.replication.factor=$rf
+transaction.state.log.min.isr=$isr
 transaction.state.log.num.partitions=8
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
+share.coordinator.state.topic.replication.factor=$rf
+share.coordinator.state.topic.min.isr=$isr
 
 group.initial.rebalance.delay.ms=0
 group.coordinator.rebalance.protocols=classic,consumer
@@ -373,32 +450,49 @@ new_cluster_id() {
   done
 }
 
-start_kafka() {
+# The cluster id every node of this topology is formatted with (made once, kept beside the data).
+cluster_id() {
+  local f
+  if ((KAFKA_NODES == 1)); then new_cluster_id; return; fi
+  f="$DATA_DIR/kafka-${KAFKA_NODES}nodes/cluster-id"
+  mkdir -p "$(dirname "$f")"
+  [[ -s "$f" ]] || new_cluster_id >"$f"
+  cat "$f"
+}
+
+start_kafka() {  # start_kafka SERVICE
+  local svc="$1" n data
+  n="$(node_of "$svc")"
+  data="$(kafka_data "$n")"
   ensure_libs kafka || return 1
-  mkdir -p "$DATA_DIR/kafka" "$CONF_DIR" || return 1
-  write_kafka_config || return 1
+  mkdir -p "$data" "$CONF_DIR" || return 1
+  write_kafka_config "$svc" || return 1
   local jvm=(-Djava.awt.headless=true
              -Dlog4j2.configurationFile="$STACK_SRC/kafka-log4j2.properties"
              -Dkafka.logs.dir="$LOG_DIR")
-  if [[ ! -f "$DATA_DIR/kafka/meta.properties" ]]; then
+  if [[ ! -f "$data/meta.properties" ]]; then
     local t0 cid
     t0="$(now)"
-    cid="$(new_cluster_id)"
-    say "kafka: formatting storage (cluster id $cid)"
+    cid="$(cluster_id)"
+    say "$svc: formatting storage (cluster id $cid, node $n of $KAFKA_NODES)"
     if ! "$JAVA" -Xmx256m -XX:TieredStopAtLevel=1 "${jvm[@]}" -cp "$LIBS/*" kafka.tools.StorageTool \
-          format --cluster-id "$cid" --config "$CONF_DIR/kafka.properties" --ignore-formatted \
-          >>"$(logfile kafka)" 2>&1; then
-      err "kafka: storage format failed:"
-      tail -n 40 "$(logfile kafka)" >&2
+          format --cluster-id "$cid" --config "$CONF_DIR/$svc.properties" --ignore-formatted \
+          >>"$(logfile "$svc")" 2>&1; then
+      err "$svc: storage format failed:"
+      tail -n 40 "$(logfile "$svc")" >&2
       return 1
     fi
-    say "kafka: storage formatted in $(since "$t0")"
+    say "$svc: storage formatted in $(since "$t0")"
   fi
   # shellcheck disable=SC2086
-  launch kafka "$JAVA" $KAFKA_HEAP -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+  launch "$svc" "$JAVA" $KAFKA_HEAP -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
     -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent \
     -XX:+UseStringDeduplication \
-    "${jvm[@]}" -cp "$LIBS/*" kafka.Kafka "$CONF_DIR/kafka.properties"
+    "${jvm[@]}" -cp "$LIBS/*" kafka.Kafka "$CONF_DIR/$svc.properties"
+}
+
+start_service() {
+  case "$1" in kafka*) start_kafka "$1" ;; *) "start_$1" ;; esac
 }
 
 # wait_ready SERVICE T0 : poll until ready; on death/timeout print log tail, fail.
@@ -427,11 +521,12 @@ wait_ready() {
 write_env() {
   local tmp="$ENV_FILE.tmp.$$"
   cat >"$tmp" <<EOF
-FUSION_KAFKA_BOOTSTRAP_SERVERS=$HOST:$KAFKA_PORT
+FUSION_KAFKA_BOOTSTRAP_SERVERS=$(kafka_list kafka_port)
 CELERY_BROKER_URL=redis://$HOST:$REDIS_PORT/0
 CELERY_RESULT_BACKEND=redis://$HOST:$REDIS_PORT/1
 FUSION_ZOOKEEPER_HOSTS=$HOST:$ZOOKEEPER_PORT
-FUSION_KAFKA_SASL_BOOTSTRAP_SERVERS=$HOST:$KAFKA_SASL_PORT
+FUSION_KAFKA_SASL_BOOTSTRAP_SERVERS=$(kafka_list sasl_port)
+FUSION_KAFKA_NODES=$KAFKA_NODES
 FUSION_KAFKA_PORT=$KAFKA_PORT
 FUSION_KAFKA_CONTROLLER_PORT=$KAFKA_CONTROLLER_PORT
 FUSION_KAFKA_SASL_PORT=$KAFKA_SASL_PORT
@@ -442,6 +537,28 @@ EOF
 }
 
 init_dirs() { mkdir -p "$PID_DIR" "$LOG_DIR" "$DATA_DIR" "$CONF_DIR"; }
+
+# The Kafka services with a pidfile (whatever topology started them).
+running_kafka() {
+  local f
+  for f in "$PID_DIR"/kafka.pid "$PID_DIR"/kafka-*.pid; do
+    [[ -e "$f" ]] && basename "$f" .pid
+  done
+}
+
+# Refuse to mix topologies: Kafka nodes of another FUSION_KAFKA_NODES are still running.
+check_topology() {
+  local was svc
+  was="$(cat "$NODES_FILE" 2>/dev/null || true)"
+  [[ -z "$was" || "$was" == "$KAFKA_NODES" ]] && return 0
+  for svc in $(running_kafka); do
+    if service_pid "$svc" >/dev/null; then
+      err "a Kafka of $was node(s) is running, this command asks for $KAFKA_NODES (FUSION_KAFKA_NODES):"
+      err "run \`stack/stack.sh down\` (make down) first"
+      exit 2
+    fi
+  done
+}
 
 # Serialize up/down/start/stop (e.g. two `make test` at once). fd 9 is closed
 # for the launched services (see launch) so they never hold the lock.
@@ -461,7 +578,7 @@ start_services() {
   t_all="$(now)"
   # Fetch jars first (sequential Maven runs; no-op when cached).
   for svc in "$@"; do
-    case "$svc" in kafka|zookeeper) service_pid "$svc" >/dev/null || ensure_libs "$svc" ;; esac
+    case "$svc" in kafka*|zookeeper) service_pid "$svc" >/dev/null || ensure_libs "${svc%%-*}" ;; esac
   done
   for svc in "$@"; do
     if pid="$(service_pid "$svc")"; then
@@ -477,8 +594,8 @@ start_services() {
     check_port_free "$svc" || { failed=1; continue; }
     wait_ports_bindable "$svc"
     t0="$(now)"
-    log_lines["$svc"]="$(wc -l <"$(logfile "$svc")" 2>/dev/null || echo 0)"
-    "start_$svc" || { err "$svc failed to start"; failed=1; continue; }
+    log_lines["$svc"]="$(wc -l 2>/dev/null <"$(logfile "$svc")" || echo 0)"
+    start_service "$svc" || { err "$svc failed to start"; failed=1; continue; }
     say "$svc started (pid $(head -n1 "$(pidfile "$svc")")), waiting until ready ..."
     started+=("$svc"); t_start+=("$t0")
   done
@@ -493,7 +610,7 @@ start_services() {
         say "$svc_i could not bind its port (taken by a client socket for a moment); starting it again"
         log_lines["$svc_i"]="$(wc -l <"$(logfile "$svc_i")")"
         wait_ports_bindable "$svc_i"
-        "start_$svc_i" && continue
+        start_service "$svc_i" && continue
       fi
       failed=1
       break
@@ -531,12 +648,27 @@ stop_service() {
   say "$svc stopped in $(since "$t0")"
 }
 
+# stop_services SERVICE... : the Kafka nodes among them together (the last node of a cluster alone cannot
+# finish its controlled shutdown without a quorum), then the others in the order given.
+stop_services() {
+  local svc
+  local -a nodes=() others=() waits=()
+  for svc in "$@"; do
+    svc="$(canonical "$svc")"
+    if is_kafka "$svc"; then nodes+=("$svc"); else others+=("$svc"); fi
+  done
+  for svc in "${nodes[@]}"; do stop_service "$svc" & waits+=($!); done
+  ((${#waits[@]} == 0)) || wait "${waits[@]}"
+  for svc in "${others[@]}"; do stop_service "$svc"; done
+}
+
 status() {
   local svc pid all_up=0 state
   local -a which=("$@")
   ((${#which[@]})) || which=("${SERVICES[@]}")
   for svc in "${which[@]}"; do
-    valid_service "$svc" || { err "unknown service '$svc' (kafka|redis|zookeeper)"; return 2; }
+    valid_service "$svc" || { err "unknown service '$svc' (${SERVICES[*]})"; return 2; }
+    svc="$(canonical "$svc")"
     if pid="$(service_pid "$svc")"; then
       if service_ready "$svc"; then state=running; else state=unhealthy; all_up=3; fi
     else
@@ -548,11 +680,11 @@ status() {
 }
 
 usage() {
-  sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 need_service() {
-  valid_service "${1:-}" || { err "expected a service name: kafka|redis|zookeeper"; usage >&2; exit 2; }
+  valid_service "${1:-}" || { err "expected a service name: ${SERVICES[*]}"; usage >&2; exit 2; }
 }
 
 # ----------------------------------------------------------------------------
@@ -563,24 +695,32 @@ main() {
   case "$cmd" in
     up)
       take_lock
+      check_topology
+      echo "$KAFKA_NODES" >"$NODES_FILE"
       start_services "${SERVICES[@]}"
       ;;
     down)
       take_lock
-      local svc
-      # reverse order: kafka first (its clients), zookeeper last
-      for svc in kafka redis zookeeper; do stop_service "$svc"; done
+      # the Kafka nodes first (every one with a pidfile), zookeeper last
+      # shellcheck disable=SC2046
+      stop_services $(running_kafka) redis zookeeper
+      rm -f "$NODES_FILE"
       ;;
+    services)
+      printf '%s\n' "${SERVICES[@]}" ;;
     status)
       init_dirs
       status "$@"
       ;;
     start)
-      need_service "${1:-}"; take_lock; start_services "$1" ;;
+      need_service "${1:-}"; take_lock; check_topology; start_services "$(canonical "$1")" ;;
     stop)
-      need_service "${1:-}"; take_lock; stop_service "$1" ;;
+      local svc
+      for svc in "${@:-}"; do need_service "$svc"; done
+      take_lock; stop_services "$@" ;;
     restart)
-      need_service "${1:-}"; take_lock; stop_service "$1"; start_services "$1" ;;
+      need_service "${1:-}"; take_lock; check_topology
+      stop_service "$(canonical "$1")"; start_services "$(canonical "$1")" ;;
     -h|--help|help)
       usage ;;
     *)

@@ -13,7 +13,8 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 STACK=("bash" "$HERE/stack.sh")
-SERVICES=(zookeeper redis kafka)
+# the services of the topology asked for (FUSION_KAFKA_NODES: kafka, kafka-2, ...)
+mapfile -t SERVICES < <("${STACK[@]}" services)
 
 if (($# == 0)); then
   echo "usage: $0 CMD [ARGS...]" >&2
@@ -27,8 +28,10 @@ teardown() {
   if ((${#started[@]})); then
     echo "[with-stack] stopping what this run started: ${started[*]}"
     local i
-    # reverse start order: kafka before zookeeper
-    for ((i = ${#started[@]} - 1; i >= 0; i--)); do "${STACK[@]}" stop "${started[$i]}" || true; done
+    local -a order=()
+    # reverse start order: the Kafka nodes (stopped together) before zookeeper
+    for ((i = ${#started[@]} - 1; i >= 0; i--)); do order+=("${started[$i]}"); done
+    "${STACK[@]}" stop "${order[@]}" || true
   fi
   started=()
 }

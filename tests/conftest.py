@@ -115,6 +115,23 @@ def service(kit) -> Iterator[Callable[..., Service]]:
         s.stop()
 
 
+@pytest.fixture
+def gates(kit) -> Iterator[Callable[[], Any]]:
+    """Start dependencies that hold their replies until released (``gates()``; see support.reliability.Gate);
+    they stop at the end of the test."""
+    from support.reliability import start_gate
+    started: list[Any] = []
+
+    def make() -> Any:
+        g = start_gate(kit)
+        started.append(g)
+        return g
+
+    yield make
+    for g in started:
+        g.stop()
+
+
 # -- workers --------------------------------------------------------------------------------------
 @pytest.fixture
 def worker_factory(stack) -> Iterator[Callable[..., Worker]]:

@@ -336,3 +336,28 @@ def test_one_deps_map_mixes_the_three_channels(fusion, sent):
     assert by_dep["s"].startswith(f"{p}shared.")
     assert by_dep["e"][len(p)].isdigit(), by_dep["e"]  # <created>.<deadline>.<random>
     wait_for(lambda: by_dep["e"] not in topics(fusion), 30, "the ephemeral topic to be deleted")
+
+
+def test_a_leased_topic_whose_end_offset_cannot_be_read_cools_again_and_is_given_back_once_it_can():
+    """While Kafka elects a new leader for a leased topic's partition, its end offset is unknown: the topic
+    is neither given back nor retired on a guess; it cools again and is given back once the offset is read
+    (on the real cluster: tests/test_cluster.py kills the leader of such partitions)."""
+    from fusion_celery.testing.app import kafka_broker
+    app = make_app("stub", None)
+    with worker(app, hostname=f"channels-{uuid.uuid4().hex[:6]}@test"):
+        ch = channel(app, "leased")
+        assert isinstance(ch, LeasedChannel)
+        opened = ch.open("wait-1", 0, owner=app._fusion_waiter.worker_name)
+        assert opened.pool == pool(app)
+        released = ch.counts["released"]
+        broker = kafka_broker(app)
+        broker.down()
+        try:
+            ch.end("wait-1", opened, 0)
+            wait_for(lambda: ch._unsure, 10, "a give-back attempted while Kafka is down", interval=0.05)
+            assert ch.counts["retired"] == 0 and ch.counts["released"] == released
+        finally:
+            broker.up()
+        wait_for(lambda: ch.counts["released"] > released, 10, "the topic given back once Kafka answers")
+        assert ch.counts["retired"] == 0
+        assert opened.return_topic in free_topics(app)

@@ -196,3 +196,102 @@ def test_a_replaced_producer_looks_the_cached_topics_up_again(on_stub, monkeypat
     lookups = LookupCounter(c, monkeypatch)
     assert c.topic_exists("t.a")
     assert lookups.counts == {"t.a": 1}, "the new producer never saw t.a: it is asked again, and knows it then"
+
+
+# -- replication of the topics fusion-celery creates --------------------------------------------------
+class _Admin:
+    """An admin client whose cluster lists ``brokers`` brokers and that records the topics asked for."""
+
+    def __init__(self, brokers: int) -> None:
+        self.brokers = {i: object() for i in range(1, brokers + 1)}
+        self.created: list[NewTopic] = []
+
+    def list_topics(self, timeout: float = -1, topic: str | None = None):
+        return types.SimpleNamespace(brokers=self.brokers, topics={})
+
+    def create_topics(self, new, operation_timeout=0, request_timeout=0):
+        import concurrent.futures
+        self.created.extend(new)
+        futures = {}
+        for t in new:
+            f = concurrent.futures.Future()
+            f.set_result(None)
+            futures[t.topic] = f
+        return futures
+
+
+@pytest.mark.parametrize(("brokers", "expected"), [(1, (1, 1)), (2, (2, 1)), (3, (3, 2)), (5, (3, 2))])
+def test_topics_are_replicated_min_3_brokers_times_with_2_in_sync_from_3_copies(app, brokers, expected):
+    c = Clients(app)
+    c._admin = admin = _Admin(brokers)
+    assert c.replication() == expected
+    c.create_topics(["t.rep"], partitions=2, config={"retention.ms": "1000"})
+    (topic,) = admin.created
+    assert (topic.replication_factor, topic.num_partitions) == (expected[0], 2)
+    assert topic.config == {"min.insync.replicas": str(expected[1]), "retention.ms": "1000"}
+
+
+def test_replication_settings_win_over_the_cluster_size(app):
+    from fusion_celery.config import reload
+    app.conf.fusion_topic_replication_factor = 2
+    app.conf.fusion_topic_min_insync_replicas = 2
+    reload(app)
+    c = Clients(app)
+    c._admin = _Admin(5)
+    assert c.replication() == (2, 2)
+
+
+def test_the_shared_producer_waits_for_every_in_sync_replica_and_is_idempotent(app, stub):
+    app.conf.fusion_kafka_bootstrap_servers = "memory://clients-test"
+    config = Clients(app).producer.config
+    assert (config["acks"], config["enable.idempotence"]) == ("all", True)
+
+
+def test_topics_on_the_stub_are_made_with_their_min_insync_replicas(on_stub):
+    c, broker = on_stub
+    c.create_topics(["t.isr"], partitions=1)
+    assert c.replication() == (1, 1)
+    assert broker.topics["t.isr"].config["min.insync.replicas"] == "1"
+
+
+class _Restarting(_Admin):
+    """A cluster of three that refuses ``refusals`` creations as a restarting broker re-registers."""
+
+    def __init__(self, refusals: int) -> None:
+        super().__init__(3)
+        self.refusals = refusals
+
+    def create_topics(self, new, operation_timeout=0, request_timeout=0):
+        import concurrent.futures
+
+        from confluent_kafka import KafkaError, KafkaException
+        if self.refusals <= 0:
+            return super().create_topics(new)
+        self.refusals -= 1
+        futures = {}
+        for t in new:
+            f = concurrent.futures.Future()
+            f.set_exception(KafkaException(KafkaError(
+                KafkaError.INVALID_REPLICATION_FACTOR, "Unable to replicate the partition 3 time(s): The target "
+                "replication factor of 3 cannot be reached because only 2 broker(s) are registered.")))
+            futures[t.topic] = f
+        return futures
+
+
+def test_a_creation_refused_while_a_broker_re_registers_is_tried_again(app):
+    c = Clients(app)
+    c._admin = admin = _Restarting(refusals=2)
+    c.create_topics(["t.restart"])
+    assert [t.topic for t in admin.created] == ["t.restart"] and admin.refusals == 0
+
+
+def test_a_replication_factor_the_cluster_never_had_brokers_for_fails_at_once_naming_it(app):
+    from fusion_celery.config import reload
+    from fusion_celery.errors import FusionError
+    app.conf.fusion_topic_replication_factor = 5
+    reload(app)
+    c = Clients(app)
+    c._admin = admin = _Restarting(refusals=100)
+    with pytest.raises(FusionError, match="cannot create Kafka topic.*t.five.*replication factor of 3"):
+        c.create_topics(["t.five"])
+    assert admin.refusals == 99, "asked once, not again"

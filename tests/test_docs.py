@@ -58,6 +58,23 @@ def test_docs_build_strict_and_every_page_is_in_the_nav(site):
         assert required in in_nav
 
 
+def test_no_page_links_to_a_placeholder_host(site):
+    """mkdocs.yml names no repository (``repo_url``) that does not exist, so no page links to one."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("tag:yaml.org,2002:python/", lambda loader, suffix, node: None)
+    config = yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=Loader)
+    assert not {"repo_url", "repo_name", "edit_uri"} & set(config)
+    pages = list(site.rglob("*.html"))
+    assert len(pages) > 20
+    placeholder = re.compile(r'href="https?://[^"/]*\.invalid\b')
+    linking = [str(p.relative_to(site)) for p in pages if placeholder.search(p.read_text())]
+    assert not linking, f"pages linking to a placeholder host: {linking}"
+
+
 def test_readme_links_point_at_pages():
     readme = (ROOT / "README.md").read_text()
     links = re.findall(r"\]\((docs/[^)#]+)", readme)

@@ -25,7 +25,6 @@ from support.reliability import (
     nothing_left,
     outage,
     report,
-    start_gate,
 )
 from support.waiting import wait_for
 from support.workers import isolated_env
@@ -37,20 +36,6 @@ SCALES = ["short", pytest.param("long", marks=pytest.mark.soak)]
 OUTAGES = [("short", "stop"), pytest.param("long", "stop", marks=pytest.mark.soak),
            pytest.param("long", "kill", marks=pytest.mark.soak)]
 OUTAGE_S = 20.0
-
-
-@pytest.fixture
-def gates(kit):
-    started = []
-
-    def make():
-        g = start_gate(kit)
-        started.append(g)
-        return g
-
-    yield make
-    for g in started:
-        g.stop()
 
 
 def fault_env() -> dict[str, str]:

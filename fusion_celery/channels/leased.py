@@ -44,7 +44,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from ..claims import with_retry
 from ..clients import clients
@@ -52,6 +52,7 @@ from ..clock import now_ms
 from ..config import settings
 from ..errors import FusionError
 from ..returntopics import topic_config
+from ..transport import transient
 from . import Opened, ReplyChannel
 
 if TYPE_CHECKING:
@@ -213,6 +214,7 @@ class LeasedChannel(ReplyChannel):
         self._pools: dict[str, tuple[str | None, float]] = {}  # worker -> (pool id, when looked up)
         self._cooling: list[tuple[float, str, Opened, int]] = []  # (due, wait id, topic, next offset)
         self._retired: list[str] = []
+        self._unsure: dict[str, float] = {}  # topic -> when its end offset was first unknown
         self._last_tick = float("-inf")
         self._lock = threading.Lock()
         self._scripts: dict[str, Any] = {}
@@ -336,14 +338,28 @@ class LeasedChannel(ReplyChannel):
                                len(retired), exc)
 
     def _give_back(self, due: list[tuple[float, str, Opened, int]]) -> None:
-        """Give back each topic that received nothing since its wait's reply; retire the others."""
+        """Give back each topic that received nothing since its wait's reply; retire the others.
+
+        A topic whose end offset cannot be read now (its partition has no leader while Kafka elects one)
+        cools again, for up to ``fusion_kafka_retry_timeout`` seconds; then it is retired."""
         ends = self._end_offsets([o.return_topic for _, _, o, _ in due])
+        now = time.monotonic()
         for _, wait_id, opened, next_offset in due:
-            end = ends.get(opened.return_topic)
+            topic = opened.return_topic
+            end = ends.get(topic, -1)
+            if end is None:
+                first = self._unsure.setdefault(topic, now)
+                if now - first < settings(self.app).kafka_retry_timeout:
+                    with self._lock:
+                        self._cooling.append((now + max(self.cooldown, 1.0), wait_id, opened, next_offset))
+                    continue
+                logger.warning("lease pool %s: the end offset of %s stayed unknown for %.0fs; retired",
+                               opened.pool, topic, now - first)
+            self._unsure.pop(topic, None)
             if end != next_offset:
-                if end is not None:
+                if end is not None and end >= 0:
                     logger.warning("lease pool %s: %s received %d record(s) after its wait's reply; retired",
-                                   opened.pool, opened.return_topic, end - next_offset)
+                                   opened.pool, topic, end - next_offset)
                 self.retire(wait_id, opened)
                 continue
             pool = opened.pool or ""
@@ -360,26 +376,38 @@ class LeasedChannel(ReplyChannel):
                 with self._lock:
                     self._retired.append(opened.return_topic)
 
-    def _end_offsets(self, topics: list[str]) -> dict[str, int]:
-        """The end offset of each topic's partition 0 (absent: unknown, e.g. the topic is gone)."""
+    def _end_offsets(self, topics: list[str]) -> dict[str, int | None]:
+        """The end offset of each topic's partition 0: None where it is unknown for now (Kafka unreachable,
+        or the partition without a leader), absent where it cannot be had (e.g. the topic is gone)."""
         from confluent_kafka.admin import OffsetSpec
         admin = clients(self.app).admin
-        out: dict[str, int] = {}
+        out: dict[str, int | None] = {}
         try:
             futures = admin.list_offsets({TopicPartition(t, 0): OffsetSpec.latest() for t in topics},
                                          request_timeout=10)
-        except Exception as exc:
-            logger.warning("lease pool: cannot read end offsets (%s); retiring %d topic(s)", exc, len(topics))
-            return out
+        except KafkaException as exc:
+            logger.warning("lease pool: cannot read end offsets now (%s)", exc)
+            return dict.fromkeys(topics) if _transient(exc) else out
         for tp, fut in futures.items():
             try:
-                out[tp.topic] = fut.result(timeout=15).offset
-            except Exception as exc:
+                offset = fut.result(timeout=15).offset
+                out[tp.topic] = offset if offset >= 0 else None
+            except KafkaException as exc:
                 logger.debug("lease pool: end offset of %s: %s", tp.topic, exc)
+                if _transient(exc):
+                    out[tp.topic] = None
+            except Exception as exc:  # the request itself timed out: unknown for now
+                logger.debug("lease pool: end offset of %s: %s", tp.topic, exc)
+                out[tp.topic] = None
         return out
 
     def close(self) -> None:
         self.tick(force=True)
+
+
+def _transient(exc: KafkaException) -> bool:
+    err = exc.args[0] if exc.args else None
+    return isinstance(err, KafkaError) and transient(err)
 
 
 class LeasePool:

@@ -43,7 +43,8 @@ class KafkaKit:
     def topic(self, name: str | None = None, partitions: int = 1) -> str:
         from confluent_kafka.admin import NewTopic
         name = name or f"t.{RUN_ID}.{uuid.uuid4().hex[:10]}"
-        fut = self.admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])[name]
+        # the broker's default replication: 1 on one node, 3 on the cluster of make test-cluster
+        fut = self.admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=-1)])[name]
         try:
             fut.result(30)
         except Exception as exc:

@@ -38,9 +38,11 @@ def long_run(request: pytest.FixtureRequest) -> bool:
 
 # -- the stack --------------------------------------------------------------------------------------
 def stack_ports() -> dict[str, str]:
-    """The FUSION_*_PORT variables of the running stack (from .stack/env), for stack/stack.sh."""
+    """The FUSION_*_PORT variables and the Kafka node count of the running stack (from .stack/env), for
+    stack/stack.sh."""
     env = stack_env(ROOT / ".stack" / "env")
-    return {k: v for k, v in env.items() if k.endswith("_PORT") and k.startswith("FUSION_")}
+    return {k: v for k, v in env.items()
+            if k.startswith("FUSION_") and (k.endswith("_PORT") or k == "FUSION_KAFKA_NODES")}
 
 
 def stack(*args: str, persist_redis: bool = True, timeout: float = 300) -> str:
@@ -98,7 +100,7 @@ class Outage:
 
 def outage(service: str, seconds: float, during: Any = None, redis_client: Any = None,
            hard: bool = False) -> Outage:
-    """Stop ``service`` (kafka | redis), keep it down ``seconds``, start it again on its data.
+    """Stop ``service`` (kafka, kafka-N | redis), keep it down ``seconds``, start it again on its data.
 
     ``during()`` runs right after the stop.  Redis is made durable first (see
     :func:`make_redis_durable`; ``hard`` also has it sync every write) and restarted with
