@@ -172,6 +172,57 @@ def test_java_caller_gets_the_math_answer(example_env, worker_factory):
     assert out.stdout.strip().splitlines()[-1] == "4"
 
 
+def go_build(example: str, tmp_path: Path) -> Path:
+    """Build the Go program of ``examples/other_languages/<example>`` (modules from the Go module proxy, kept
+    in the user's module and build caches, so a second run downloads nothing); the path of the binary."""
+    out = tmp_path / example
+    proc = subprocess.run(["go", "build", "-o", str(out), "."], cwd=ROOT / "examples" / "other_languages" / example,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"go build of {example} failed:\n{proc.stdout}{proc.stderr}"
+    return out
+
+
+@pytest.mark.integration
+def test_go_caller_gets_the_math_answer(example_env, worker_factory, tmp_path):
+    worker_factory("examples.math.reactors", name="math", env=example_env)
+    caller = go_build("go", tmp_path)
+    out = subprocess.run([str(caller), example_env["FUSION_KAFKA_BOOTSTRAP_SERVERS"].split(",")[0],
+                          example_env["FUSION_EXAMPLES_PREFIX"] + "math", "[1, 2, 3]"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip() == "4"
+
+
+@pytest.mark.integration
+def test_go_service_serves_a_dependency_of_the_math_reactor(example_env, worker_factory, kit, tmp_path):
+    """The math reactor's ``subtract`` dep goes to a Go service (kafka-go, no Celery) that answers with the
+    fusion-id and fusion-status headers; the Go caller calls the reactor, and the service directly with bad
+    input, which it answers with an error reply."""
+    servers, prefix = example_env["FUSION_KAFKA_BOOTSTRAP_SERVERS"], example_env["FUSION_EXAMPLES_PREFIX"]
+    topic = kit.topic(prefix + "go-subtract", partitions=1)
+    caller = go_build("go", tmp_path)
+    service = subprocess.Popen([str(go_build("go-service", tmp_path)), servers, topic], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+
+    def call(reactor: str, data: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(caller), servers.split(",")[0], reactor, data], capture_output=True, text=True,
+                              timeout=180)
+
+    try:
+        worker_factory("examples.math.reactors", name="math-go",
+                       env={**example_env, "FUSION_EXAMPLES_MATH_SUBTRACT": "go-subtract"})
+        for numbers, expected in (("[1, 2, 3]", "4"), ("[10, 20]", "28"), ("[5]", "3")):
+            out = call(prefix + "math", numbers)
+            assert (out.returncode, out.stdout.strip()) == (0, expected), out.stdout + out.stderr
+        out = call(topic, '"not numbers"')
+        assert out.returncode == 1 and "expected a non-empty list of numbers" in out.stderr, out.stdout + out.stderr
+    finally:
+        service.terminate()
+        log, _ = service.communicate(timeout=30)
+    assert service.returncode == 0, log
+    assert f"serving {topic}" in log and "stopped" in log, log
+
+
 # -- examples/demo --------------------------------------------------------------------------------
 @pytest.mark.integration
 def test_demo_once_prints_the_answer_and_flower_address_and_stops_cleanly(example_env):

@@ -7,10 +7,14 @@ Serve them with a worker::
 ``math`` asks ``add`` for the sum of ``[1, 2, 3]`` (or of the numbers it was
 sent), then ``subtract`` for ``[sum, 2]`` (the sum is put first: ``cons``), and
 answers with that difference: ``[1, 2, 3] -> 6``, then ``[6, 2] -> 4``.
+
+``FUSION_EXAMPLES_MATH_SUBTRACT`` names another topic for the ``subtract`` dep: for example
+``go-subtract``, served by the Go service of ``examples/other_languages/go-service``.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from examples import topic
@@ -35,7 +39,8 @@ def math_deps(message: Message) -> dict[str, Any]:
     numbers = message.data if message.data is not None else [1, 2, 3]
     return {
         "one": {"topic": topic("add"), "args": numbers},
-        "two": {"topic": topic("subtract"), "args": [2], "arg_in_fn": "cons", "deps": ["one"]},
+        "two": {"topic": topic(os.environ.get("FUSION_EXAMPLES_MATH_SUBTRACT", "subtract")), "args": [2],
+                "arg_in_fn": "cons", "deps": ["one"]},
     }
 
 
