@@ -124,6 +124,7 @@ class Waiter(threading.Thread):
         self.now_ms, self.monotonic = now_ms, monotonic
         self.stop_event = threading.Event()
         self.ready = threading.Event()
+        self.open_error: BaseException | None = None  # why the waiter could not start (ready is set then too)
         self.book = WaitBook(now_ms=now_ms, monotonic=monotonic)
         self.registry: Any = None
         self.replies: Any = None  # the fresh consumer
@@ -659,7 +660,13 @@ class Waiter(threading.Thread):
                     self.completed, self.failed, self.rejected, len(self.book))
 
     def run(self) -> None:
-        self._open()
+        try:
+            self._open()
+        except Exception as exc:  # e.g. a registry URL nobody serves: the worker reports it and stops
+            self.open_error = exc
+            self.ready.set()
+            self._close()
+            return
         try:
             while not self.stop_event.is_set():
                 self._step()
@@ -671,6 +678,8 @@ class Waiter(threading.Thread):
 
     def _close_replies(self) -> None:
         for consumer in (self.replies, self.settled):
+            if consumer is None:  # never made: the waiter could not start
+                continue
             consumer.unassign()
             consumer.close()
 

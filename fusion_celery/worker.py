@@ -87,6 +87,10 @@ class FusionStep(bootsteps.StartStopStep):
             self.waiter.start()
             if not self.waiter.ready.wait(30):
                 raise ConfigurationError("the waiter did not start within 30s")
+            if self.waiter.open_error is not None:
+                err = self.waiter.open_error
+                raise err if isinstance(err, ConfigurationError) else \
+                    ConfigurationError(f"the waiter cannot start: {err}")
             self.intake = Intake(app)
             self.intake.start(tasks)
             self.reaper = Reaper(app)

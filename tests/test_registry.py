@@ -106,3 +106,19 @@ def test_a_backend_that_cannot_be_loaded_is_a_configuration_error(app, installed
     use(app, "broken://x")
     with pytest.raises(ConfigurationError, match="cannot load the registry backend .*'broken'"):
         registry_for(app)
+
+
+def test_a_worker_whose_registry_url_nobody_serves_stops_at_once_saying_why(caplog):
+    """The waiter opens the registry in its own thread; its error reaches the worker, which logs it and
+    stops, instead of waiting for the waiter to be ready and reporting only that it was not."""
+    import logging
+
+    from fusion_celery.testing import in_process_app, worker
+    app = in_process_app("bad-registry", fusion_registry_url="nope://somewhere/waits")
+    with caplog.at_level(logging.CRITICAL, logger="fusion_celery"):
+        with pytest.raises(RuntimeError, match="stopped while starting"):
+            with worker(app, ready_timeout=60):
+                pass
+    critical = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert any("fusion-celery cannot start" in m and "'nope'" in m for m in critical), critical
+    assert not any("did not start within" in m for m in critical), critical

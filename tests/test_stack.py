@@ -79,3 +79,13 @@ def test_worker_with_a_backend_that_cannot_run_chords_fails_clearly(stack):
     out = subprocess.run(w.cmd, env=w.env, capture_output=True, text=True, timeout=90, cwd=str(w.log_path.parents[2]))
     assert out.returncode != 0
     assert "cannot run fusion-celery's chords" in out.stdout + out.stderr
+
+
+def test_worker_with_a_registry_url_nobody_serves_fails_clearly(stack):
+    from support.workers import Worker
+    w = Worker("noregistry", "tests.apps.services", env={"FUSION_REGISTRY_URL": "nope://somewhere/waits"})
+    import subprocess
+    out = subprocess.run(w.cmd, env=w.env, capture_output=True, text=True, timeout=90, cwd=str(w.log_path.parents[2]))
+    assert out.returncode != 0
+    assert "fusion-celery cannot start" in out.stdout + out.stderr and "'nope'" in out.stdout + out.stderr
+    assert "did not start within" not in out.stdout + out.stderr
