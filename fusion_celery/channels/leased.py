@@ -385,9 +385,11 @@ class LeasedChannel(ReplyChannel):
         try:
             futures = admin.list_offsets({TopicPartition(t, 0): OffsetSpec.latest() for t in topics},
                                          request_timeout=10)
-        except KafkaException as exc:
-            logger.warning("lease pool: cannot read end offsets now (%s)", exc)
-            return dict.fromkeys(topics) if _transient(exc) else out
+        except Exception as exc:  # a transient Kafka error leaves them unknown for now; anything else retires them
+            unknown = isinstance(exc, KafkaException) and _transient(exc)
+            logger.warning("lease pool: cannot read end offsets now (%s)%s", exc,
+                           "" if unknown else f"; retiring {len(topics)} topic(s)")
+            return dict.fromkeys(topics) if unknown else out
         for tp, fut in futures.items():
             try:
                 offset = fut.result(timeout=15).offset
