@@ -9,7 +9,7 @@ A run is answered exactly once, by whichever path gets there first:
   ``on_failure``) or its pool process died (:func:`_worker_lost`, on
   ``task_failure``).
 
-The claim ``reply-<run id>`` decides who answers; the others do nothing.
+The lease ``reply-<run id>`` decides who answers; the others do nothing (see :func:`reply`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import logging
 import time
 from typing import Any
 
-from celery import Celery, states
+from celery import Celery, Task, states
 from celery.exceptions import WorkerLostError
 from celery.signals import task_failure
 
-from . import claims
+from . import claims, keepalive
 from .clients import clients
 from .config import settings
 from .errors import DependencyFailed, FusionError, ProtocolError
@@ -100,11 +100,15 @@ def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: A
 
 
 def reply(app: Celery, run: Run, *, result: Any = None, exc: BaseException | None = None, sender: Any = None,
-          strict: bool = False) -> bool:
+          strict: bool = False, wait_held: bool = False) -> bool:
     """Answer ``run``'s caller with ``result`` or ``exc`` unless the run was answered already.
 
-    Tells the :data:`~fusion_celery.signals.reactor_result` receivers.  A reply
-    that could not be sent gives its claim back, so that a later attempt may send it.
+    The lease ``reply-<run id>`` guards the reply: taken before it is sent, renewed
+    while Kafka is slow to take it, marked done once Kafka acknowledged it, and given
+    back when it could not be sent, so that a later attempt may send it.  A reply
+    whose sender died before Kafka took it is therefore sent by the next path that
+    gets there, once the lease ran out.  Tells the
+    :data:`~fusion_celery.signals.reactor_result` receivers.
 
     Parameters:
         app: the fusion app.
@@ -113,25 +117,45 @@ def reply(app: Celery, run: Run, *, result: Any = None, exc: BaseException | Non
         exc: its failure.
         sender: the task, for the signal.
         strict: raise when the reply cannot be sent even for an error (the caller retries).
+        wait_held: while another path holds the lease, raise :class:`~fusion_celery.claims.Later`
+            (the caller's step runs again when it may have run out) instead of leaving the
+            answer to that path.
 
     Returns:
-        False when another path answered first, True otherwise.
+        False when another path answered first (or, without ``wait_held``, is answering
+        now), True otherwise.
 
     Raises:
         FusionError: the reply could not be sent, for a result or with ``strict``
             (logged otherwise).
+        Later: with ``wait_held``, another path holds the reply's lease.
     """
-    if not claims.claim(app, f"reply-{run.id}", claims.lifetime(app)):
+    name = f"reply-{run.id}"
+    ttl = claims.lease(app, sender if isinstance(sender, Task) else None)
+    state, token, left = claims.acquire(app, name, ttl)
+    if state == "done":
+        return False
+    if state == "held":
+        if wait_held:
+            raise claims.Later(left + 1, f"another path is replying to run {run.id}")
         return False
     caller = run.caller
     if caller.return_topic:
         try:
-            send_reply(app, caller.return_topic, caller.id, result=result, exc=exc)
+            with keepalive.held(app, claims.key_of(name), token, int(ttl)):
+                send_reply(app, caller.return_topic, caller.id, result=result, exc=exc)
         except FusionError as err:
             logger.error("run %s: cannot reply to %s: %s", run.id, caller.return_topic, err)
-            claims.release(app, f"reply-{run.id}")
+            claims.give_back(app, name, token)
             if exc is None or strict:
                 raise
+        except BaseException:
+            claims.finish(app, name)
+            raise
+        else:
+            claims.finish(app, name)
+    else:
+        claims.finish(app, name)
     reactor_result.send(sender=sender, task_id=run.id, message=caller.to_dict(), result=result, exception=exc)
     return True
 

@@ -4,8 +4,9 @@ Deferred completion is at-least-once: a wait may be completed twice (a waiter
 died after completing but before removing the wait) and a Celery message may be
 delivered twice.  The receivers are therefore idempotent: a reactor run, its
 processing step and a dispatching subtask each run under :func:`once`, and a
-reactor claims its task id before it replies.  Claims are keys in the Redis
-result backend.
+reply holds a lease (:func:`acquire`) until Kafka took it.  Claims and leases are
+keys in the Redis result backend; the leases of a live holder are renewed
+(:mod:`fusion_celery.keepalive`).
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import Ignore
 
+from . import keepalive
 from .config import settings
 from .errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["claim", "extend", "release", "is_claimed", "once", "started", "lease", "lifetime", "with_retry",
-           "RUN_OPTIONS"]
+           "Later", "acquire", "finish", "give_back", "key_of", "RUN_OPTIONS"]
 
 
 def _client(app: Celery) -> Any:
@@ -53,6 +55,11 @@ def lifetime(app: Celery) -> float:
 
 def _key(name: str) -> str:
     return f"fusion-claim-{name}"
+
+
+def key_of(name: str) -> str:
+    """The Redis key of the claim or lease ``name``."""
+    return _key(name)
 
 
 def with_retry(app: Celery, fun: Callable[..., Any], *args: Any) -> Any:
@@ -144,6 +151,66 @@ def _take(client: Any, key: str, token: str, ttl: int, retries: int) -> list[Any
     return client.eval(_TAKE, 1, key, token, ttl, retries)
 
 
+#: Takes a lease: free or ours -> {1}; held by a lease of another holder -> {0, "lease", ttl}; anything
+#: else (``done``, or a plain claim's token) -> {0, "done"}.
+_ACQUIRE = """
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then return {1} end
+if cur and string.sub(cur, 1, 6) == 'lease:' then return {0, 'lease', redis.call('TTL', KEYS[1])} end
+if cur then return {0, 'done'} end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return {1}
+"""
+
+#: Deletes ``KEYS[1]`` if it holds ``ARGV[1]`` (a lease given back by its holder only).
+_GIVE_BACK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class Later(Exception):
+    """This attempt cannot finish now: raised in a :func:`once` block, it gives the step's claim back
+    and sends a copy of the task ``countdown`` seconds later (the block ran nothing that must not run
+    again, or stored what it did)."""
+
+    def __init__(self, countdown: float, why: str) -> None:
+        super().__init__(why)
+        self.countdown = max(1, int(countdown))
+
+
+def acquire(app: Celery, name: str, ttl: float) -> tuple[str, str, int]:
+    """Take the lease ``name`` for ``ttl`` seconds, unless it is held or done.
+
+    Parameters:
+        app: the app.
+        name: the lease.
+        ttl: seconds it lasts unless renewed (see :mod:`fusion_celery.keepalive`).
+
+    Returns:
+        ``("taken", token, ttl)``; ``("held", "", seconds it has left)`` while another
+        holder has it; ``("done", "", 0)`` once its holder finished (:func:`finish`).
+    """
+    token = f"lease:0:{uuid.uuid4().hex}"
+    seconds = max(1, int(ttl))
+    got = with_retry(app, lambda c, k: c.eval(_ACQUIRE, 1, k, token, seconds), _key(name))
+    if got[0]:
+        return "taken", token, seconds
+    if got[1] == b"lease":
+        return "held", "", max(1, int(got[2]))
+    return "done", "", 0
+
+
+def finish(app: Celery, name: str) -> None:
+    """Mark the lease ``name`` done: what it guarded happened; nobody takes it again."""
+    with_retry(app, lambda c, k: c.set(k, "done", ex=int(lifetime(app))), _key(name))
+
+
+def give_back(app: Celery, name: str, token: str) -> None:
+    """End the lease ``name`` if ``token`` still holds it (what it guarded did not happen)."""
+    with_retry(app, lambda c, k: c.eval(_GIVE_BACK, 1, k, token), _key(name))
+
+
 def lease(app: Celery, task: Task | None = None) -> float:
     """Seconds a started step holds its claim.
 
@@ -172,12 +239,15 @@ def once(task: Task, step: str, lease_s: float | None = None,
     :func:`lease`); when the body ends, by returning or raising (``Ignore`` after
     ``replace``, ``Retry``, a failure: each ends this attempt), it is marked done for
     as long as the results live.  A copy that finds it done is dropped (``Ignore``).
-    A copy that finds a lease is sent again once the lease runs out, then dropped: by
-    then the holder has finished (the copy is dropped for good) or died holding it
-    (the copy runs).  A Celery retry is a new attempt with a claim of its own, and a
-    retry after a lost worker (``retry_on_worker_lost``) takes over the lease the
-    lost attempt held.  ``on_done`` runs before a copy that finds the step done is
-    dropped (see :func:`fusion_celery.completion.resume_stored`).
+    A copy that finds a lease is sent again once the lease runs out, then dropped.  The
+    holder renews its lease while it runs (:mod:`fusion_celery.keepalive`), so the lease
+    runs out only when the holder died, and the copy then runs; while the holder lives,
+    the copy comes back once per lease until the step is done.  A Celery retry is a new
+    attempt with a claim of its own, and a retry after a lost worker
+    (``retry_on_worker_lost``) takes over the lease the lost attempt held.  A body that
+    raises :class:`Later` gives the claim back and has a copy sent then.  ``on_done``
+    runs before a copy that finds the step done is dropped (see
+    :func:`fusion_celery.completion.resume_stored`).
 
     Parameters:
         task: the running task (its request's id and retries name the claim).
@@ -205,10 +275,19 @@ def once(task: Task, step: str, lease_s: float | None = None,
                         task.request.id, countdown - 1)
             task.signature_from_request(task.request, countdown=countdown).apply_async()
         raise Ignore()
+    key = _key(name)
     try:
-        yield
-    finally:
-        with_retry(app, lambda c, k: c.set(k, "done", ex=int(lifetime(app))), _key(name))
+        with keepalive.held(app, key, token, seconds):
+            yield
+    except Later as later:
+        with_retry(app, lambda c, k: c.eval(_GIVE_BACK, 1, k, token), key)
+        logger.info("%s %s: %s; sending it again in %ds", step, task.request.id, later, later.countdown)
+        task.signature_from_request(task.request, countdown=later.countdown).apply_async()
+        raise Ignore() from None
+    except BaseException:
+        with_retry(app, lambda c, k: c.set(k, "done", ex=int(lifetime(app))), key)
+        raise
+    with_retry(app, lambda c, k: c.set(k, "done", ex=int(lifetime(app))), key)
 
 
 def started(app: Celery, step: str, task_ids: list[str]) -> set[str]:

@@ -162,10 +162,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fusion_max_message_bytes", 1_000_000, "Largest request or reply accepted, in bytes.", int),
     Setting("fusion_default_timeout", 3600.0, "Seconds a dependency or pipeline waits for its reply.", float),
     Setting("fusion_run_lease", 300.0,
-            "Seconds a started reactor run, processing step or dispatch holds its run-once claim when its task "
-            "has no hard time limit (`time_limit` / `task_time_limit`, which wins): another copy of its message "
-            "(a redelivery) runs only after the holder finished or this long after it started, so it must "
-            "exceed the longest run.", float),
+            "Seconds a started reactor run, processing step, dispatch or reply holds its run-once lease when "
+            "its task has no hard time limit (`time_limit` / `task_time_limit`, which wins). The worker renews "
+            "the lease every third of it while the step runs, so another copy of its message (a redelivery) "
+            "runs only after the holder finished, or this long after the holder died.", float),
     Setting("fusion_run_restart_after", 60.0,
             "Seconds after which an intake sends a reactor run again that shows no sign of having started "
             "(its Celery message was lost, e.g. popped by a broker that went away); doubled after each try, "

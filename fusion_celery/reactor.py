@@ -31,6 +31,7 @@ from typing import Any
 from celery import Celery
 
 from . import answer
+from .bodyresult import remembered
 from .canvas import merge_results
 from .channels import check_name
 from .claims import RUN_OPTIONS, once
@@ -61,11 +62,13 @@ def _run_of(task_id: str, topic: str, kwargs: dict[str, Any]) -> Run:
 
 
 def _process(task: Any, msg: Message, results: dict[str, Any]) -> Any:
-    """Run the reactor's processing function and answer its caller with the result."""
+    """Run the reactor's processing function (once per run, see :mod:`fusion_celery.bodyresult`) and
+    answer its caller with the result; while another path holds the reply, come back later
+    (:class:`~fusion_celery.claims.Later`)."""
     fn = task.proc_fn
-    result = fn(msg, results) if _takes_results(fn) else fn(msg)
+    result = remembered(task.app, task.request.id, lambda: fn(msg, results) if _takes_results(fn) else fn(msg))
     answer.reply(task.app, _run_of(task.request.id, task.topic, {"message": msg.to_dict()}), result=result,
-                 sender=task)
+                 sender=task, wait_held=True)
     return result
 
 

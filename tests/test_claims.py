@@ -69,3 +69,21 @@ def test_a_claim_rides_out_a_redis_that_is_not_up_yet(tmp_path, caplog, monkeypa
         server.terminate()
         server.wait(10)
         app.close()
+
+
+def test_a_held_lease_outlives_its_ttl_in_redis_and_a_copy_takes_it_only_after_its_holder_let_go(app):
+    """The renewer keeps a live holder's lease (1 s ttl) for four renewals; a copy's :func:`claims.acquire`
+    finds it held all along, and takes it once the holder let go and the lease ran out."""
+    from fusion_celery import keepalive
+    name = f"test-{uuid.uuid4().hex}"
+    state, token, ttl = claims.acquire(app, name, 1)
+    assert state == "taken"
+    r = keepalive.renewer()
+    renewed = r.renewed
+    with keepalive.held(app, claims.key_of(name), token, ttl):
+        wait_for(lambda: r.renewed >= renewed + 4, 10, "four renewals", interval=0.05)
+        assert claims.acquire(app, name, 1)[0] == "held"
+    wait_for(lambda: claims.acquire(app, name, 30)[0] == "taken", 5, "the lease to run out", interval=0.1)
+    claims.finish(app, name)
+    assert claims.acquire(app, name, 30)[0] == "done"
+    claims.release(app, name)
