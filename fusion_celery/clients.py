@@ -38,7 +38,7 @@ from .config import settings
 from .errors import ConfigurationError, FusionError, UnknownTopic
 from .transport import client_config, errors_logger, log_error, transient
 
-__all__ = ["Clients", "clients", "close_clients", "close_all_clients", "kafka_api", "STUB_MODULE"]
+__all__ = ["Clients", "clients", "close_clients", "close_all_clients", "deletion_failed", "kafka_api", "STUB_MODULE"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,19 @@ def kafka_api(app: Celery) -> ModuleType | SimpleNamespace:
     except ImportError as exc:
         raise ConfigurationError(f"fusion_kafka_bootstrap_servers={servers!r} needs the in-memory Kafka stub "
                                  f"{STUB_MODULE}, which cannot be imported: {exc}") from None
+
+
+def deletion_failed(future: Any) -> str | None:
+    """Why the done deletion ``future`` (of :meth:`Clients.delete_topics`) failed; None when the topic is gone
+    (deleted, or there was no such topic)."""
+    try:
+        future.result(timeout=0)
+    except KafkaException as exc:
+        err = exc.args[0]
+        return None if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART else err.str()
+    except Exception as exc:
+        return str(exc) or type(exc).__name__
+    return None
 
 
 class Clients:
@@ -467,7 +480,7 @@ class Clients:
                                       f"{timeout:.0f}s")
                 time.sleep(0.02)
 
-    def delete_topics(self, names: Iterable[str], wait: bool = False, timeout: float = 30.0) -> None:
+    def delete_topics(self, names: Iterable[str], wait: bool = False, timeout: float = 30.0) -> dict[str, Any]:
         """Delete topics; missing ones are fine.
 
         Parameters:
@@ -475,21 +488,28 @@ class Clients:
             wait: block until the controller answered (failures other than "no such
                 topic" are logged); otherwise :meth:`close` waits for the answers.
             timeout: seconds the controller has to answer.
+
+        Returns:
+            The deletions' futures by topic (done when ``wait``), for a caller that tries again
+            what failed (see :func:`deletion_failed`).
         """
         names = list(dict.fromkeys(names))  # a name twice in one request crashes librdkafka's result handling
         if not names:
-            return
+            return {}
         futures = self.admin.delete_topics(names, operation_timeout=timeout, request_timeout=timeout)
         if not wait:
             with self._lock:
                 self._unawaited = [f for f in self._unawaited if not f.done()] + list(futures.values())
-            return
+            return futures
         for name, fut in futures.items():
             try:
                 fut.result(timeout=timeout + 5)
             except KafkaException as exc:
                 if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
                     logger.warning("cannot delete topic %s: %s", name, exc.args[0].str())
+            except Exception as exc:  # no answer in time
+                logger.warning("cannot delete topic %s: %s", name, exc)
+        return futures
 
     def check_reachable(self, timeout: float) -> None:
         """Make sure a Kafka broker answers.

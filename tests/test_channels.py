@@ -14,8 +14,10 @@ test with 50 leased waits is in ``test_crash.py``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -361,3 +363,39 @@ def test_a_leased_topic_whose_end_offset_cannot_be_read_cools_again_and_is_given
         wait_for(lambda: ch.counts["released"] > released, 10, "the topic given back once Kafka answers")
         assert ch.counts["retired"] == 0
         assert opened.return_topic in free_topics(app)
+
+
+def test_an_ephemeral_topic_whose_deletion_the_controller_refused_is_deleted_on_a_later_try():
+    """A deletion refused while a broker restarts (on the real cluster: tests/test_cluster.py's rolling
+    restart, which asserts that no return topic is left) is sent again on a later tick."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    from fusion_celery.channels.ephemeral import EphemeralChannel
+    from fusion_celery.clients import clients
+    from fusion_celery.testing.app import kafka_broker
+    app = make_app("stub", None)
+    try:
+        ch = EphemeralChannel(app)
+        opened = ch.open("wait-1", int(time.time() * 1000) + 60_000)
+        admin = clients(app).admin
+        real, refused = admin.delete_topics, []
+
+        def refuse_twice(names, **kw):
+            if len(refused) < 2:
+                refused.append(list(names))
+                failed = concurrent.futures.Future()
+                failed.set_exception(KafkaException(KafkaError(KafkaError.REQUEST_TIMED_OUT, "controller moved")))
+                return {n: failed for n in names}
+            return real(names, **kw)
+
+        admin.delete_topics = refuse_twice
+        ch.end("wait-1", opened, 0)
+
+        def gone() -> bool:
+            ch.tick(force=True)
+            return opened.return_topic not in kafka_broker(app).topics
+
+        wait_for(gone, 10, "the return topic deleted after two refusals", interval=0.05)
+        assert refused == [[opened.return_topic]] * 2
+    finally:
+        app.close()
