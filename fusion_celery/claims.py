@@ -27,7 +27,7 @@ from .errors import ConfigurationError
 logger = logging.getLogger(__name__)
 
 __all__ = ["claim", "extend", "release", "is_claimed", "once", "started", "lease", "lifetime", "with_retry",
-           "Later", "acquire", "finish", "give_back", "key_of", "RUN_OPTIONS"]
+           "Later", "acquire", "finish", "give_back", "key_of", "first", "RUN_OPTIONS"]
 
 
 def _client(app: Celery) -> Any:
@@ -199,6 +199,26 @@ def acquire(app: Celery, name: str, ttl: float) -> tuple[str, str, int]:
     if got[1] == b"lease":
         return "held", "", max(1, int(got[2]))
     return "done", "", 0
+
+
+def first(app: Celery, name: str, owner: str) -> str:
+    """Name ``owner`` the first holder of the marker ``name`` unless somebody is already; keep it as long as
+    the results.
+
+    Parameters:
+        app: the app.
+        name: the marker.
+        owner: who asks (e.g. a run's task id).
+
+    Returns:
+        The first holder: ``owner`` when it is the first (or asked before), another one otherwise.
+    """
+    def take(client: Any, key: str) -> Any:
+        if client.set(key, owner, nx=True, ex=int(lifetime(app))):
+            return owner.encode()
+        return client.get(key)
+    held = with_retry(app, take, _key(name))
+    return held.decode() if isinstance(held, bytes) else (held or owner)
 
 
 def finish(app: Celery, name: str) -> None:

@@ -24,13 +24,16 @@ Class form, for larger reactors::
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import Ignore
 
-from . import answer
+from . import answer, claims
 from .bodyresult import remembered
 from .canvas import merge_results
 from .channels import check_name
@@ -44,6 +47,8 @@ from .runtask import FinishTask, RunTask
 from .runtime import reactors
 
 __all__ = ["reactor", "Reactor", "ReactorTask", "ProcessTask"]
+
+logger = logging.getLogger(__name__)
 
 DepsFn = Callable[[Message], "Mapping[str, Any] | None"] | Mapping[str, Any] | None
 
@@ -70,6 +75,19 @@ def _process(task: Any, msg: Message, results: dict[str, Any]) -> Any:
     answer.reply(task.app, _run_of(task.request.id, task.topic, {"message": msg.to_dict()}), result=result,
                  sender=task, wait_held=True)
     return result
+
+
+def _first_run(task: Any, msg: Message) -> str:
+    """The run that serves the request of ``msg``: the first run of a record with its return topic and id.
+
+    A caller that sent the same request twice (a fusion dispatch whose worker died after
+    Kafka took the request, before it marked the request sent) is answered once.  A
+    request without a return topic or an id is its record's own.
+    """
+    if not (msg.id and msg.return_topic):
+        return task.request.id
+    digest = hashlib.sha256(f"{task.topic}\0{msg.return_topic}\0{msg.id}".encode()).hexdigest()[:32]
+    return claims.first(task.app, f"request-{digest}", task.request.id)
 
 
 class ReactorTask(RunTask):
@@ -99,6 +117,11 @@ class ReactorTask(RunTask):
         with once(self, "run"):  # a redelivered record must not ask the deps or run proc_fn again
             if msg.expired:
                 raise RequestExpired(f"request to {self.topic!r} arrived after its deadline {msg.deadline}")
+            served_by = _first_run(self, msg)
+            if served_by != self.request.id:
+                logger.info("run %s: request %r to %s on return topic %s is served by run %s already; duplicate "
+                            "dropped", self.request.id, msg.id, self.topic, msg.return_topic, served_by)
+                raise Ignore()
             deps_map = self._deps_map(msg)
             if not deps_map:
                 return _process(self, msg, {})

@@ -63,7 +63,13 @@ def test_a_waiter_replaces_its_reply_consumers_without_losing_a_wait(kit, worker
         wait_for(lambda: "replaced its replies consumer" in w.log(), 120, "the fresh reply consumer to be replaced")
         gate.hold = False
         gate.release(6)  # 6 of the 12 settled waits end: the settled consumer holds 6 it was given 12
-        wait_for(lambda: "replaced its settled consumer" in w.log(), 120, "the settled reply consumer to be replaced")
+        try:
+            wait_for(lambda: "replaced its settled consumer" in w.log(), 120,
+                     "the settled reply consumer to be replaced")
+        except BaseException:
+            waiter_lines = [line for line in w.log().splitlines() if "waiter" in line]
+            print("worker's waiter log lines:\n" + "\n".join(waiter_lines[-60:]))
+            raise
         pattern = r"replaced its settled consumer after \d+ return topics \((\d+) waits"
         carried = [int(n) for n in re.findall(pattern, w.log())]
         assert max(carried) >= 1, f"the parked waits were not carried over to the new consumer: {carried}"

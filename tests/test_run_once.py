@@ -152,3 +152,28 @@ def test_a_reply_that_kafka_took_is_never_sent_again(app):
     step.apply(args=[{}], kwargs={"message": message}, task_id=run_id, retries=1).get()
     assert app.calls == [message["id"]]
     assert replies(app, message["return_topic"]) == [{"n": 4}]
+
+
+def test_a_request_sent_twice_is_served_once(app):
+    """A fusion dispatch whose worker died after Kafka took its request sends it again after its lease: the
+    two records carry the same return topic and id, and the reactor answers once, running proc_fn once (on
+    the real stack: the kill -9 sequence of tests/test_faults.py asserts every dependency ran once)."""
+    from fusion_celery.testing import worker
+    from fusion_celery.testing.kafka import Producer
+    run_id, message = request(app, 5)
+    body = json.dumps({"data": 5, "return-topic": message["return_topic"], "id": message["id"]})
+    with worker(app):
+        producer = Producer({"bootstrap.servers": app.conf.fusion_kafka_bootstrap_servers})
+        producer.produce("counted", body)
+        producer.produce("counted", body)
+        producer.flush(5)
+        producer.close()
+        client = app.backend.client
+
+        def both_runs_done() -> bool:
+            keys = list(client.scan_iter("fusion-claim-run-*"))
+            return len(keys) == 2 and all(client.get(k) == b"done" for k in keys)
+
+        until(both_runs_done, 15, "both records' runs to end")
+    assert app.calls == [message["id"]]
+    assert replies(app, message["return_topic"]) == [{"n": 5}]
