@@ -15,7 +15,10 @@ attributes, behind small functions the rest of the package calls:
   inside a test process changes (:func:`current_app_restored`);
 * Celery's ``RedisBackend._create_client`` and its result consumer's
   ``_wait_for_pubsub``, which the in-process test app replaces to serve results
-  from fakeredis (:func:`redis_backend_class`).
+  from fakeredis (:func:`redis_backend_class`);
+* a result backend's ``_get_result_meta``, the meta ``store_result`` writes, which
+  :mod:`fusion_celery.taskstate` writes itself only when the stored state allows
+  (:func:`result_meta`).
 
 ``tests/test_compat.py`` fails when an installed Celery or kombu no longer has
 one of them, and :func:`check_versions` warns at worker start when the
@@ -47,6 +50,7 @@ __all__ = [
     "redis_backend_class",
     "release",
     "restore_by_tag",
+    "result_meta",
     "task_channel_qos",
     "unverified_versions",
 ]
@@ -225,3 +229,20 @@ def redis_backend_class(name: str, make_client: Any, wait_readable: Any, **attrs
 
     return type(name, (RedisBackend,), {"ResultConsumer": _ResultConsumer, "_create_client": _create_client,
                                         **attrs})
+
+
+def result_meta(backend: Any, task_id: str, result: Any, state: str) -> dict[str, Any]:
+    """The meta Celery's ``backend.store_result(task_id, result, state)`` would store, without storing it.
+
+    Parameters:
+        backend: the result backend.
+        task_id: the task's id.
+        result: the task's result (for a custom state: its meta, ``AsyncResult.info``).
+        state: the state.
+
+    Returns:
+        The meta dict (``status``, ``result``, ``task_id``, ...), to be encoded with ``backend.encode``.
+    """
+    meta = backend._get_result_meta(result=result, state=state, traceback=None, request=None)
+    meta["task_id"] = task_id
+    return meta
