@@ -189,19 +189,25 @@ class Consumer(CeleryConsumer):
 
 @contextmanager
 def current_app_restored() -> Iterator[None]:
-    """Give Celery back the default and current app it had when the block began.
+    """Give Celery back the default and current app it had when the block began, and whether
+    ``AsyncResult.get()`` refuses to block.
 
     A worker started in the block (``celery.contrib.testing.worker.start_worker``)
-    makes its app the current and default one for the whole process; a test
-    process that goes on with other apps needs the previous ones back.
+    makes its app the current and default one for the whole process, and its pool
+    step marks the process as one whose ``get()`` would block a task (Celery's
+    ``start_worker`` clears the mark only once the worker started, so a worker that
+    failed to start leaves it set); a test process that goes on with other apps
+    needs the previous state back.
     """
     from celery import _state
     previous_default, previous_current = _state.default_app, _state.get_current_app()
+    previous_block = _state.task_join_will_block()
     try:
         yield
     finally:
         _state.set_default_app(previous_default)
         _state._set_current_app(previous_current)
+        _state._set_task_join_will_block(previous_block)
 
 
 def redis_backend_class(name: str, make_client: Any, wait_readable: Any, **attrs: Any) -> type:
