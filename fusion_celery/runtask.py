@@ -75,7 +75,8 @@ class RunTask(AnsweringTask):
         """
         if first:
             caller = progress.start(self.app, run.id, len(graph), topic=run.topic, parent=self.request.parent_id)
-            taskstate.publish(self.app, taskstate.Progress(run.id, 0, len(graph), run.topic), caller)
+            taskstate.publish(self.app, taskstate.Progress(run.id, 0, len(graph), run.topic), caller,
+                              hostname=self.request.hostname)
         return self.replace(compile_deps(self.app, graph, finish, run=run, deadline=deadline,
                                          reply=self.reply_channel))
 

@@ -20,7 +20,8 @@ once.  The finish step's result is stored by Celery as usual and replaces it.
 
 Each state is also sent as a ``task-progress`` event (when ``worker_send_task_events`` is on):
 Flower's event state takes an event type it does not know as a custom state, so its task list
-shows ``PROGRESS``, and the final event of the run's last step moves it on.
+shows ``PROGRESS``, with the progress meta as the task's result (the event's ``result``, a repr as
+in ``task-succeeded``), and the final event of the run's last step moves it on.
 """
 
 from __future__ import annotations
@@ -112,21 +113,23 @@ def store(app: Celery, task_id: str, progress: Progress) -> bool:
                            int(expires) if expires else None, progress.done, backend.decode_result))
 
 
-def _send(app: Celery, events: Any, task_id: str, progress: Progress) -> None:
-    fields = {"uuid": task_id, **progress.meta()}
+def _send(app: Celery, events: Any, task_id: str, progress: Progress, hostname: str | None) -> None:
+    meta = progress.meta()
+    fields = {"uuid": task_id, "result": repr(meta), **meta}
     if events is not None:
         events.send("task-progress", **fields)
         return
     if not app.conf.worker_send_task_events:
         return
     try:
-        with app.events.default_dispatcher() as dispatcher:
+        with app.events.default_dispatcher(hostname=hostname) as dispatcher:
             dispatcher.send("task-progress", **fields)
     except Exception as err:  # events are best effort
         logger.warning("cannot send task-progress for %s: %s", task_id, err)
 
 
-def publish(app: Celery, progress: Progress, caller: str | None = None, events: Any = None) -> None:
+def publish(app: Celery, progress: Progress, caller: str | None = None, events: Any = None,
+            hostname: str | None = None) -> None:
     """Show ``progress`` as the state of its run and of the run's parked ``caller`` (if any), and send the
     ``task-progress`` events.
 
@@ -139,13 +142,15 @@ def publish(app: Celery, progress: Progress, caller: str | None = None, events: 
         caller: the task id of the parked task the run answers (see the module docstring), or None.
         events: a :class:`~fusion_celery.completion.Events` to send the events with (else the app's
             default dispatcher, when task events are on).
+        hostname: the worker the events come from, without ``events`` (the node name of the worker
+            running the step: Flower shows a task on the worker of its latest event).
     """
     for task_id in (progress.run, caller):
         if task_id is None:
             continue
         try:
             if store(app, task_id, progress):
-                _send(app, events, task_id, progress)
+                _send(app, events, task_id, progress, hostname)
         except Exception as err:
             logger.warning("cannot store the progress of %s (%d/%d) under %s: %s", progress.run, progress.done,
                            progress.total, task_id, err)
