@@ -212,6 +212,9 @@ def _unfinished(app: Celery, ids: list[str]) -> set[str]:
 #: Seconds between two checks of a run that has not started, at most.
 MAX_RESEND_DELAY = 600.0
 
+#: Seconds between two measurements of an intake's lag (see :meth:`ReactorIntake._measure_lag`).
+LAG_INTERVAL = 2.0
+
 
 @dataclass
 class Handed:
@@ -247,6 +250,8 @@ class ReactorIntake(threading.Thread):
         self.consumer: Consumer | None = None
         # received = started + dead_lettered + dropped + len(pending); dropped: refused by the dead-letter topic
         self.counts = {"received": 0, "dead_lettered": 0, "started": 0, "dropped": 0}
+        #: Records of each assigned partition not yet handed to Celery (the metrics read it from another thread).
+        self.lag: dict[int, int] = {}
 
     def _decode(self, msg: KafkaMessage) -> Message:
         conf = settings(self.app)
@@ -406,7 +411,7 @@ class ReactorIntake(threading.Thread):
                "enable.auto.commit": True,
                "enable.auto.offset.store": False})
         self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
-        last_check = 0.0
+        last_check = last_lag = 0.0
         try:
             while not self.stop_event.is_set():
                 try:
@@ -418,6 +423,9 @@ class ReactorIntake(threading.Thread):
                                      self.topic, len(self.pending))
                     self.stop_event.wait(1.0)
                 now = time.monotonic()
+                if now - last_lag >= LAG_INTERVAL:
+                    last_lag = now
+                    self._measure_lag()
                 if now - last_check > 0.25 or len(self.in_flight) >= self.max_in_flight:
                     last_check = now
                     try:
@@ -466,6 +474,39 @@ class ReactorIntake(threading.Thread):
                 return
             self.pending.popleft()
             self.consumer.store_offsets(message=msg)
+
+    def _measure_lag(self) -> None:
+        """Measure :attr:`lag`: per assigned partition, its high watermark minus the next record to hand over.
+
+        The next record is the consumer's position, less the records read but waiting in
+        :attr:`pending` (the worker is at ``fusion_max_in_flight``, or the Celery broker is
+        away): they are not handed over.  A partition the consumer has returned nothing from
+        since it was assigned has no position yet; its committed offset stands in (the low
+        watermark when the group has none).  The high watermark is librdkafka's cached one,
+        updated by every fetch; a partition without one is asked of the broker.
+        """
+        waiting: dict[int, int] = {}
+        for msg in self.pending:
+            waiting[msg.partition()] = waiting.get(msg.partition(), 0) + 1
+        lag: dict[int, int] = {}
+        try:
+            assigned = self.consumer.assignment()
+            positions = {tp.partition: tp.offset for tp in self.consumer.position(assigned)}
+            unread = [TopicPartition(self.topic, p) for p, offset in positions.items() if offset < 0]
+            if unread:
+                for tp in self.consumer.committed(unread, timeout=2):
+                    positions[tp.partition] = tp.offset
+            for p, offset in positions.items():
+                tp = TopicPartition(self.topic, p)
+                low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                if high is None or high < 0 or (offset < 0 and (low is None or low < 0)):
+                    low, high = self.consumer.get_watermark_offsets(tp, timeout=2)
+                start = offset if offset >= 0 else low
+                lag[p] = max(0, high - start) + (waiting.get(p, 0) if offset >= 0 else 0)
+        except KafkaException as exc:  # the group is rebalancing, or Kafka is away: measure next time
+            logger.debug("reactor %s: cannot measure the lag: %s", self.topic, exc)
+            return
+        self.lag = lag
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Commit what was handed over; forget what was not (the partitions' next owner reads it).
