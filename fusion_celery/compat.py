@@ -16,6 +16,9 @@ attributes, behind small functions the rest of the package calls:
 * Celery's ``RedisBackend._create_client`` and its result consumer's
   ``_wait_for_pubsub``, which the in-process test app replaces to serve results
   from fakeredis (:func:`redis_backend_class`);
+* prometheus-client's ``values.ValueClass``, which it picks once, when first imported, from
+  ``PROMETHEUS_MULTIPROC_DIR``; a worker that turns multiprocess mode on after something
+  imported prometheus-client sets it (:func:`prometheus_multiprocess`);
 * a result backend's ``_get_result_meta``, the meta ``store_result`` writes, which
   :mod:`fusion_celery.taskstate` writes itself only when the stored state allows
   (:func:`result_meta`).
@@ -49,6 +52,7 @@ __all__ = [
     "disarm",
     "redis_backend_class",
     "release",
+    "prometheus_multiprocess",
     "restore_by_tag",
     "result_meta",
     "task_channel_qos",
@@ -252,3 +256,11 @@ def result_meta(backend: Any, task_id: str, result: Any, state: str) -> dict[str
     meta = backend._get_result_meta(result=result, state=state, traceback=None, request=None)
     meta["task_id"] = task_id
     return meta
+
+
+def prometheus_multiprocess() -> None:
+    """Make the prometheus-client metrics created from now on write their values to the files of
+    ``PROMETHEUS_MULTIPROC_DIR`` (multiprocess mode), however early prometheus-client was imported."""
+    from prometheus_client import values
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        values.ValueClass = values.MultiProcessValue()
