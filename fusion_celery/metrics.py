@@ -224,7 +224,10 @@ class Metrics:
             self.server, _thread = start_http_server(port, addr=address, registry=self.registry)
         except OSError as exc:
             raise ConfigurationError(f"fusion_metrics_port: cannot serve metrics on {address}:{port}: {exc}") from None
-        logger.info("fusion-celery: metrics on http://%s:%d/metrics", address, port)
+        where = ""
+        if self.multiprocess_dir:
+            where = f" (the pool's processes write their counts to {self.multiprocess_dir})"
+        logger.info("fusion-celery: metrics on http://%s:%d/metrics%s", address, port, where)
 
     def scrape(self) -> str:
         """The metrics as Prometheus's text format (what ``/metrics`` answers)."""

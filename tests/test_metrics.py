@@ -165,3 +165,28 @@ def test_a_port_in_use_stops_the_worker_at_start(caplog):
         with pytest.raises(RuntimeError, match="stopped while starting"), worker(app, ready_timeout=15):
             pass
     assert f"cannot serve metrics on 127.0.0.1:{port}" in caplog.text
+
+
+def test_intake_lag_counts_the_records_held_back_at_max_in_flight():
+    port = free_port()
+    app = in_process_app("metrics-lag", fusion_metrics_port=port, fusion_metrics_address="127.0.0.1",
+                         fusion_max_in_flight=1, fusion_default_timeout=TIMEOUT)
+
+    @reactor("held", app=app, deps={"x": {"topic": "plain", "args": []}})
+    def held(message: Message, results: dict[str, Any]) -> Any:
+        return results
+
+    kafka_broker(app).create_topic("plain")
+    with worker(app):
+        producer = Producer({"bootstrap.servers": app.conf.fusion_kafka_bootstrap_servers})
+        for i in range(3):
+            producer.produce("held", json.dumps({"data": i}), key=str(i))
+        producer.flush(1)
+        producer.close()
+
+        def lagging():
+            s = scrape(port)
+            lags = [v for (name, labels), v in s.items() if name == "fusion_intake_lag" and ("topic", "held") in labels]
+            return value(s, "fusion_waits_pending", topic="plain") == 1 and sum(lags) == 2
+
+        until(lagging, "1 run waiting and 2 records of lag")  # the run in flight waits for "plain" for ever

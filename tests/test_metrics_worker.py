@@ -7,6 +7,8 @@ prometheus-client's multiprocess mode.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import urllib.error
 import urllib.request
 
@@ -99,4 +101,7 @@ def test_a_workers_metrics_count_what_the_test_did(worker_factory, kit, gates):
     assert w.stop() == 0
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
-    assert f"metrics on http://127.0.0.1:{port}/metrics" in w.log()
+    log = w.log()
+    assert f"metrics on http://127.0.0.1:{port}/metrics (the pool's processes write their counts to " in log
+    made = log.split("write their counts to ", 1)[1].split(")", 1)[0]
+    assert made.startswith(tempfile.gettempdir()) and not os.path.exists(made), "the worker removes the directory"
