@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.kafka import return_topic_name
 from support.ports import free_port
 from support.waiting import wait_for
-from support.workers import isolated_env
+from support.workers import REGISTRIES, isolated_env
 
 pytestmark = pytest.mark.integration
 
@@ -40,9 +40,10 @@ def total(samples: dict, name: str, **labels: str) -> float:
                if n == name and all(dict(found).get(k) == want for k, want in labels.items()))
 
 
-def test_a_workers_metrics_count_what_the_test_did(worker_factory, kit, gates):
+@pytest.mark.parametrize("registry", REGISTRIES)
+def test_a_workers_metrics_count_what_the_test_did(worker_factory, kit, gates, registry):
     port = free_port()
-    env = {**isolated_env(), "FUSION_METRICS_PORT": str(port), "FUSION_METRICS_ADDRESS": "127.0.0.1",
+    env = {**isolated_env(registry), "FUSION_METRICS_PORT": str(port), "FUSION_METRICS_ADDRESS": "127.0.0.1",
            "FUSION_MAX_IN_FLIGHT": "2"}
     run = env["FUSION_TEST_RUN"]
     w = worker_factory(name="metrics", env=env, concurrency=2)
@@ -65,7 +66,7 @@ def test_a_workers_metrics_count_what_the_test_did(worker_factory, kit, gates):
                 and total(s, "fusion_intake_lag", topic=generic) == 1 and s)
 
     s = wait_for(parked_and_lagging, 60, "2 waits pending on the gate and 1 record of lag")
-    assert value(s, "fusion_registry_partitions_owned") == 12  # the only waiter of its registry
+    assert value(s, "fusion_registry_partitions_owned") == 12  # the only waiter of its registry: every partition
     assert value(s, "fusion_return_topics_leased_total") == 2
 
     # Two answers: two ok replies from the pool's children; the third run starts and parks.
