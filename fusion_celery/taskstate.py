@@ -14,9 +14,11 @@ sees the reactor run's deps move.  The run knows its caller from the request's l
 while that task is parked in this result backend (its return topic is remembered there).
 
 A progress state is stored only over a state that is not final and not further along: it never
-replaces a SUCCESS or FAILURE that a racing completion stored (the check and the write are one
-Redis transaction, ``WATCH``/``MULTI``), and never moves backwards when two replies are stored at
-once.  The finish step's result is stored by Celery as usual and replaces it.
+replaces a SUCCESS or FAILURE that a racing completion stored, and never moves backwards when two
+replies are stored at once.  The check and the write are atomic: one Lua script (one round trip)
+when the results are JSON, as in the fusion app; a ``WATCH``/``MULTI`` transaction for another
+result serializer, whose meta only Python can read.  The finish step's result is stored by Celery
+as usual and replaces it.
 
 Each state is also sent as a ``task-progress`` event (when ``worker_send_task_events`` is on):
 Flower's event state takes an event type it does not know as a custom state, so its task list
@@ -72,6 +74,34 @@ def _further(current: Any, done: int) -> bool:
     return current.get("status") == PROGRESS and isinstance(shown, dict) and int(shown.get("done", 0)) > done
 
 
+#: The check and the write in one step, for JSON results: KEYS[1] the meta's key; ARGV the payload, the
+#: deps done and the expiry in seconds (0: none).  A meta that is not JSON is left alone.
+_STORE = """
+local raw = redis.call('GET', KEYS[1])
+if raw then
+  local ok, meta = pcall(cjson.decode, raw)
+  if not ok or type(meta) ~= 'table' then return 0 end
+  local status = meta['status']
+  if {ready} then return 0 end
+  local shown = meta['result']
+  if status == '{progress}' and type(shown) == 'table' and (tonumber(shown['done']) or 0) > tonumber(ARGV[2]) then
+    return 0
+  end
+end
+if tonumber(ARGV[3]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+""".format(ready=" or ".join(f"status == '{s}'" for s in sorted(states.READY_STATES)), progress=PROGRESS)
+
+
+def _store_json(client: Any, key: str, payload: Any, expires: int | None, done: int) -> bool:
+    return bool(client.eval(_STORE, 1, key, payload, done, expires or 0))
+
+
 def _store(client: Any, key: str, payload: Any, expires: int | None, done: int, decode: Any) -> bool:
     from redis.exceptions import WatchError
     with client.pipeline() as pipe:
@@ -108,9 +138,11 @@ def store(app: Celery, task_id: str, progress: Progress) -> bool:
     """
     backend = app.backend
     meta = result_meta(backend, task_id, progress.meta(), PROGRESS)
-    expires = backend.expires
-    return bool(with_retry(app, _store, backend.get_key_for_task(task_id), backend.encode(meta),
-                           int(expires) if expires else None, progress.done, backend.decode_result))
+    expires = int(backend.expires) if backend.expires else None
+    key, payload = backend.get_key_for_task(task_id), backend.encode(meta)
+    if backend.serializer == "json":
+        return with_retry(app, _store_json, key, payload, expires, progress.done)
+    return bool(with_retry(app, _store, key, payload, expires, progress.done, backend.decode_result))
 
 
 def _send(app: Celery, events: Any, task_id: str, progress: Progress, hostname: str | None) -> None:

@@ -153,3 +153,19 @@ def test_the_cli_progress_bar_fills_with_the_deps_done():
     assert progress_bar(0, 2) == "[--------------------] 0/2 deps done"
     assert progress_bar(1, 2) == "[##########----------] 1/2 deps done"
     assert progress_bar(3, 2, width=4) == "[####] 2/2 deps done"
+
+
+@pytest.mark.parametrize("serializer", ["json", "pickle"])
+def test_both_ways_of_storing_progress_keep_final_states(serializer):
+    """JSON results are checked and written by one Lua script, others by a WATCH/MULTI transaction."""
+    app = in_process_app(f"progress-{serializer}", result_serializer=serializer,
+                         accept_content=["json", "pickle"], result_accept_content=["json", "pickle"])
+    backend = app.backend
+    assert backend.serializer == serializer
+    backend.store_result("s", 4, states.SUCCESS)
+    backend.store_result("f", ValueError("no"), states.FAILURE)
+    assert not store(app, "s", Progress("s", 1, 2)) and not store(app, "f", Progress("f", 1, 2))
+    assert AsyncResult("s", app=app).state == states.SUCCESS and AsyncResult("f", app=app).state == states.FAILURE
+    assert store(app, "p", Progress("p", 1, 3)) and not store(app, "p", Progress("p", 0, 3))
+    assert store(app, "p", Progress("p", 2, 3))
+    assert AsyncResult("p", app=app).info == {"done": 2, "total": 3, "run": "p", "topic": None}
