@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task, states
@@ -29,7 +30,7 @@ from .errors import DependencyFailed, FusionError, ProtocolError
 from .protocol import check_return_topic, check_size, encode_error, encode_reply, reply_headers
 from .returntopics import name_times
 from .run import Run
-from .signals import reactor_result
+from .signals import reactor_result, reply_sent
 
 __all__ = ["send_reply", "reply", "dependency_failed"]
 
@@ -58,7 +59,7 @@ def _patience(app: Celery, topic: str) -> float:
 
 
 def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: Any = None,
-               exc: BaseException | None = None) -> Any:
+               exc: BaseException | None = None, sent: Callable[[str], None] | None = None) -> Any:
     """Put a success (``result``) or error (``exc``) reply on ``return_topic``.
 
     A result too large or not JSON becomes an error reply that says so.
@@ -69,6 +70,7 @@ def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: A
         corr_id: the request's id, echoed as the reply's key and ``fusion-id`` header.
         result: the answer, when ``exc`` is None.
         exc: the error to report instead.
+        sent: called with the reply's status (``ok`` or ``error``) once Kafka took it.
 
     Returns:
         The delivery record, or None when the return topic no longer exists (the
@@ -96,7 +98,10 @@ def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: A
     if not c.topic_exists(return_topic, ttl=0, wait=_patience(app, return_topic)):
         logger.warning("return topic %s no longer exists (the caller gave up?); reply dropped", return_topic)
         return None
-    return c.produce(return_topic, body, key=corr_id, headers=reply_headers(status, corr_id))
+    record = c.produce(return_topic, body, key=corr_id, headers=reply_headers(status, corr_id))
+    if sent is not None:
+        sent(status)
+    return record
 
 
 def reply(app: Celery, run: Run, *, result: Any = None, exc: BaseException | None = None, sender: Any = None,
@@ -108,7 +113,8 @@ def reply(app: Celery, run: Run, *, result: Any = None, exc: BaseException | Non
     back when it could not be sent, so that a later attempt may send it.  A reply
     whose sender died before Kafka took it is therefore sent by the next path that
     gets there, once the lease ran out.  Tells the
-    :data:`~fusion_celery.signals.reactor_result` receivers.
+    :data:`~fusion_celery.signals.reactor_result` receivers, and the
+    :data:`~fusion_celery.signals.reply_sent` ones once Kafka took the reply.
 
     Parameters:
         app: the fusion app.
@@ -140,10 +146,11 @@ def reply(app: Celery, run: Run, *, result: Any = None, exc: BaseException | Non
             raise claims.Later(left + 1, f"another path is replying to run {run.id}")
         return False
     caller = run.caller
+    statuses: list[str] = []
     if caller.return_topic:
         try:
             with keepalive.held(app, claims.key_of(name), token, int(ttl)):
-                send_reply(app, caller.return_topic, caller.id, result=result, exc=exc)
+                send_reply(app, caller.return_topic, caller.id, result=result, exc=exc, sent=statuses.append)
         except FusionError as err:
             logger.error("run %s: cannot reply to %s: %s", run.id, caller.return_topic, err)
             claims.give_back(app, name, token)
@@ -154,6 +161,9 @@ def reply(app: Celery, run: Run, *, result: Any = None, exc: BaseException | Non
             raise
         else:
             claims.finish(app, name)
+            for status in statuses:
+                reply_sent.send(sender=app, task_id=run.id, topic=run.topic, return_topic=caller.return_topic,
+                                status=status)
     else:
         claims.finish(app, name)
     reactor_result.send(sender=sender, task_id=run.id, message=caller.to_dict(), result=result, exception=exc)

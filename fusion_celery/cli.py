@@ -74,10 +74,37 @@ def _request_key(key: str | None, corr_id: str | None) -> str:
     return corr_id if corr_id is not None else uuid.uuid4().hex
 
 
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    """A one-line progress bar of ``done`` of ``total`` deps: ``[##########----------] 1/2 deps done``."""
+    filled = width * min(done, total) // total if total > 0 else width
+    return f"[{'#' * filled}{'-' * (width - filled)}] {min(done, total)}/{total} deps done"
+
+
+def _run_progress(app: Any, run: str) -> tuple[int, int] | None:
+    """``(done, total)`` of the run ``run`` while its task state is ``PROGRESS``, else None.
+
+    Read where every Celery user would read it (``AsyncResult(run).info``, see
+    :mod:`fusion_celery.taskstate`); a result backend this command cannot reach shows nothing.
+    """
+    from celery.result import AsyncResult
+
+    from .taskstate import PROGRESS
+    try:
+        result = AsyncResult(run, app=app)
+        info = result.info if result.state == PROGRESS else None
+    except Exception:  # progress is a nicety; the backend may be elsewhere
+        return None
+    if not isinstance(info, dict):
+        return None
+    return int(info.get("done", 0)), int(info.get("total", 0))
+
+
 @fusion.command(help="Send DATA (JSON) to TOPIC; with --wait print the answer, else the delivery record.")
 @click.argument("topic")
 @click.argument("data")
-@click.option("--wait/--no-wait", default=False, help="Wait for the answer on a fresh return topic.")
+@click.option("--wait/--no-wait", default=False,
+              help="Wait for the answer on a fresh return topic; meanwhile show the progress of the reactor's deps "
+                   "on stderr (a bar when stdout is a terminal, else a line per change).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               help="Seconds to wait for the answer.")
 @click.option("--id", "corr_id", default=None, help="Correlation id to send (echoed in the reply headers).")
@@ -89,7 +116,6 @@ def call(ctx: click.Context, topic: str, data: str, wait: bool, timeout: float, 
          key: str | None) -> None:
     from confluent_kafka import TopicPartition
 
-    from . import progress
     from .clients import close_clients
     from .clock import now_ms
     from .config import settings
@@ -120,7 +146,7 @@ def call(ctx: click.Context, topic: str, data: str, wait: bool, timeout: float, 
     deadline_ms = now_ms() + int(timeout * 1000)
     return_topic = take(app, deadline_ms)
     consumer = c.consumer(**{"group.id": "fusion.cli", "enable.auto.commit": False, "auto.offset.reset": "earliest"})
-    tty = sys.stderr.isatty()
+    tty = sys.stdout.isatty()
     try:
         consumer.assign([TopicPartition(return_topic, 0, 0)])  # see waiter.py: offset 0 avoids a lookup
         deadline = time.monotonic() + max(0.0, (deadline_ms - now_ms()) / 1000)
@@ -148,15 +174,13 @@ def call(ctx: click.Context, topic: str, data: str, wait: bool, timeout: float, 
                 except ProtocolError as exc:
                     _fail(f"{topic} sent an unreadable reply: {exc}")
                 return
-            if tty:
-                try:
-                    seen = progress.read(app, run)
-                except Exception:  # progress is a nicety; the backend may be elsewhere
-                    seen = None
-                if seen and seen != shown:
-                    done, total = seen
-                    click.echo(f"\rdeps done: {min(done, total)}/{total}", err=True, nl=False)
-                    shown = seen
+            seen = _run_progress(app, run)
+            if seen and seen != shown:
+                if tty:
+                    click.echo(f"\r{progress_bar(*seen)}", err=True, nl=False)
+                else:
+                    click.echo(f"deps done: {seen[0]}/{seen[1]}", err=True)
+                shown = seen
         _fail(f"no answer from {topic} within {timeout:g}s (run {run})")
     finally:
         consumer.close()

@@ -36,6 +36,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from .config import settings
 from .errors import ConfigurationError, FusionError, UnknownTopic
+from .signals import topics_created, topics_deleted
 from .transport import client_config, errors_logger, log_error, transient
 
 __all__ = ["Clients", "clients", "close_clients", "close_all_clients", "deletion_failed", "kafka_api", "STUB_MODULE"]
@@ -428,6 +429,7 @@ class Clients:
         if not names:
             return
         pending = list(names)
+        created: list[str] = []
 
         rf, isr = self.replication()
         config = {"min.insync.replicas": str(isr), **(config or {})}
@@ -439,6 +441,7 @@ class Clients:
             for name, fut in futures.items():
                 try:
                     fut.result(timeout=timeout + 5)
+                    created.append(name)
                 except KafkaException as exc:
                     if not (exist_ok and exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS):
                         raise
@@ -449,7 +452,11 @@ class Clients:
             factor the cluster had brokers for is refused only that long."""
             return err.code() == KafkaError.INVALID_REPLICATION_FACTOR and rf <= self._brokers
 
-        self.retrying(f"cannot create Kafka topic(s) {', '.join(map(repr, pending))}", create, broker_restarting)
+        try:
+            self.retrying(f"cannot create Kafka topic(s) {', '.join(map(repr, pending))}", create, broker_restarting)
+        finally:
+            if created:
+                topics_created.send(sender=self.app, names=tuple(created))
         if visible:
             self.wait_visible(names, timeout)
 
@@ -497,6 +504,7 @@ class Clients:
         if not names:
             return {}
         futures = self.admin.delete_topics(names, operation_timeout=timeout, request_timeout=timeout)
+        topics_deleted.send(sender=self.app, names=tuple(names))
         if not wait:
             with self._lock:
                 self._unawaited = [f for f in self._unawaited if not f.done()] + list(futures.values())

@@ -15,7 +15,13 @@ attributes, behind small functions the rest of the package calls:
   inside a test process changes (:func:`current_app_restored`);
 * Celery's ``RedisBackend._create_client`` and its result consumer's
   ``_wait_for_pubsub``, which the in-process test app replaces to serve results
-  from fakeredis (:func:`redis_backend_class`).
+  from fakeredis (:func:`redis_backend_class`);
+* prometheus-client's ``values.ValueClass``, which it picks once, when first imported, from
+  ``PROMETHEUS_MULTIPROC_DIR``; a worker that turns multiprocess mode on after something
+  imported prometheus-client sets it (:func:`prometheus_multiprocess`);
+* a result backend's ``_get_result_meta``, the meta ``store_result`` writes, which
+  :mod:`fusion_celery.taskstate` writes itself only when the stored state allows
+  (:func:`result_meta`).
 
 ``tests/test_compat.py`` fails when an installed Celery or kombu no longer has
 one of them, and :func:`check_versions` warns at worker start when the
@@ -46,7 +52,9 @@ __all__ = [
     "disarm",
     "redis_backend_class",
     "release",
+    "prometheus_multiprocess",
     "restore_by_tag",
+    "result_meta",
     "task_channel_qos",
     "unverified_versions",
 ]
@@ -185,19 +193,25 @@ class Consumer(CeleryConsumer):
 
 @contextmanager
 def current_app_restored() -> Iterator[None]:
-    """Give Celery back the default and current app it had when the block began.
+    """Give Celery back the default and current app it had when the block began, and whether
+    ``AsyncResult.get()`` refuses to block.
 
     A worker started in the block (``celery.contrib.testing.worker.start_worker``)
-    makes its app the current and default one for the whole process; a test
-    process that goes on with other apps needs the previous ones back.
+    makes its app the current and default one for the whole process, and its pool
+    step marks the process as one whose ``get()`` would block a task (Celery's
+    ``start_worker`` clears the mark only once the worker started, so a worker that
+    failed to start leaves it set); a test process that goes on with other apps
+    needs the previous state back.
     """
     from celery import _state
     previous_default, previous_current = _state.default_app, _state.get_current_app()
+    previous_block = _state.task_join_will_block()
     try:
         yield
     finally:
         _state.set_default_app(previous_default)
         _state._set_current_app(previous_current)
+        _state._set_task_join_will_block(previous_block)
 
 
 def redis_backend_class(name: str, make_client: Any, wait_readable: Any, **attrs: Any) -> type:
@@ -225,3 +239,28 @@ def redis_backend_class(name: str, make_client: Any, wait_readable: Any, **attrs
 
     return type(name, (RedisBackend,), {"ResultConsumer": _ResultConsumer, "_create_client": _create_client,
                                         **attrs})
+
+
+def result_meta(backend: Any, task_id: str, result: Any, state: str) -> dict[str, Any]:
+    """The meta Celery's ``backend.store_result(task_id, result, state)`` would store, without storing it.
+
+    Parameters:
+        backend: the result backend.
+        task_id: the task's id.
+        result: the task's result (for a custom state: its meta, ``AsyncResult.info``).
+        state: the state.
+
+    Returns:
+        The meta dict (``status``, ``result``, ``task_id``, ...), to be encoded with ``backend.encode``.
+    """
+    meta = backend._get_result_meta(result=result, state=state, traceback=None, request=None)
+    meta["task_id"] = task_id
+    return meta
+
+
+def prometheus_multiprocess() -> None:
+    """Make the prometheus-client metrics created from now on write their values to the files of
+    ``PROMETHEUS_MULTIPROC_DIR`` (multiprocess mode), however early prometheus-client was imported."""
+    from prometheus_client import values
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        values.ValueClass = values.MultiProcessValue()

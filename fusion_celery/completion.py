@@ -24,7 +24,7 @@ from celery import Celery, group, states
 from celery.app.task import Context
 from celery.canvas import maybe_signature
 
-from . import answer, faults, progress
+from . import answer, faults, progress, taskstate
 from .errors import DependencyTimeout
 from .registry import Wait
 from .signals import wait_completed, wait_failed, wait_timed_out
@@ -145,8 +145,10 @@ def complete(app: Celery, wait: Wait, *, result: Any = None, exc: BaseException 
             done["stored"] = True
             faults.point("complete.after-store")
         if wait.run and not done.get("advanced"):
-            progress.advance(app, wait.run.id, wait.id)
+            moved, caller = progress.advance(app, wait.run.id, wait.id)
             done["advanced"] = True
+            if moved.total:
+                taskstate.publish(app, moved, caller, events=events)
         if ctx.chord and not done.get("counted"):
             backend.on_chord_part_return(ctx, states.SUCCESS, value)
             done["counted"] = True

@@ -184,6 +184,12 @@ SETTINGS: tuple[Setting, ...] = (
             "consumers) may touch before it is replaced by a fresh one (0: never). librdkafka keeps every topic "
             "a client touched, deleted return topics included, and scans them all every second and on every "
             "metadata answer: without this, the CPU a request costs grows with the requests a worker served.", int),
+    Setting("fusion_metrics_port", 0,
+            "TCP port on which each worker's main process serves Prometheus metrics at `/metrics` (0: off). "
+            "Needs the `metrics` extra (`prometheus-client`). See docs/operations/metrics.md.", int),
+    Setting("fusion_metrics_address", "0.0.0.0",
+            "Address the metrics server binds to (with `fusion_metrics_port`): every interface by default, as "
+            "Prometheus scrapes from elsewhere; `127.0.0.1` keeps it to the host.", str),
     Setting("fusion_malloc_arena_max", 2,
             "glibc malloc arenas a worker may use (0: glibc's default, eight per core), set when the worker "
             "starts, as `MALLOC_ARENA_MAX` does (which wins when set): with librdkafka's many threads the "

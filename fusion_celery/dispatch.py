@@ -123,7 +123,7 @@ def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | N
             raise no_such_topic(topic, dep) from None
         raise
     dependency_sent.send(sender=task, task_id=wait.id, topic=topic, return_topic=return_topic, dep=dep,
-                         run_id=run.id if run else None)
+                         run_id=run.id if run else None, channel=opened.channel)
     raise Ignore()
 
 

@@ -212,6 +212,11 @@ def _unfinished(app: Celery, ids: list[str]) -> set[str]:
 #: Seconds between two checks of a run that has not started, at most.
 MAX_RESEND_DELAY = 600.0
 
+#: Seconds between two measurements of an intake's lag (see :meth:`ReactorIntake._measure_lag`).
+LAG_INTERVAL = 2.0
+#: Seconds between two requests to the broker for the offsets of a partition not being read, at most.
+LAG_QUERY_INTERVAL = 10.0
+
 
 @dataclass
 class Handed:
@@ -247,6 +252,13 @@ class ReactorIntake(threading.Thread):
         self.consumer: Consumer | None = None
         # received = started + dead_lettered + dropped + len(pending); dropped: refused by the dead-letter topic
         self.counts = {"received": 0, "dead_lettered": 0, "started": 0, "dropped": 0}
+        #: Records of each assigned partition not yet handed to Celery (the metrics read it from another thread).
+        self.lag: dict[int, int] = {}
+        # For the partitions the consumer has not read since they were assigned: where reading starts, and the
+        # high watermark last asked of the broker (when, offset).
+        self._lag_start: dict[int, int] = {}
+        self._lag_high: dict[int, tuple[float, int]] = {}
+        self._lag_pause_until = 0.0
 
     def _decode(self, msg: KafkaMessage) -> Message:
         conf = settings(self.app)
@@ -378,6 +390,9 @@ class ReactorIntake(threading.Thread):
         else:
             consumer.assign(partitions)
         self.to_read |= {p.partition for p in partitions}
+        for p in partitions:  # another member may have read them meanwhile
+            self._lag_start.pop(p.partition, None)
+            self._lag_high.pop(p.partition, None)
         if self.paused:
             consumer.pause(partitions)
         else:
@@ -406,7 +421,7 @@ class ReactorIntake(threading.Thread):
                "enable.auto.commit": True,
                "enable.auto.offset.store": False})
         self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
-        last_check = 0.0
+        last_check = last_lag = 0.0
         try:
             while not self.stop_event.is_set():
                 try:
@@ -418,6 +433,9 @@ class ReactorIntake(threading.Thread):
                                      self.topic, len(self.pending))
                     self.stop_event.wait(1.0)
                 now = time.monotonic()
+                if now - last_lag >= LAG_INTERVAL:
+                    last_lag = now
+                    self._measure_lag()
                 if now - last_check > 0.25 or len(self.in_flight) >= self.max_in_flight:
                     last_check = now
                     try:
@@ -466,6 +484,50 @@ class ReactorIntake(threading.Thread):
                 return
             self.pending.popleft()
             self.consumer.store_offsets(message=msg)
+
+    def _measure_lag(self) -> None:
+        """Measure :attr:`lag`: per assigned partition, its high watermark minus the next record to hand over.
+
+        The next record is the consumer's position, less the records read but waiting in
+        :attr:`pending` (the worker is at ``fusion_max_in_flight``, or the Celery broker is
+        away): they are not handed over.  The high watermark is librdkafka's cached one,
+        updated by every fetch, so a partition being read costs no request.  A partition the
+        consumer has returned nothing from since it was assigned has no position: its committed
+        offset stands in (else the low watermark), asked of the broker once per assignment.  A
+        partition without a cached high watermark (none fetched yet), or paused (no fetch updates
+        it then, and a paused intake is when the lag grows), has it asked of the broker at most
+        every :data:`LAG_QUERY_INTERVAL` seconds.  After a failed request
+        (Kafka away, a rebalance) nothing is measured for as long, so that the intake's loop is
+        not held up.
+        """
+        now = time.monotonic()
+        if now < self._lag_pause_until:
+            return
+        waiting: dict[int, int] = {}
+        for msg in self.pending:
+            waiting[msg.partition()] = waiting.get(msg.partition(), 0) + 1
+        lag: dict[int, int] = {}
+        try:
+            for tp in self.consumer.position(self.consumer.assignment()):
+                p, offset = tp.partition, tp.offset
+                high = self.consumer.get_watermark_offsets(tp, cached=True)[1]
+                if self.paused or high is None or high < 0:
+                    asked = self._lag_high.get(p)
+                    if asked is None or now - asked[0] > LAG_QUERY_INTERVAL:
+                        asked = self._lag_high[p] = (now, self.consumer.get_watermark_offsets(tp, timeout=2)[1])
+                    high = asked[1]
+                if offset < 0:
+                    if p not in self._lag_start:
+                        committed = self.consumer.committed([TopicPartition(self.topic, p)], timeout=2)[0].offset
+                        self._lag_start[p] = committed if committed >= 0 else \
+                            self.consumer.get_watermark_offsets(tp, timeout=2)[0]
+                    offset = self._lag_start[p]
+                lag[p] = max(0, high - offset) + waiting.get(p, 0)
+        except KafkaException as exc:
+            logger.debug("reactor %s: cannot measure the lag: %s", self.topic, exc)
+            self._lag_pause_until = now + LAG_QUERY_INTERVAL
+            return
+        self.lag = lag
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Commit what was handed over; forget what was not (the partitions' next owner reads it).

@@ -3,7 +3,9 @@ it last moved.
 
 Kept next to the results in the Redis result backend:
 
-- ``fusion-progress-<run id>``, a hash: ``total`` (deps) and ``t`` (epoch ms of the run's last step);
+- ``fusion-progress-<run id>``, a hash: ``total`` (deps), ``t`` (epoch ms of the run's last step), and
+  ``topic`` (the reactor's) and ``caller`` (the parked task that called the run, if any), for the
+  ``PROGRESS`` state (:mod:`fusion_celery.taskstate`);
 - ``fusion-waiting-<run id>``, a set: the dispatching subtasks of the run parked on a reply right now;
 - ``fusion-done-<run id>``, a set: those whose reply is stored (a set, so that a completion replayed
   after a crash counts once);
@@ -14,7 +16,8 @@ Kept next to the results in the Redis result backend:
   stored, or with the wait's deadline.
 
 Written when a run compiles its deps-map, when a dep's request is sent and when its
-reply is stored; read by ``celery fusion call`` (the progress bar) and by the intake,
+reply is stored; what :func:`start` and :func:`advance` return is shown as the run's ``PROGRESS``
+task state by their callers (:mod:`fusion_celery.taskstate`); read by the intake,
 which uses it to tell a run that waits for a dependency from a run whose next step
 was lost in the Celery broker (nothing waited on, and no step for a while): see
 :meth:`fusion_celery.intake.ReactorIntake._resend_stalled`.
@@ -28,8 +31,9 @@ from celery import Celery
 
 from .claims import lifetime, with_retry
 from .clock import now_ms
+from .taskstate import Progress
 
-__all__ = ["start", "parked", "advance", "read", "stalled", "remembered_return_topic"]
+__all__ = ["start", "parked", "advance", "read", "stalled", "remembered_return_topic", "parked_task"]
 
 
 def _key(task_id: str) -> str:
@@ -48,16 +52,45 @@ def _return_topic(wait_id: str) -> str:
     return f"fusion-rt-{wait_id}"
 
 
-def _start(client: Any, run: str, total: int, ttl: int) -> None:
+def _start(client: Any, run: str, total: int, ttl: int, topic: str | None, parent: str | None) -> str | None:
     with client.pipeline() as pipe:
-        pipe.hset(_key(run), mapping={"total": total, "t": now_ms()})
+        if parent is not None:
+            pipe.exists(_return_topic(parent))
+        mapping: dict[str, Any] = {"total": total, "t": now_ms()}
+        if topic:
+            mapping["topic"] = topic
+        pipe.hset(_key(run), mapping=mapping)
         pipe.expire(_key(run), ttl)  # as long as the run's result
-        pipe.execute()
+        found = pipe.execute()
+    caller = parent if parent is not None and found[0] else None
+    if caller is not None:
+        client.hset(_key(run), "caller", caller)
+    return caller
 
 
-def start(app: Celery, task_id: str, total: int) -> None:
-    """Record that the run ``task_id`` has ``total`` deps (retried while Redis restarts, as results are)."""
-    with_retry(app, _start, task_id, total, int(lifetime(app)))
+def start(app: Celery, task_id: str, total: int, *, topic: str | None = None,
+          parent: str | None = None) -> str | None:
+    """Record that the run ``task_id`` has ``total`` deps (retried while Redis restarts, as results are).
+
+    Parameters:
+        app: the app.
+        task_id: the run's task id.
+        total: its deps.
+        topic: the reactor's topic (None for a pipeline run).
+        parent: the task that sent the run's request (its Celery ``parent_id``), if known.
+
+    Returns:
+        ``parent`` when it is a task parked on a reply in this result backend (a pipeline or a
+        dispatching subtask waiting for this run's answer), whose state shows the run's progress
+        too; else None.
+    """
+    return with_retry(app, _start, task_id, total, int(lifetime(app)), topic, parent)
+
+
+def parked_task(app: Celery, task_id: str) -> bool:
+    """Whether task ``task_id`` registered a wait that has no stored reply yet, as far as this backend knows
+    (the return topic it remembers for a new attempt, see :func:`parked`)."""
+    return bool(with_retry(app, lambda c, k: c.exists(k), _return_topic(task_id)))
 
 
 def _parked(client: Any, run: str | None, wait_id: str, topic: str, topic_ttl: int, ttl: int) -> None:
@@ -77,19 +110,29 @@ def parked(app: Celery, run_id: str | None, wait_id: str, return_topic: str, sec
     with_retry(app, _parked, run_id, wait_id, return_topic, max(1, int(seconds)), int(lifetime(app)))
 
 
-def _advance(client: Any, run: str, wait_id: str, ttl: int) -> None:
+def _advance(client: Any, run: str, wait_id: str, ttl: int) -> tuple[Progress, str | None]:
     with client.pipeline() as pipe:
         pipe.sadd(_done(run), wait_id)
         pipe.expire(_done(run), ttl)
         pipe.srem(_waiting(run), wait_id)
         pipe.hset(_key(run), "t", now_ms())
         pipe.delete(_return_topic(wait_id))
-        pipe.execute()
+        pipe.scard(_done(run))
+        pipe.hgetall(_key(run))
+        found = pipe.execute()
+    done, raw = int(found[-2]), found[-1]
+    topic, caller = raw.get(b"topic"), raw.get(b"caller")
+    return (Progress(run, done, int(raw.get(b"total", 0)), topic.decode() if topic else None),
+            caller.decode() if caller else None)
 
 
-def advance(app: Celery, task_id: str, wait_id: str) -> None:
-    """The reply of subtask ``wait_id`` of run ``task_id`` is stored: one more dep done (once per subtask)."""
-    with_retry(app, _advance, task_id, wait_id, int(lifetime(app)))
+def advance(app: Celery, task_id: str, wait_id: str) -> tuple[Progress, str | None]:
+    """The reply of subtask ``wait_id`` of run ``task_id`` is stored: one more dep done (once per subtask).
+
+    Returns:
+        The run's progress now, and the parked task that called the run (see :func:`start`), if any.
+    """
+    return with_retry(app, _advance, task_id, wait_id, int(lifetime(app)))
 
 
 def remembered_return_topic(app: Celery, wait_id: str) -> str | None:

@@ -116,6 +116,11 @@ class Watcher(abc.ABC):
     def close(self) -> None:
         """Leave: the waits this watcher owned go to the other workers' watchers."""
 
+    def owned(self) -> list[int] | None:
+        """The registry partitions (Kafka) or buckets (ZooKeeper) this watcher owns now; None for a backend
+        that does not divide the waits (every watcher sees them all).  Safe to call from another thread."""
+        return None
+
 
 class Registry(abc.ABC):
     """Where pending waits are kept.

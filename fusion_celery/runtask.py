@@ -22,7 +22,7 @@ from typing import Any
 
 from celery import Signature, Task
 
-from . import answer, progress
+from . import answer, progress, taskstate
 from .canvas import chord_lifetime, compile_deps
 from .graph import DepsGraph
 from .run import Run
@@ -69,10 +69,14 @@ class RunTask(AnsweringTask):
         """Replace this task with the canvas of ``graph``'s deps, ending in ``finish``.
 
         ``first`` is False when a stalled run compiles its canvas again: its
-        progress counters were set by the first compilation and stay.
+        progress counters were set by the first compilation and stay.  The first
+        compilation also sets the run's ``PROGRESS`` state, 0 of its deps done, and
+        that of the parked task that called it (:mod:`fusion_celery.taskstate`).
         """
         if first:
-            progress.start(self.app, run.id, len(graph))
+            caller = progress.start(self.app, run.id, len(graph), topic=run.topic, parent=self.request.parent_id)
+            taskstate.publish(self.app, taskstate.Progress(run.id, 0, len(graph), run.topic), caller,
+                              hostname=self.request.hostname)
         return self.replace(compile_deps(self.app, graph, finish, run=run, deadline=deadline,
                                          reply=self.reply_channel))
 

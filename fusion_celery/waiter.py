@@ -702,10 +702,13 @@ class Waiter(threading.Thread):
         Returns:
             ``pending`` waits, the ``oldest`` one and its age in seconds (``oldest_age_s``),
             the waits per request topic (``by_topic``), the counters ``completed``,
-            ``failed``, ``rejected``, ``retrying`` (completions to try again) and
-            ``consumers_replaced`` (after Kafka outages).
+            ``failed``, ``rejected``, ``retrying`` (completions to try again),
+            ``consumers_replaced`` (after Kafka outages) and ``partitions``, the registry
+            partitions or buckets this waiter owns (None: the registry does not divide waits,
+            or the waiter has not opened it yet).
         """
         oldest = self.book.oldest()
+        watcher = self._watcher
         return {
             "pending": len(self.book),
             "oldest_age_s": round((self.now_ms() - oldest.created) / 1000, 3) if oldest else None,
@@ -716,4 +719,5 @@ class Waiter(threading.Thread):
             "rejected": self.rejected,
             "retrying": self.book.retries,
             "consumers_replaced": self.consumers_replaced,
+            "partitions": watcher.owned() if watcher is not None else None,
         }

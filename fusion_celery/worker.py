@@ -1,10 +1,12 @@
-"""The worker bootstep: intake, waiter and reaper live as long as the worker.
+"""The worker bootstep: intake, waiter, reaper and metrics live as long as the worker.
 
 It is a step of the ``worker`` blueprint (not the ``consumer`` one, which
 restarts on every broker reconnect), runs in the worker's main process after the
 pool started (so no Kafka handle exists before billiard forks its children), and
-on warm shutdown stops the intake first (commit), then the waiter (its waits go
-to the other workers), then closes every client.
+on warm shutdown closes the metrics server, stops the intake (commit), then the
+waiter (its waits go to the other workers), then closes every client.  The
+metrics (``fusion_metrics_port``) are made before the pool forks, so that its
+children count what they do too (:mod:`fusion_celery.metrics`).
 """
 
 from __future__ import annotations
@@ -75,6 +77,22 @@ class FusionStep(bootsteps.StartStopStep):
         self.intake: Intake | None = None
         self.waiter: Waiter | None = None
         self.reaper: Reaper | None = None
+        self.metrics: Any = None
+        self.metrics_dir: str | None = None
+        if conf.metrics_port:
+            self._make_metrics(worker)
+
+    def _make_metrics(self, worker: Any) -> None:
+        """Make the metrics, in multiprocess mode when the pool forks (before it does)."""
+        from .metrics import Metrics, multiprocess_dir, remove_dir
+        path, made = multiprocess_dir(getattr(worker, "pool_cls", None))
+        self.metrics_dir = path if made else None
+        try:
+            self.metrics = Metrics(worker.app, path)
+        except ConfigurationError as exc:
+            remove_dir(self.metrics_dir)
+            logger.critical("fusion-celery cannot start: %s", exc)
+            raise SystemExit(1) from None
 
     def start(self, worker: Any) -> None:
         app = worker.app
@@ -95,14 +113,24 @@ class FusionStep(bootsteps.StartStopStep):
             self.intake.start(tasks)
             self.reaper = Reaper(app)
             self.reaper.start()
+            if self.metrics is not None:
+                self.metrics.watch(self.waiter, self.intake)
+                conf = settings(app)
+                self.metrics.serve(conf.metrics_port, conf.metrics_address)
         except ConfigurationError as exc:
             logger.critical("fusion-celery cannot start: %s", exc)
             self.stop(worker)
             raise SystemExit(1) from None
         app._fusion_waiter = self.waiter
+        app._fusion_metrics = self.metrics
         logger.info("fusion-celery: serving %s", ", ".join(sorted(reactors(app))) or "no reactor topics")
 
     def stop(self, worker: Any) -> None:
+        if self.metrics is not None:
+            from .metrics import remove_dir
+            self.metrics.close()
+            remove_dir(self.metrics_dir)
+            self.metrics = self.metrics_dir = None
         if self.intake is not None:
             self.intake.stop()
         if self.reaper is not None:

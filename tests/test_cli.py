@@ -77,32 +77,64 @@ def test_call_errors_are_one_line(services_worker):
                           env={"FUSION_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"}), "did not answer")
 
 
-def test_call_shows_progress_on_a_terminal(services_worker, service, kit):
+def _read_ready(fd: int) -> bytes:
+    import select
+    seen = b""
+    while select.select([fd], [], [], 0.1)[0]:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:  # the other end closed
+            break
+        if not chunk:
+            break
+        seen += chunk
+    return seen
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "pipe"])
+def test_call_shows_progress_while_the_deps_are_pending(services_worker, service, kit, terminal):
+    """A bar on stderr when stdout is a terminal (drawn over itself), else one plain line per change."""
     gate_topic = kit.topic()
     gate = service(gate_topic, lambda data: "late")
     gate.hold = True
     data = json.dumps({"deps": {"fast": {"topic": topic_name("add"), "args": [1]}, "slow": {"topic": gate_topic}}})
-    master, slave = pty.openpty()
+    err_master, err_slave = pty.openpty()
+    out_master, out_slave = pty.openpty() if terminal else (None, None)
     e = {**os.environ, "FUSION_IMPORTS": "tests.apps.services", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "fusion_celery", "fusion", "call",
-                             topic_name("generic"), data, "--wait"], env=e, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=slave, text=True)
-    os.close(slave)
+                             topic_name("generic"), data, "--wait"], env=e, cwd=ROOT,
+                            stdout=out_slave if terminal else subprocess.PIPE, stderr=err_slave)
+    os.close(err_slave)
+    if terminal:
+        os.close(out_slave)
     seen = b""
+    shown = b"[##########----------] 1/2 deps done" if terminal else b"deps done: 1/2\r\n"
 
     def progress_shown():
         nonlocal seen
-        import select
-        while select.select([master], [], [], 0.1)[0]:
-            seen += os.read(master, 1024)
-        return b"deps done: 1/2" in seen
+        seen += _read_ready(err_master)
+        return shown in seen
 
-    wait_for(progress_shown, 60, "the progress line 'deps done: 1/2'")
+    wait_for(progress_shown, 60, f"the progress {shown!r}")
     gate.release()
-    out, _ = proc.communicate(timeout=60)
-    os.close(master)
+    if terminal:
+        out = b""
+
+        def exited():
+            nonlocal out
+            out += _read_ready(out_master)
+            return proc.poll() is not None
+
+        wait_for(exited, 60, "the call to exit")
+        out += _read_ready(out_master)
+        os.close(out_master)
+    else:
+        out, _ = proc.communicate(timeout=60)
+    proc.wait(60)
+    os.close(err_master)
     assert proc.returncode == 0
     assert json.loads(out) == {"results": {"fast": 1, "slow": "late"}, "echo": None}
+    assert (b"\r[" in seen) == terminal  # the bar redraws its line; plain lines do not
 
 
 def pending_wait(kit, service):

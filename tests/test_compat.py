@@ -221,17 +221,21 @@ def test_the_worker_consumer_setting_names_the_fusion_consumer():
     assert issubclass(compat.Consumer, CeleryConsumer)
 
 
-def test_current_app_restored_gives_back_celerys_current_and_default_app():
+def test_current_app_restored_gives_back_celerys_current_and_default_app_and_join_block():
     from celery import _state
-    for name in ("default_app", "get_current_app", "set_default_app", "_set_current_app"):
+    for name in ("default_app", "get_current_app", "set_default_app", "_set_current_app", "task_join_will_block",
+                 "_set_task_join_will_block"):
         assert hasattr(_state, name), f"celery._state.{name} is gone"
     before_current = _state.get_current_app()  # makes Celery's fallback default app if there is none yet
     before_default = _state.default_app
+    before_block = _state.task_join_will_block()
     with compat.current_app_restored():
         other = Celery("compat-current", set_as_current=True)
         _state.set_default_app(other)
+        _state._set_task_join_will_block(not before_block)  # as a worker's pool step does
         assert _state.get_current_app() is other and _state.default_app is other
     assert _state.default_app is before_default and _state.get_current_app() is before_current
+    assert _state.task_join_will_block() is before_block
 
 
 def test_the_redis_backend_connects_through_create_client_and_waits_through_wait_for_pubsub():

@@ -82,3 +82,33 @@ def test_pipelines_compose_with_chain_group_and_chord(services_worker, app):
     assert chain(math.s([1, 2, 3]), echo.s()).delay().get(timeout=60)["data"] == 4  # previous result = data
     assert group(add.s([i, 1]) for i in range(4)).delay().get(timeout=60) == [1, 2, 3, 4]
     assert chord([add.s([i, i]) for i in range(3)], add.s()).delay().get(timeout=60) == 0 + 2 + 4
+
+
+def test_a_pipeline_shows_progress_while_its_reactors_deps_are_pending(services_worker, gates, app):
+    """The reactor run's deps wait on two gates the test opens one by one: the pipeline's result shows
+    PROGRESS 0 of 2, then 1 of 2, then the answer."""
+    from celery.result import AsyncResult
+    from support.waiting import wait_for
+
+    from fusion_celery.taskstate import PROGRESS
+
+    first, second = gates(), gates()
+    result = Pipeline(topic_name("generic")).delay({"deps": {"a": {"topic": first.topic, "args": [1]},
+                                                             "b": {"topic": second.topic, "args": [2]}}})
+
+    def progress(done):
+        return lambda: result.state == PROGRESS and result.info["done"] == done and result.info
+
+    shown = wait_for(progress(0), 60, "PROGRESS with 0 of 2 deps done")
+    assert shown["total"] == 2 and shown["topic"] == topic_name("generic")
+    run = AsyncResult(shown["run"], app=app)
+    assert run.state == PROGRESS and run.info == shown
+    wait_for(lambda: first.held and second.held, 60, "both dependency requests")
+    assert first.release() == 1
+    assert wait_for(progress(1), 60, "PROGRESS with 1 of 2 deps done")["total"] == 2
+    assert second.release() == 1
+    assert result.get(timeout=60) == {"results": {"a": {"echo": [1]}, "b": {"echo": [2]}}, "echo": None}
+    assert result.state == "SUCCESS"
+    # The run's processing step replies, then Celery stores its result: the pipeline may have it first.
+    wait_for(lambda: run.state == "SUCCESS", 60, "the reactor run's SUCCESS")
+    assert run.result == result.result

@@ -126,6 +126,9 @@ class KafkaWatcher(Watcher):
         self.consumer.subscribe([registry.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_revoke)
 
+    def owned(self) -> list[int]:
+        return sorted(list(self._owned))  # list() copies the keys under the GIL, in one step
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Read the partitions given (all of this member's under eager assignment, the added ones under
         incremental) from the beginning: the compacted topic holds their pending waits."""

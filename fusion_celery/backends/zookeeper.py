@@ -473,7 +473,10 @@ class ZooKeeperWatcher(Watcher):
     @property
     def buckets(self) -> list[int]:
         """The buckets this watcher owns now."""
-        return sorted(self._owned)
+        return sorted(list(self._owned))  # list() copies the keys under the GIL, in one step
+
+    def owned(self) -> list[int]:
+        return self.buckets
 
     # -- the thread ----------------------------------------------------------------------------
     def _run(self) -> None:
