@@ -14,9 +14,9 @@ opened. For each page the check asserts that
   on the page it points at (ids as the browser has them, after the page's scripts ran).
 
 Each wait has a deadline; a failure names the page and the link, image or error. Exit status 1 when
-anything failed, 2 when the browser cannot be started (Chromium missing: ``apt-get install -y chromium``;
-``make docs-check`` installs it). Playwright's own browser downloads are never used: the browser is
-``/usr/bin/chromium`` (``--chromium`` or ``FUSION_CHROMIUM`` to change it).
+anything failed (or the browser did not start), 2 when there is no built site or no Chromium
+(``apt-get install -y chromium``; ``make docs-check`` installs it). Playwright's own browser downloads are
+never used: the browser is ``/usr/bin/chromium`` (``--chromium`` or ``FUSION_CHROMIUM`` to change it).
 """
 
 from __future__ import annotations
