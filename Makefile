@@ -9,7 +9,9 @@
 #   make test-cluster  the tests that need a Kafka cluster (pytest -m cluster), on FUSION_KAFKA_NODES=3
 #   make soak     the long reliability suite (pytest -m soak: 30-minute soak, faults with 300 waits)
 #   make demo     venv + stack, then a worker with the math example, Flower and one pipeline call (Ctrl-C stops)
-#   make docs     build the docs (mkdocs --strict)
+#   make docs     build the docs (mkdocs --strict) into site/; mermaid comes from the npm registry (npm pack, cached in .cache/)
+#   make docs-check  make docs, then every page of site/ in headless Chromium (tools/docs/check_site.py): loads,
+#                 no JS error, Mermaid diagrams rendered as SVG, images load, links and anchors exist
 #   make clean    stop the stack and delete its state (.stack/)
 #
 # Variables: PYTEST_ARGS (default -ra), e.g. make test PYTEST_ARGS="-x -k smoke"
@@ -24,10 +26,10 @@ STACK       := bash stack/stack.sh
 WITH_STACK  := bash stack/with-stack.sh
 PYTEST_ARGS ?= -ra --durations=25
 
-.PHONY: help venv up down status test test-unit test-cluster demo bench bench-cluster soak docs clean
+.PHONY: help venv up down status test test-unit test-cluster demo bench bench-cluster soak docs docs-check clean
 
 help:
-	@sed -n '3,16p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,18p' Makefile | sed 's/^# \{0,1\}//'
 
 venv: $(VENV)/.installed
 
@@ -55,7 +57,7 @@ test: venv
 # asks for a service fixture without it). Two processes (pytest-xdist), each test file in one of them, so that
 # a module's in-process worker serves all its tests.
 test-unit: venv
-	$(PY) -m pytest -m "not integration and not soak and not faults" -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not integration and not soak and not faults and not browser" -n 2 --dist loadfile $(PYTEST_ARGS)
 
 # A Kafka cluster of three nodes (stack.sh with FUSION_KAFKA_NODES=3). A single-node stack that is up is
 # stopped first (each topology keeps its own data), and what this target started is stopped afterwards.
@@ -77,8 +79,18 @@ bench-cluster: venv
 soak: venv
 	$(WITH_STACK) $(PY) -m pytest -m soak $(PYTEST_ARGS)
 
+# The site serves Mermaid itself (no CDN): tools/docs/hooks.py fetches the pinned mermaid package with npm
+# (node and npm are installed on this project's machines) into .cache/docs/ on the first build.
 docs: venv
 	$(VENV)/bin/mkdocs build --strict
+
+# Debian's chromium is installed when missing, as .ci/run installs its apt packages; Playwright drives it
+# (its own browser downloads are never used). Then the checker's own tests (pytest -m browser).
+docs-check: docs
+	@[[ -x /usr/bin/chromium ]] || { export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+	$(PY) tools/docs/check_site.py site
+	$(PY) -m pytest -m browser -p no:cacheprovider $(PYTEST_ARGS) tests/test_check_site.py
 
 clean:
 	-$(STACK) down

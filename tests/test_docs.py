@@ -116,3 +116,19 @@ def test_pages_generated_from_code_show_the_examples_deps_graph(site):
     text = page(site, "guides/examples")
     assert '<pre class="mermaid"><code>flowchart LR' in text
     assert "d_fetch --&gt; d_summary" in (site / "guides/examples/index.html").read_text()
+
+
+def test_pages_with_a_diagram_load_mermaid_from_the_site_and_nothing_from_another_host(site):
+    """Mermaid is vendored (tools/docs/hooks.py), not left to Material's CDN; no page loads Google Fonts."""
+    with_diagram = 0
+    for path in site.rglob("*.html"):
+        text = path.read_text()
+        scripts = re.findall(r'<script src="([^"]*mermaid[^"]*)"', text)
+        if '<pre class="mermaid">' in text:
+            with_diagram += 1
+            assert len(scripts) == 1 and scripts[0].endswith("assets/vendor/mermaid.min.js"), path
+            assert (path.parent / scripts[0]).resolve().is_file(), path
+        else:
+            assert scripts == [], path
+        assert not re.search(r'<(?:script|link)[^>]+(?:src|href)="(?:https?:)?//', text), path
+    assert with_diagram >= 5

@@ -11,18 +11,37 @@ Markers in the Markdown sources are replaced at build time:
   ``function`` returns for a message whose data is ``JSON`` (what ``celery fusion graph`` draws).
 
 ``tests/test_docs.py`` checks that the built pages hold what these produce.
+
+Mermaid is served by the site itself: MkDocs Material loads it from a CDN unless a global ``mermaid`` is
+already defined, so the build adds ``assets/vendor/mermaid.min.js`` to the site and a script that loads it
+to each page with a diagram. The file comes from the pinned ``mermaid`` package of the npm registry
+(``npm pack``, which needs node and npm) and is kept in ``.cache/docs/`` (ignored by git) for the next
+builds. ``tools/docs/check_site.py`` checks in a browser that the diagrams render.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import os
 import re
+import shutil
+import subprocess
 import sys
+import tarfile
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+
+# The major version is the one MkDocs Material asks its CDN for (mermaid@11 in its bundle.*.js).
+MERMAID_VERSION = "11.17.2"
+MERMAID_INTEGRITY = ("sha512-V6K3C8EBdEsPFZXSKMJe6ppQOENxuHARr9GvHX4hh47lAbhMRD9qf4oEK7LoaRQxULMa80/qt5gHO73aCleBBg==")
+MERMAID_URI = "assets/vendor/mermaid.min.js"
+VENDOR_DIR = ROOT / ".cache" / "docs"
 
 
 def _importable() -> None:
@@ -76,8 +95,8 @@ def celery_defaults_table() -> str:
     rows = ["| Celery setting | fusion's default |", "|---|---|"]
     for name, value in _CELERY_DEFAULTS.items():
         shown = f"`{value.days} days`" if isinstance(value, timedelta) else _code(value)
-        rows.append(f"| [`{name}`](https://docs.celeryq.dev/en/stable/userguide/configuration.html#{name.replace('_', '-')}) "
-                    f"| {shown} |")
+        url = f"https://docs.celeryq.dev/en/stable/userguide/configuration.html#{name.replace('_', '-')}"
+        rows.append(f"| [`{name}`]({url}) | {shown} |")
     return "\n".join(rows)
 
 
@@ -147,3 +166,55 @@ def render(markdown: str) -> str:
 
 def on_page_markdown(markdown: str, **kwargs: Any) -> str:
     return render(markdown)
+
+
+def mermaid_js(cache: Path = VENDOR_DIR) -> Path:
+    """The path of ``dist/mermaid.min.js`` of the pinned mermaid package, fetched with ``npm pack`` if missing.
+
+    The tarball is checked against :data:`MERMAID_INTEGRITY` before the file is taken from it; the file is
+    put in place with a rename, so builds running side by side (the docs tests, ``make docs``) never read
+    half of it.
+    """
+    target = cache / f"mermaid-{MERMAID_VERSION}" / "mermaid.min.js"
+    if target.is_file():
+        return target
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RuntimeError(f"building the docs needs npm to fetch mermaid {MERMAID_VERSION} "
+                           "(apt-get install nodejs npm), or the file in place: " + str(target))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        proc = subprocess.run([npm, "pack", f"mermaid@{MERMAID_VERSION}", "--pack-destination", tmp,
+                               "--silent"], capture_output=True, text=True, timeout=300)
+        tarball = Path(tmp) / f"mermaid-{MERMAID_VERSION}.tgz"
+        if proc.returncode != 0 or not tarball.is_file():
+            raise RuntimeError(f"npm pack mermaid@{MERMAID_VERSION} failed ({proc.returncode}):\n"
+                               f"{proc.stdout}{proc.stderr}")
+        digest = "sha512-" + base64.b64encode(hashlib.sha512(tarball.read_bytes()).digest()).decode()
+        if digest != MERMAID_INTEGRITY:
+            raise RuntimeError(f"mermaid-{MERMAID_VERSION}.tgz has integrity {digest}, "
+                               f"not the pinned {MERMAID_INTEGRITY}")
+        with tarfile.open(tarball) as tar:
+            member = tar.extractfile("package/dist/mermaid.min.js")
+            assert member is not None
+            part = Path(tmp) / "mermaid.min.js"
+            part.write_bytes(member.read())
+        os.replace(part, target)
+    return target
+
+
+def on_post_page(output: str, page: Any, config: Any, **kwargs: Any) -> str:
+    # Only the pages with a diagram load mermaid (3.5 MB); synchronous, at the end of the body like an
+    # extra_javascript, so the global is defined before Material's bundle renders the diagrams.
+    if '<pre class="mermaid">' not in output:
+        return output
+    from mkdocs.utils import get_relative_url
+    script = f'<script src="{get_relative_url(MERMAID_URI, page.url)}"></script>'
+    head, sep, tail = output.rpartition("</body>")
+    return head + script + "\n" + sep + tail if sep else output + script
+
+
+def on_files(files: Any, config: Any, **kwargs: Any) -> Any:
+    from mkdocs.structure.files import File
+    files.append(File.generated(config, MERMAID_URI, abs_src_path=str(mermaid_js())))
+    return files
