@@ -25,10 +25,11 @@ from celery.signals import task_failure
 from . import claims, keepalive
 from .clients import clients
 from .config import settings
+from .dialects import dialect
 from .errors import DependencyFailed, FusionError, ProtocolError
-from .protocol import check_return_topic, check_size, encode_error, encode_reply, reply_headers
+from .protocol import check_return_topic, check_size, encode_error, encode_reply
 from .returntopics import name_times
-from .run import Run
+from .run import Caller, Run
 from .signals import reactor_result
 
 __all__ = ["send_reply", "reply", "dependency_failed"]
@@ -58,10 +59,13 @@ def _patience(app: Celery, topic: str) -> float:
 
 
 def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: Any = None,
-               exc: BaseException | None = None) -> Any:
+               exc: BaseException | None = None, caller: Caller | None = None) -> Any:
     """Put a success (``result``) or error (``exc``) reply on ``return_topic``.
 
-    A result too large or not JSON becomes an error reply that says so.
+    A result too large or not JSON becomes an error reply that says so.  The reply
+    is written in the dialect ``caller`` speaks (:mod:`fusion_celery.dialects`; fusion's
+    without a caller): a Spring caller gets its correlation id echoed and the
+    partition it asked for, a Faust caller a ``ReqRepResponse`` record.
 
     Parameters:
         app: the fusion app.
@@ -69,6 +73,7 @@ def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: A
         corr_id: the request's id, echoed as the reply's key and ``fusion-id`` header.
         result: the answer, when ``exc`` is None.
         exc: the error to report instead.
+        caller: the caller, whose dialect shapes the reply (None: fusion's).
 
     Returns:
         The delivery record, or None when the return topic no longer exists (the
@@ -96,7 +101,9 @@ def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: A
     if not c.topic_exists(return_topic, ttl=0, wait=_patience(app, return_topic)):
         logger.warning("return topic %s no longer exists (the caller gave up?); reply dropped", return_topic)
         return None
-    return c.produce(return_topic, body, key=corr_id, headers=reply_headers(status, corr_id))
+    out = dialect(caller.dialect if caller else None).encode_reply(caller or Caller(return_topic, corr_id), status,
+                                                                   body)
+    return c.produce(return_topic, out.value, key=out.key, headers=out.headers, partition=out.partition)
 
 
 def reply(app: Celery, run: Run, *, result: Any = None, exc: BaseException | None = None, sender: Any = None,
@@ -143,7 +150,7 @@ def reply(app: Celery, run: Run, *, result: Any = None, exc: BaseException | Non
     if caller.return_topic:
         try:
             with keepalive.held(app, claims.key_of(name), token, int(ttl)):
-                send_reply(app, caller.return_topic, caller.id, result=result, exc=exc)
+                send_reply(app, caller.return_topic, caller.id, result=result, exc=exc, caller=caller)
         except FusionError as err:
             logger.error("run %s: cannot reply to %s: %s", run.id, caller.return_topic, err)
             claims.give_back(app, name, token)
