@@ -368,6 +368,63 @@ def test_spring_listener_serves_a_dependency_of_the_math_reactor(example_env, wo
     assert service.returncode is not None
 
 
+# -- the shell callers: Kafka's CLI and kcat --------------------------------------------------------
+@pytest.fixture(scope="session")
+def kafka_cli() -> str:
+    """The folder of Kafka's command-line tools (``stack/stack.sh cli`` writes them, and installs kcat where it
+    is missing); the Kafka jars are fetched once into the stack cache."""
+    out = subprocess.run(["bash", "stack/stack.sh", "cli"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("script", ["call.sh", "kcat-call.sh"])
+def test_shell_caller_gets_the_math_answer(example_env, worker_factory, kit, kafka_cli, script):
+    """call.sh (Kafka's console tools) and kcat-call.sh (kcat, with kafka-topics.sh for the return topic
+    that kcat cannot create) print the answer after its headers, and delete their return topic."""
+    worker_factory("examples.math.reactors", name="math", env=example_env)
+    env = {**os.environ, "PATH": kafka_cli + os.pathsep + os.environ["PATH"]}
+    out = subprocess.run(["sh", str(ROOT / "examples" / "other_languages" / "shell" / script),
+                          example_env["FUSION_KAFKA_BOOTSTRAP_SERVERS"], example_env["FUSION_EXAMPLES_PREFIX"] + "math",
+                          "[1, 2, 3]"], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    headers, value = out.stdout.strip().splitlines()[-1].split("\t")
+    assert value == "4" and "fusion-status" in headers and "ok" in headers, out.stdout
+    assert not [t for t in kit.topics() if re.match(r"fusion\.rt\.[0-9.]+\.(sh|kcat)[0-9]", t)]
+
+
+# -- fusion-clj's own callers --------------------------------------------------------------------
+#: What admits fusion-clj's return topics: a bare UUID (docs/guides/other-languages.md says what it opens).
+UUID_TOPICS = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+
+def fusion_clj_call(example_env: dict[str, str], timeout: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "examples/other_languages/fusion_clj/call.py",
+                           example_env["FUSION_KAFKA_BOOTSTRAP_SERVERS"],
+                           example_env["FUSION_EXAMPLES_PREFIX"] + "math", "[1, 2, 3]", timeout],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.integration
+def test_fusion_clj_caller_gets_the_answer_where_the_allowlist_admits_bare_uuids(example_env, worker_factory):
+    # A JSON list: in the environment, a value that starts with "[" is read as one.
+    worker_factory("examples.math.reactors", name="math",
+                   env={**example_env, "FUSION_REPLY_ALLOWLIST": json.dumps([UUID_TOPICS])})
+    out = fusion_clj_call(example_env, "60")
+    assert (out.returncode, out.stdout.strip()) == (0, "4"), out.stdout + out.stderr
+
+
+@pytest.mark.integration
+def test_fusion_clj_caller_is_dead_lettered_without_the_allowlist(example_env, worker_factory, kit):
+    worker_factory("examples.math.reactors", name="math", env=example_env)
+    out = fusion_clj_call(example_env, "5")
+    assert out.returncode == 1 and "no answer within 5s" in out.stderr, out.stdout + out.stderr
+    (letter,) = kit.read(example_env["FUSION_EXAMPLES_PREFIX"] + "math.dlq", 1, timeout=60)
+    assert dict(letter.headers())["fusion-dlq-reason"] == b"return-topic-not-allowed"
+    assert re.fullmatch(UUID_TOPICS, json.loads(letter.value())["return-topic"])
+
+
 # -- examples/demo --------------------------------------------------------------------------------
 @pytest.mark.integration
 def test_demo_once_prints_the_answer_and_flower_address_and_stops_cleanly(example_env):
