@@ -13,13 +13,16 @@ of a hundred.  For each reply it completes the wait's task
 registry, then ends its return topic as its reply channel says (an ephemeral
 topic is deleted, a leased one goes back to its pool or is retired; see
 :mod:`fusion_celery.channels`).  A wait whose deadline passes fails
-with :class:`~fusion_celery.errors.DependencyTimeout`.
+with :class:`~fusion_celery.errors.DependencyTimeout`.  A record is read in the
+dialect of its wait's service (:mod:`fusion_celery.dialects`): whether it may
+complete the wait, and what result it carries.
 
 A wait reads its own topic from the offset it was registered with (0, or a
 leased topic's end at lease time).  The ``shared`` channel's topics serve many
 waits: the fresh consumer reads each one a waiter holds a wait on, from a little
-before that wait's creation (found by time), and a record finds its wait by its
-``fusion-id`` header.  A record whose id no held wait has is kept for
+before that wait's creation (found by time), and a record finds its wait by the
+id it carries (``fusion-id``, or the correlation id of another dialect:
+:func:`~fusion_celery.dialects.correlation_of`).  A record whose id no held wait has is kept for
 :data:`ORPHAN_SECONDS`, because the registry may report a wait after its reply
 was read; a wait that arrives later than that is read again from its creation.  If completing fails (the
 result backend is down) the wait stays and is retried; nothing is removed before
