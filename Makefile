@@ -1,6 +1,6 @@
 # fusion-celery developer entry points.
 #
-#   make venv     create .venv and install the package (editable, dev+flower extras)
+#   make venv     create .venv and install the package (editable, dev+flower extras); .venv-faust with the faust extra
 #   make up       start Kafka (KRaft) + Redis + ZooKeeper locally (stack/stack.sh); FUSION_KAFKA_NODES=3 make up:
 #                 a Kafka cluster of three nodes (make status/down, stack.sh stop|start kafka-2 work per node)
 #   make down     stop them;  make status  show them
@@ -22,6 +22,8 @@ SHELL := /bin/bash
 PYTHON3     ?= python3
 VENV        := .venv
 PY          := $(VENV)/bin/python
+# faust-streaming (the Faust examples) in a venv of its own: it pins click below what the dev tools need
+VENV_FAUST  := .venv-faust
 STACK       := bash stack/stack.sh
 WITH_STACK  := bash stack/with-stack.sh
 PYTEST_ARGS ?= -ra --durations=25
@@ -31,7 +33,7 @@ PYTEST_ARGS ?= -ra --durations=25
 help:
 	@sed -n '3,18p' Makefile | sed 's/^# \{0,1\}//'
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed $(VENV_FAUST)/.installed
 
 $(PY):
 	$(PYTHON3) -m venv $(VENV)
@@ -39,6 +41,11 @@ $(PY):
 # reinstall only when pyproject.toml changes
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[dev,flower]"
+	@touch $@
+
+$(VENV_FAUST)/.installed: pyproject.toml
+	$(PYTHON3) -m venv $(VENV_FAUST)
+	$(VENV_FAUST)/bin/python -m pip install -q "$$(sed -n 's/^faust = \["\(.*\)"\]$$/\1/p' pyproject.toml)"
 	@touch $@
 
 up:

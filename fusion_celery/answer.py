@@ -26,10 +26,11 @@ from celery.signals import task_failure
 from . import claims, keepalive
 from .clients import clients
 from .config import settings
+from .dialects import dialect
 from .errors import DependencyFailed, FusionError, ProtocolError
-from .protocol import check_return_topic, check_size, encode_error, encode_reply, reply_headers
+from .protocol import check_return_topic, check_size, encode_error, encode_reply
 from .returntopics import name_times
-from .run import Run
+from .run import Caller, Run
 from .signals import reactor_result, reply_sent
 
 __all__ = ["send_reply", "reply", "dependency_failed"]
@@ -59,10 +60,14 @@ def _patience(app: Celery, topic: str) -> float:
 
 
 def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: Any = None,
-               exc: BaseException | None = None, sent: Callable[[str], None] | None = None) -> Any:
+               exc: BaseException | None = None, caller: Caller | None = None,
+               sent: Callable[[str], None] | None = None) -> Any:
     """Put a success (``result``) or error (``exc``) reply on ``return_topic``.
 
-    A result too large or not JSON becomes an error reply that says so.
+    A result too large or not JSON becomes an error reply that says so.  The reply
+    is written in the dialect ``caller`` speaks (:mod:`fusion_celery.dialects`; fusion's
+    without a caller): a Spring caller gets its correlation id echoed and the
+    partition it asked for, a Faust caller a ``ReqRepResponse`` record.
 
     Parameters:
         app: the fusion app.
@@ -70,6 +75,7 @@ def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: A
         corr_id: the request's id, echoed as the reply's key and ``fusion-id`` header.
         result: the answer, when ``exc`` is None.
         exc: the error to report instead.
+        caller: the caller, whose dialect shapes the reply (None: fusion's).
         sent: called with the reply's status (``ok`` or ``error``) once Kafka took it.
 
     Returns:
@@ -98,7 +104,9 @@ def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: A
     if not c.topic_exists(return_topic, ttl=0, wait=_patience(app, return_topic)):
         logger.warning("return topic %s no longer exists (the caller gave up?); reply dropped", return_topic)
         return None
-    record = c.produce(return_topic, body, key=corr_id, headers=reply_headers(status, corr_id))
+    out = dialect(caller.dialect if caller else None).encode_reply(caller or Caller(return_topic, corr_id), status,
+                                                                   body)
+    record = c.produce(return_topic, out.value, key=out.key, headers=out.headers, partition=out.partition)
     if sent is not None:
         sent(status)
     return record
@@ -150,7 +158,8 @@ def reply(app: Celery, run: Run, *, result: Any = None, exc: BaseException | Non
     if caller.return_topic:
         try:
             with keepalive.held(app, claims.key_of(name), token, int(ttl)):
-                send_reply(app, caller.return_topic, caller.id, result=result, exc=exc, sent=statuses.append)
+                send_reply(app, caller.return_topic, caller.id, result=result, exc=exc, caller=caller,
+                           sent=statuses.append)
         except FusionError as err:
             logger.error("run %s: cannot reply to %s: %s", run.id, caller.return_topic, err)
             claims.give_back(app, name, token)

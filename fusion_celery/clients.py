@@ -271,7 +271,8 @@ class Clients:
             return found
 
     def produce(self, topic: str, value: bytes | None, *, key: bytes | str | None = None,
-                headers: list[tuple[str, bytes]] | None = None, timeout: float | None = None) -> Any:
+                headers: list[tuple[str, bytes]] | None = None, timeout: float | None = None,
+                partition: int | None = None) -> Any:
         """Produce one record and wait until Kafka acknowledged it.
 
         librdkafka keeps trying while the broker is away, for :attr:`retry_timeout`
@@ -284,6 +285,7 @@ class Clients:
             key: the record's key.
             headers: the record's headers.
             timeout: seconds to wait for the delivery report.
+            partition: the partition (None: the one the key picks).
 
         Returns:
             The delivered message (its topic, partition, offset, timestamp).
@@ -303,12 +305,13 @@ class Clients:
             done.set()
 
         producer = self.producer
+        where = {} if partition is None else {"partition": partition}
         try:
             try:
-                producer.produce(topic, value, key=key, headers=headers, on_delivery=on_delivery)
+                producer.produce(topic, value, key=key, headers=headers, on_delivery=on_delivery, **where)
             except BufferError:
                 producer.poll(1.0)
-                producer.produce(topic, value, key=key, headers=headers, on_delivery=on_delivery)
+                producer.produce(topic, value, key=key, headers=headers, on_delivery=on_delivery, **where)
         except KafkaException as exc:
             raise self._send_failed(topic, exc.args[0]) from None
         deadline = time.monotonic() + timeout

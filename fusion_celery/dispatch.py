@@ -15,7 +15,7 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import Ignore
 
-from . import answer, claims, faults, progress
+from . import answer, claims, dialects, faults, progress
 from .canvas import merge_results
 from .channels import Opened, channel
 from .clients import clients
@@ -24,7 +24,7 @@ from .completion import resume_stored, save_request
 from .config import settings
 from .errors import DependencyFailed, FusionError, UnknownTopic
 from .graph import Dep, inject
-from .protocol import PARENT_HEADER, ROOT_HEADER, check_size, encode_request
+from .protocol import PARENT_HEADER, ROOT_HEADER, check_size
 from .registry import Wait
 from .returntopics import topic_config
 from .run import Run
@@ -64,7 +64,8 @@ def no_such_topic(topic: str, dep: str | None) -> DependencyFailed:
 
 def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | None = None,
               carry: dict[str, Any] | None = None, run: Run | None = None,
-              deadline: int | None = None, key: str | None = None, reply: str | None = None) -> None:
+              deadline: int | None = None, key: str | None = None, reply: str | None = None,
+              dialect: str | None = None) -> None:
     """Take a return topic, register the wait for ``task``, send the request, and park the task.
 
     Whether ``topic`` exists is asked of Kafka only when this process has not seen it
@@ -82,6 +83,7 @@ def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | N
         deadline: epoch ms after which nobody waits any more, whatever ``timeout`` says.
         key: the request's Kafka key (None: the task's id, see :func:`request_key`).
         reply: the reply channel (None: ``fusion_reply_channel``; see :mod:`fusion_celery.channels`).
+        dialect: the dialect the service speaks (None: fusion's; see :mod:`fusion_celery.dialects`).
 
     Raises:
         Ignore: always, once the request is on its way (the waiter finishes the task).
@@ -96,7 +98,8 @@ def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | N
     wait_deadline = created + int(timeout * 1000)
     if deadline is not None:
         wait_deadline = min(wait_deadline, int(deadline))
-    body = encode_request(data, None, id=task.request.id, deadline=wait_deadline)
+    speaks = dialects.dialect(dialect)
+    body = speaks.encode_request(data, return_topic="", id=task.request.id, deadline=wait_deadline).value
     check_size(body, settings(app).max_message_bytes, f"the request to topic {topic!r}")
 
     opened = _open(task, reply, wait_deadline)
@@ -104,7 +107,7 @@ def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | N
     wait = Wait(id=task.request.id, return_topic=return_topic, topic=topic, deadline=wait_deadline,
                 request=save_request(task.request), task_name=task.request.shadow or task.name, dep=dep,
                 carry=carry, run=run, owner=task.request.hostname or "", created=created,
-                channel=opened.channel, offset=opened.offset, pool=opened.pool)
+                channel=opened.channel, offset=opened.offset, pool=opened.pool, dialect=speaks.name)
     # Before any reply can be completed.
     progress.parked(app, run.id if run else None, wait.id, json.dumps(opened.to_dict()),
                     (wait_deadline - created) / 1000 + 60)
@@ -112,8 +115,8 @@ def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | N
     try:
         reg.register(wait)
         faults.point("dispatch.after-register")
-        c.produce(topic, encode_request(data, return_topic, id=task.request.id, deadline=wait_deadline),
-                  key=request_key(task, key), headers=lineage_headers(task))
+        out = speaks.encode_request(data, return_topic=return_topic, id=task.request.id, deadline=wait_deadline)
+        c.produce(topic, out.value, key=request_key(task, key), headers=out.headers + lineage_headers(task))
     except FusionError as exc:
         reg.remove(wait)
         ending = channel(app, opened.channel)
@@ -170,7 +173,7 @@ def dispatch(self: Task, prior: Any = None, *, dep: dict[str, Any], run: dict[st
             args = inject(d, carry)
             timeout = d.timeout or settings(self.app).default_timeout
             open_wait(self, topic=d.topic, data=args, timeout=timeout, dep=d.name, carry=carry,
-                      run=Run.from_dict(run), deadline=deadline, key=d.key, reply=d.reply)
+                      run=Run.from_dict(run), deadline=deadline, key=d.key, reply=d.reply, dialect=d.dialect)
         except (Ignore, DependencyFailed):
             raise
         except Exception as exc:

@@ -24,6 +24,7 @@ from graphlib import CycleError, TopologicalSorter
 from typing import Any
 
 from .channels import CHANNELS
+from .dialects import DIALECTS
 from .errors import DepsMapError
 from .protocol import valid_topic_name
 
@@ -67,7 +68,7 @@ def arg_in_fns() -> dict[str, ArgInFn]:
 register_arg_in_fn("conj", lambda args, result: [*args, result])
 register_arg_in_fn("cons", lambda args, result: [result, *args])
 
-_KEYS = {"topic", "args", "deps", "arg_in_fn", "timeout", "key", "reply"}
+_KEYS = {"topic", "args", "deps", "arg_in_fn", "timeout", "key", "reply", "dialect"}
 _ALIASES = {"arg-in-fn": "arg_in_fn"}
 _BUILTIN_SEQUENCE_FNS = {"conj", "cons"}
 
@@ -80,7 +81,10 @@ class Dep:
     (the dispatching subtask's id), which spreads a topic's requests over its
     partitions; a key of the caller's keeps the requests that share it on one partition.
     ``reply`` is the dep's reply channel (:mod:`fusion_celery.channels`; None: its
-    reactor's or pipeline's, else ``fusion_reply_channel``).
+    reactor's or pipeline's, else ``fusion_reply_channel``).  ``dialect`` is the
+    request/reply convention its service speaks (:mod:`fusion_celery.dialects`; None:
+    fusion's): ``spring`` or ``faust`` send the request in that service's own form and
+    read its answer so.
     """
 
     name: str
@@ -91,6 +95,7 @@ class Dep:
     timeout: float | None = None
     key: str | None = None
     reply: str | None = None
+    dialect: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "topic": self.topic, "args": self.args,
@@ -101,12 +106,15 @@ class Dep:
             d["key"] = self.key
         if self.reply is not None:
             d["reply"] = self.reply
+        if self.dialect is not None:
+            d["dialect"] = self.dialect
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Dep:
         return cls(d["name"], d["topic"], d.get("args", []), tuple(d.get("deps", ())),
-                   d.get("arg_in_fn", "conj"), d.get("timeout"), d.get("key"), d.get("reply"))
+                   d.get("arg_in_fn", "conj"), d.get("timeout"), d.get("key"), d.get("reply"),
+                   d.get("dialect"))
 
 
 def _dep(name: Any, spec: Any, names: set[str], max_timeout: float | None) -> Dep:
@@ -172,14 +180,17 @@ def _dep(name: Any, spec: Any, names: set[str], max_timeout: float | None) -> De
     reply = spec.get("reply")
     if reply is not None and reply not in CHANNELS:
         raise DepsMapError(f"{where}.reply: unknown reply channel {reply!r} (one of {', '.join(CHANNELS)})")
-    return Dep(name, topic, args, tuple(deps), fn, timeout, key, reply)
+    dialect = spec.get("dialect")
+    if dialect is not None and dialect not in DIALECTS:
+        raise DepsMapError(f"{where}.dialect: unknown dialect {dialect!r} (one of {', '.join(DIALECTS)})")
+    return Dep(name, topic, args, tuple(deps), fn, timeout, key, reply, None if dialect == "fusion" else dialect)
 
 
 class DepsGraph:
     """A validated deps-map with its topological order.
 
     Parameters:
-        deps_map: name -> ``{topic, args, deps, arg_in_fn, timeout, key, reply}``.
+        deps_map: name -> ``{topic, args, deps, arg_in_fn, timeout, key, reply, dialect}``.
         max_timeout: the longest ``timeout`` a dep may ask for (seconds; None: no limit).
 
     Raises:

@@ -35,9 +35,10 @@ from confluent_kafka import Message as KafkaMessage
 from . import claims, faults, progress
 from .clients import clients
 from .config import settings
+from .dialects import dialect_of_request
 from .errors import FusionError, ProtocolError
 from .message import Message
-from .protocol import PARENT_HEADER, ROOT_HEADER, decode_request
+from .protocol import PARENT_HEADER, ROOT_HEADER
 from .runbook import RunBook
 from .signals import dead_lettered
 from .transport import client_config, consume_ready, transient
@@ -261,8 +262,9 @@ class ReactorIntake(threading.Thread):
         self._lag_pause_until = 0.0
 
     def _decode(self, msg: KafkaMessage) -> Message:
+        """The request ``msg`` carries, read in the dialect it speaks (:func:`dialect_of_request`)."""
         conf = settings(self.app)
-        return decode_request(
+        return dialect_of_request(msg.value(), msg.headers()).decode_request(
             msg.value(), topic=msg.topic(), headers=msg.headers(), key=msg.key(), partition=msg.partition(),
             offset=msg.offset(), timestamp=msg.timestamp()[1], max_bytes=conf.max_message_bytes,
             prefix=conf.return_topic_prefix, allowlist=conf.reply_allowlist)

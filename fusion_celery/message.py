@@ -17,6 +17,10 @@ class Message:
     ``offset``, ``key``, ``value``) plus the decoded parts of the request:
     ``data`` (the payload), ``return_topic``, ``id`` (the correlation id),
     ``deadline`` (epoch milliseconds or ``None``) and the Kafka ``headers``.
+    ``dialect`` names the request/reply convention the caller speaks
+    (:mod:`fusion_celery.dialects`); ``correlation`` is that dialect's correlation id as
+    the caller sent it (Spring's raw bytes as hex) and ``reply_partition`` the partition
+    of the return topic the caller asked for (Spring's ``kafka_replyPartition``).
 
     It travels inside Celery task messages, so everything in it is JSON.
     """
@@ -32,6 +36,9 @@ class Message:
     value: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     timestamp: int | None = None
+    dialect: str = "fusion"
+    correlation: str | None = None
+    reply_partition: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the form in which a message travels through Celery)."""

@@ -46,7 +46,8 @@ class Wait:
     ``request`` is the parked task's saved request context
     (:func:`fusion_celery.completion.save_request`), ``carry`` the results its
     canvas step received, ``run`` the reactor or pipeline run a failure answers.
-    Times are epoch milliseconds.
+    Times are epoch milliseconds.  ``dialect`` is the one the service speaks
+    (:mod:`fusion_celery.dialects`): the waiter reads the answer in it.
     """
 
     id: str
@@ -63,6 +64,7 @@ class Wait:
     channel: str = "ephemeral"
     offset: int = 0
     pool: str | None = None
+    dialect: str = "fusion"
 
     def to_json(self) -> bytes:
         data = {f.name: getattr(self, f.name) for f in fields(self)}

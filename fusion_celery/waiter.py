@@ -13,13 +13,16 @@ of a hundred.  For each reply it completes the wait's task
 registry, then ends its return topic as its reply channel says (an ephemeral
 topic is deleted, a leased one goes back to its pool or is retired; see
 :mod:`fusion_celery.channels`).  A wait whose deadline passes fails
-with :class:`~fusion_celery.errors.DependencyTimeout`.
+with :class:`~fusion_celery.errors.DependencyTimeout`.  A record is read in the
+dialect of its wait's service (:mod:`fusion_celery.dialects`): whether it may
+complete the wait, and what result it carries.
 
 A wait reads its own topic from the offset it was registered with (0, or a
 leased topic's end at lease time).  The ``shared`` channel's topics serve many
 waits: the fresh consumer reads each one a waiter holds a wait on, from a little
-before that wait's creation (found by time), and a record finds its wait by its
-``fusion-id`` header.  A record whose id no held wait has is kept for
+before that wait's creation (found by time), and a record finds its wait by the
+id it carries (``fusion-id``, or the correlation id of another dialect:
+:func:`~fusion_celery.dialects.correlation_of`).  A record whose id no held wait has is kept for
 :data:`ORPHAN_SECONDS`, because the registry may report a wait after its reply
 was read; a wait that arrives later than that is read again from its creation.  If completing fails (the
 result backend is down) the wait stays and is retried; nothing is removed before
@@ -57,8 +60,9 @@ from .clients import clients
 from .clock import now_ms
 from .completion import Events, complete
 from .config import settings
+from .dialects import correlation_of, dialect
 from .errors import DependencyFailed, DependencyTimeout, PayloadTooLarge, ProtocolError, RemoteError
-from .protocol import ID_HEADER, check_size, decode_reply, headers_dict, reply_rejection
+from .protocol import ID_HEADER, check_size
 from .registry import Change, Wait, Watcher
 from .runtime import registry
 from .transport import consume_ready, log_error
@@ -378,7 +382,7 @@ class Waiter(threading.Thread):
             return  # not a held wait, or a wait whose completion is being retried
         if msg.offset() < wait.offset:
             return  # a leased topic's record from before this wait's lease
-        why = reply_rejection(msg.headers(), wait.id, require_id=self.require_id)
+        why = dialect(wait.dialect).rejection(msg.value(), msg.headers(), wait.id, require_id=self.require_id)
         if why is not None:
             self.rejected += 1
             self._tainted.add(wait.id)
@@ -388,12 +392,17 @@ class Waiter(threading.Thread):
         self._complete_from(msg, wait)
 
     def _on_shared_reply(self, msg: Any) -> None:
-        """Complete the held wait whose id ``msg`` carries; keep ``msg`` a while when no held wait has it."""
-        wait_id = headers_dict(msg.headers()).get(ID_HEADER)
+        """Complete the held wait whose id ``msg`` carries; keep ``msg`` a while when no held wait has it.
+
+        The id is read as any dialect carries it (:func:`~fusion_celery.dialects.correlation_of`), and the
+        record must then be an answer in the dialect of the wait it names.
+        """
+        wait_id = correlation_of(msg.value(), msg.headers())
         if wait_id is None:
             self.rejected += 1
             logger.warning("waiter: dropped the record %s[%d]@%d: a shared reply topic's record needs a %s "
-                           "header", msg.topic(), msg.partition(), msg.offset(), ID_HEADER)
+                           "header (or the correlation id of a dialect)", msg.topic(), msg.partition(),
+                           msg.offset(), ID_HEADER)
             return
         wait = self.book.get(wait_id)
         if wait is None or wait.return_topic != msg.topic():
@@ -402,6 +411,12 @@ class Waiter(threading.Thread):
             self._orphans[wait_id] = (msg, self.monotonic())
             return
         if self.book.retrying(wait.id):
+            return
+        why = dialect(wait.dialect).rejection(msg.value(), msg.headers(), wait.id, require_id=True)
+        if why is not None:
+            self.rejected += 1
+            logger.warning("waiter: dropped the record %s[%d]@%d: %s; %s still waits", msg.topic(),
+                           msg.partition(), msg.offset(), why, wait.label)
             return
         self._complete_from(msg, wait)
 
@@ -428,7 +443,7 @@ class Waiter(threading.Thread):
             self._finish(wait, exc=DependencyFailed(f"{wait.label}: {err}"))
             return
         try:
-            result = decode_reply(msg.value(), msg.headers())
+            result = dialect(wait.dialect).decode_reply(msg.value(), msg.headers())
         except RemoteError as err:
             self._finish(wait, exc=DependencyFailed(f"{wait.label} replied with an error: {err}"))
         except ProtocolError as err:

@@ -9,6 +9,8 @@
 #   stack/stack.sh start SERVICE       start one service on its existing data dirs
 #   stack/stack.sh restart SERVICE     stop + start
 #   stack/stack.sh services            print the services of this topology
+#   stack/stack.sh cli                 Kafka's CLI tools into .stack/bin (kafka-tools jars, fetched once) and kcat
+#                                      (apt-get) when missing; prints the bin folder (no service is started)
 #   SERVICE: kafka | kafka-2 .. kafka-N | redis | zookeeper   (kafka is node 1; kafka-1 names it too)
 #
 # State lives in <repo>/.stack/ (pids/, logs/, data/, conf/, env). The Java
@@ -688,6 +690,37 @@ need_service() {
 }
 
 # ----------------------------------------------------------------------------
+# command-line tools for the examples (not services)
+
+# cli: Kafka's command-line tools as .stack/bin/kafka-topics.sh, kafka-console-producer.sh and
+# kafka-console-consumer.sh (java -cp the kafka-tools jars, fetched once into the cache), and kcat (the Debian
+# package, with apt-get) when missing. Prints the bin folder.
+cmd_cli() {
+  ensure_libs kafka-cli || return 1
+  local bin="$STATE/bin" tool class
+  mkdir -p "$bin" || return 1
+  for tool in kafka-topics.sh:org.apache.kafka.tools.TopicCommand \
+              kafka-console-producer.sh:org.apache.kafka.tools.ConsoleProducer \
+              kafka-console-consumer.sh:org.apache.kafka.tools.consumer.ConsoleConsumer; do
+    class="${tool#*:}"
+    printf '#!/bin/sh\nexec java -cp "%s/*" %s "$@"\n' "$LIBS" "$class" >"$bin/${tool%%:*}" || return 1
+    chmod +x "$bin/${tool%%:*}" || return 1
+  done
+  command -v kcat >/dev/null || install_kcat || return 1
+  echo "$bin"
+}
+
+install_kcat() {
+  say "kcat not found: installing it with apt-get (Debian package kcat) ..." >&2
+  local sudo=""
+  [[ "$(id -u)" == 0 ]] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq >&2 || return 1
+  $sudo apt-get install -y -qq kcat >/dev/null || return 1
+  command -v kcat >/dev/null || { err "kcat still missing after apt-get"; return 1; }
+}
+
+# ----------------------------------------------------------------------------
 
 main() {
   local cmd="${1:-}"
@@ -708,6 +741,8 @@ main() {
       ;;
     services)
       printf '%s\n' "${SERVICES[@]}" ;;
+    cli)
+      cmd_cli ;;
     status)
       init_dirs
       status "$@"

@@ -10,6 +10,9 @@ answers with that difference: ``[1, 2, 3] -> 6``, then ``[6, 2] -> 4``.
 
 ``FUSION_EXAMPLES_MATH_SUBTRACT`` names another topic for the ``subtract`` dep: for example
 ``go-subtract``, served by the Go service of ``examples/other_languages/go-service``.
+``FUSION_EXAMPLES_MATH_SUBTRACT_DIALECT`` names the dialect that service speaks (``spring`` for
+``examples/other_languages/spring``, ``faust`` for ``examples/other_languages/faust/service.py``;
+default fusion's) and ``FUSION_EXAMPLES_MATH_SUBTRACT_REPLY`` the dep's reply channel.
 """
 
 from __future__ import annotations
@@ -37,11 +40,12 @@ def subtract(message: Message) -> Any:
 def math_deps(message: Message) -> dict[str, Any]:
     """The deps-map of the fusion-clj README, for the numbers in the request (default ``[1, 2, 3]``)."""
     numbers = message.data if message.data is not None else [1, 2, 3]
-    return {
-        "one": {"topic": topic("add"), "args": numbers},
-        "two": {"topic": topic(os.environ.get("FUSION_EXAMPLES_MATH_SUBTRACT", "subtract")), "args": [2],
-                "arg_in_fn": "cons", "deps": ["one"]},
-    }
+    two: dict[str, Any] = {"topic": topic(os.environ.get("FUSION_EXAMPLES_MATH_SUBTRACT", "subtract")), "args": [2],
+                           "arg_in_fn": "cons", "deps": ["one"]}
+    for key in ("dialect", "reply"):
+        if os.environ.get(f"FUSION_EXAMPLES_MATH_SUBTRACT_{key.upper()}"):
+            two[key] = os.environ[f"FUSION_EXAMPLES_MATH_SUBTRACT_{key.upper()}"]
+    return {"one": {"topic": topic("add"), "args": numbers}, "two": two}
 
 
 @reactor(topic("math"), deps=math_deps)
