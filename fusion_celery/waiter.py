@@ -718,9 +718,10 @@ class Waiter(threading.Thread):
             ``pending`` waits, the ``oldest`` one and its age in seconds (``oldest_age_s``),
             the waits per request topic (``by_topic``), the counters ``completed``,
             ``failed``, ``rejected``, ``retrying`` (completions to try again),
-            ``consumers_replaced`` (after Kafka outages) and ``partitions``, the registry
+            ``consumers_replaced`` (after Kafka outages), ``partitions``, the registry
             partitions or buckets this waiter owns (None: the registry does not divide waits,
-            or the waiter has not opened it yet).
+            or the waiter has not opened it yet), and ``readers``: the waits its fresh and its
+            settled reply consumers read.
         """
         oldest = self.book.oldest()
         watcher = self._watcher
@@ -735,4 +736,5 @@ class Waiter(threading.Thread):
             "retrying": self.book.retries,
             "consumers_replaced": self.consumers_replaced,
             "partitions": watcher.owned() if watcher is not None else None,
+            "readers": {"fresh": len(self._fresh), "settled": len(self._settled)},
         }

@@ -8,12 +8,16 @@ each request the longer it ran (see docs/operations/reliability.md).
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 import uuid
 
 import pytest
 from support.reliability import Load, check, collect, start_gate
-from support.stack import RUN_ID
+from support.stack import ROOT, RUN_ID
 from support.waiting import wait_for
 from support.workers import isolated_env
 
@@ -61,6 +65,10 @@ def test_a_waiter_replaces_its_reply_consumers_without_losing_a_wait(kit, worker
         wait_for(lambda: len(gate.received) >= 12, 120, "12 parked waits registered")
         load.flowing(20)  # two chained deps each: 40 waits through the fresh consumer
         wait_for(lambda: "replaced its replies consumer" in w.log(), 120, "the fresh reply consumer to be replaced")
+        # The parked waits have moved to the settled consumer (a wait does once the waiter has held it for a
+        # second, and the waiter may learn of a wait from the registry later than the gate received its request).
+        wait_for(lambda: (readers(env, w).get("settled") or 0) >= 12, 120,
+                 "the 12 parked waits to be read by the settled consumer", interval=1.0)
         gate.hold = False
         gate.release(6)  # 6 of the 12 settled waits end: the settled consumer holds 6 it was given 12
         try:
@@ -69,6 +77,7 @@ def test_a_waiter_replaces_its_reply_consumers_without_losing_a_wait(kit, worker
         except BaseException:
             waiter_lines = [line for line in w.log().splitlines() if "waiter" in line]
             print("worker's waiter log lines:\n" + "\n".join(waiter_lines[-60:]))
+            print(f"its reply consumers read: {readers(env, w)}")
             raise
         pattern = r"replaced its settled consumer after \d+ return topics \((\d+) waits"
         carried = [int(n) for n in re.findall(pattern, w.log())]
@@ -79,3 +88,15 @@ def test_a_waiter_replaces_its_reply_consumers_without_losing_a_wait(kit, worker
         gate.stop()
     check(outcome)
     assert w.proc.poll() is None
+
+
+def readers(env: dict[str, str], worker) -> dict[str, int]:
+    """How many waits ``worker``'s fresh and settled reply consumers read, from `celery inspect fusion_status`."""
+    proc = subprocess.run([sys.executable, "-m", "celery", "-A", "fusion_celery", "inspect", "fusion_status", "-j",
+                           "-t", "5", "-d", worker.name], env={**os.environ, **env}, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    try:
+        found = json.loads(proc.stdout or "{}")
+    except ValueError:
+        found = {}
+    return (found.get(worker.name) or {}).get("readers") or {}

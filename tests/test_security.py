@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -430,23 +431,33 @@ class capture_events(threading.Thread):
         from fusion_celery import app
         self.app, self.conn = app, Connection(broker)
         self.seen: list[dict] = []
+        self.errors: list[str] = []
         self.ready = threading.Event()
         self.should_stop = False
         self.start()
         self.ready.wait(10)
 
     def run(self) -> None:
+        # consume() ends with socket.timeout after a second without an event: consume again (same receiver,
+        # same queue) until told to stop.  Other errors are kept for stop()'s message.
         recv = self.app.events.Receiver(self.conn, handlers={"*": self.seen.append})
         self.ready.set()
-        try:
-            for _ in recv.consume(limit=None, timeout=1, wakeup=False):
-                if self.should_stop:
+        while not self.should_stop:
+            try:
+                for _ in recv.consume(limit=None, timeout=1, wakeup=False):
+                    if self.should_stop:
+                        return
+            except TimeoutError:
+                continue
+            except Exception as exc:
+                self.errors.append(repr(exc))
+                if len(self.errors) > 100:
                     return
-        except Exception:
-            return
+                time.sleep(0.2)  # a pause between reconnections, not a wait for a condition
 
     def stop(self) -> None:
-        wait_for(lambda: any(e.get("type") == "task-succeeded" for e in self.seen), 30, "task events")
+        wait_for(lambda: any(e.get("type") == "task-succeeded" for e in self.seen), 30,
+                 f"task events (receiver errors: {self.errors[-3:]}; {len(self.seen)} other events)")
         self.should_stop = True
         self.join(5)
         self.conn.release()
