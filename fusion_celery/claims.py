@@ -19,6 +19,9 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Ignore
+from kombu.exceptions import OperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import keepalive
 from .config import settings
@@ -27,7 +30,7 @@ from .errors import ConfigurationError
 logger = logging.getLogger(__name__)
 
 __all__ = ["claim", "extend", "release", "is_claimed", "once", "started", "lease", "lifetime", "with_retry",
-           "Later", "acquire", "finish", "give_back", "key_of", "first", "RUN_OPTIONS"]
+           "Later", "acquire", "finish", "give_back", "key_of", "first", "TRANSIENT", "RUN_OPTIONS"]
 
 
 def _client(app: Celery) -> Any:
@@ -120,6 +123,11 @@ def release(app: Celery, name: str) -> None:
 def is_claimed(app: Celery, name: str) -> bool:
     """Whether somebody holds the marker ``name`` now."""
     return bool(with_retry(app, lambda c, k: c.exists(k), _key(name)))
+
+
+#: Errors of the Celery broker or the result backend being away (kombu's, redis-py's): a step that fails with
+#: one did not fail on its own account (see :func:`once`'s ``watched``).
+TRANSIENT: tuple[type[BaseException], ...] = (OperationalError, RedisConnectionError, RedisTimeoutError)
 
 
 #: Takes a step's claim for one attempt: free, ours already (a retried call), or held by an earlier
@@ -249,7 +257,7 @@ def lease(app: Celery, task: Task | None = None) -> float:
 
 @contextmanager
 def once(task: Task, step: str, lease_s: float | None = None,
-         on_done: Callable[[], Any] | None = None) -> Iterator[None]:
+         on_done: Callable[[], Any] | None = None, watched: bool = False) -> Iterator[None]:
     """Run the body at most once per attempt of ``task``, however often its message is delivered.
 
     A run's message can arrive more than once: the intake hands a record over again
@@ -267,13 +275,18 @@ def once(task: Task, step: str, lease_s: float | None = None,
     (``retry_on_worker_lost``) takes over the lease the lost attempt held.  A body that
     raises :class:`Later` gives the claim back and has a copy sent then.  ``on_done``
     runs before a copy that finds the step done is dropped (see
-    :func:`fusion_celery.completion.resume_stored`).
+    :func:`fusion_celery.completion.resume_stored`).  A ``watched`` step (a reactor's:
+    its intake sends a run that shows no progress again) whose body fails because Redis
+    or the broker was away (:data:`TRANSIENT`) gives its claim back and ends without a
+    state (``Ignore``), so that its caller is not answered with the outage and the
+    intake's copy runs it.
 
     Parameters:
         task: the running task (its request's id and retries name the claim).
         step: what runs (``run``, ``process``, ``dispatch``...).
         lease_s: seconds the lease lasts; None: :func:`lease`.
         on_done: called when this copy finds the step done already.
+        watched: the run is watched by its intake (see above).
 
     Raises:
         Ignore: this copy must not run (done already, or sent again for later).
@@ -303,6 +316,14 @@ def once(task: Task, step: str, lease_s: float | None = None,
         with_retry(app, lambda c, k: c.eval(_GIVE_BACK, 1, k, token), key)
         logger.info("%s %s: %s; sending it again in %ds", step, task.request.id, later, later.countdown)
         task.signature_from_request(task.request, countdown=later.countdown).apply_async()
+        raise Ignore() from None
+    except TRANSIENT as exc:
+        if not watched:
+            with_retry(app, lambda c, k: c.set(k, "done", ex=int(lifetime(app))), key)
+            raise
+        with_retry(app, lambda c, k: c.eval(_GIVE_BACK, 1, k, token), key)
+        logger.warning("%s %s: Redis or the broker was away (%s); claim given back, the run's intake sends it "
+                       "again", step, task.request.id, exc)
         raise Ignore() from None
     except BaseException:
         with_retry(app, lambda c, k: c.set(k, "done", ex=int(lifetime(app))), key)

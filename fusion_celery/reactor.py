@@ -109,12 +109,12 @@ class ReactorTask(RunTask):
             # A stalled run (started, waiting on no reply, no step for a while: a step's message was lost
             # in the Celery broker) compiles its canvas again.  The subtasks keep their ids, so those that
             # ran resume what follows them and only the lost ones run.
-            with once(self, f"redrive{redrive}"):
+            with once(self, f"redrive{redrive}", watched=True):
                 deps_map = self._deps_map(msg)
                 if deps_map:
                     return self._fan_out(msg, message, deps_map, first=False)
                 return None
-        with once(self, "run"):  # a redelivered record must not ask the deps or run proc_fn again
+        with once(self, "run", watched=True):  # a redelivered record must not ask the deps or run proc_fn again
             if msg.expired:
                 raise RequestExpired(f"request to {self.topic!r} arrived after its deadline {msg.deadline}")
             served_by = _first_run(self, msg)
@@ -146,7 +146,7 @@ class ProcessTask(FinishTask):
         return _run_of(task_id, self.topic, kwargs)
 
     def run(self, prior: Any = None, *, message: dict[str, Any]) -> Any:
-        with once(self, "process"):
+        with once(self, "process", watched=True):
             return _process(self, Message.from_dict(message), merge_results(prior))
 
 

@@ -177,3 +177,25 @@ def test_a_request_sent_twice_is_served_once(app):
         until(both_runs_done, 15, "both records' runs to end")
     assert app.calls == [message["id"]]
     assert replies(app, message["return_topic"]) == [{"n": 5}]
+
+
+def test_a_step_that_fails_because_redis_or_the_broker_was_away_answers_nothing_and_runs_again(app):
+    """Its claim is given back and it ends without a state, so the run's intake sends it again (a stalled run
+    is compiled again: test_faults.py stops Redis under load and asserts no error answer)."""
+    from kombu.exceptions import OperationalError
+    run_id, message = request(app, 6)
+    failures = [OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")]
+
+    def flaky(message, results):
+        if failures:
+            raise failures.pop()
+        return {"n": message.data}
+
+    step = process_step(app)
+    step.proc_fn = flaky
+    outcome = step.apply(args=[{}], kwargs={"message": message}, task_id=run_id)
+    assert outcome.state == "IGNORED"
+    assert not claims.is_claimed(app, f"process-{run_id}-0"), "the step kept its claim"
+    assert replies(app, message["return_topic"]) == []
+    step.apply(args=[{}], kwargs={"message": message}, task_id=run_id).get()
+    assert replies(app, message["return_topic"]) == [{"n": 6}]
