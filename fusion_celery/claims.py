@@ -308,27 +308,26 @@ def once(task: Task, step: str, lease_s: float | None = None,
                         task.request.id, countdown - 1)
             task.signature_from_request(task.request, countdown=countdown).apply_async()
         raise Ignore()
-    key = _key(name)
     try:
-        with keepalive.held(app, key, token, seconds):
+        with keepalive.held(app, _key(name), token, seconds):
             yield
     except Later as later:
-        with_retry(app, lambda c, k: c.eval(_GIVE_BACK, 1, k, token), key)
+        give_back(app, name, token)
         logger.info("%s %s: %s; sending it again in %ds", step, task.request.id, later, later.countdown)
         task.signature_from_request(task.request, countdown=later.countdown).apply_async()
         raise Ignore() from None
     except TRANSIENT as exc:
         if not watched:
-            with_retry(app, lambda c, k: c.set(k, "done", ex=int(lifetime(app))), key)
+            finish(app, name)
             raise
-        with_retry(app, lambda c, k: c.eval(_GIVE_BACK, 1, k, token), key)
+        give_back(app, name, token)
         logger.warning("%s %s: Redis or the broker was away (%s); claim given back, the run's intake sends it "
                        "again", step, task.request.id, exc)
         raise Ignore() from None
     except BaseException:
-        with_retry(app, lambda c, k: c.set(k, "done", ex=int(lifetime(app))), key)
+        finish(app, name)
         raise
-    with_retry(app, lambda c, k: c.set(k, "done", ex=int(lifetime(app))), key)
+    finish(app, name)
 
 
 def started(app: Celery, step: str, task_ids: list[str]) -> set[str]:

@@ -10,30 +10,21 @@ killed between ``proc_fn`` and its reply: ``test_faults.py``; brokers restarted 
 from __future__ import annotations
 
 import json
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from celery import Celery
 from celery.signals import before_task_publish
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from support.waiting import wait_for
 
 from fusion_celery import claims, keepalive, reactor
 from fusion_celery.bodyresult import remembered
 from fusion_celery.testing import in_process_app
 from fusion_celery.testing.app import kafka_broker
 from fusion_celery.testing.kafka import Consumer
-
-
-def until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (found := cond()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-    return found
 
 
 @pytest.fixture
@@ -91,9 +82,9 @@ def test_a_lease_outlives_its_ttl_while_its_holder_runs_and_ends_after(app):
     r = keepalive.renewer()
     renewed = r.renewed
     with keepalive.held(app, key, token, 1):
-        until(lambda: r.renewed >= renewed + 4, 10, "four renewals (two seconds, twice the lease's ttl)")
+        wait_for(lambda: r.renewed >= renewed + 4, 10, "four renewals (two seconds, twice the lease's ttl)")
         assert client.get(key) == token.encode(), "a held lease ran out while its holder lived"
-    until(lambda: client.get(key) is None, 5, "the lease to end once its holder let it go")
+    wait_for(lambda: client.get(key) is None, 5, "the lease to end once its holder let it go")
 
 
 def test_a_renewal_never_takes_back_a_lease_another_holder_took(app):
@@ -103,7 +94,7 @@ def test_a_renewal_never_takes_back_a_lease_another_holder_took(app):
     r = keepalive.renewer()
     lost = r.lost
     with keepalive.held(app, key, "lease:0:mine", 1):
-        until(lambda: r.lost > lost, 5, "the renewer to find the lease taken over")
+        wait_for(lambda: r.lost > lost, 5, "the renewer to find the lease taken over")
     assert client.get(key) == b"lease:0:theirs"
 
 
@@ -138,7 +129,7 @@ def test_a_step_that_finds_its_reply_held_comes_back_and_answers_once_the_holder
     assert len(copies) == 1 and copies[0].get("eta"), f"no copy of the step was sent for later: {sent}"
     assert not claims.is_claimed(app, f"process-{run_id}-0"), "the step kept its claim"
     assert replies(app, message["return_topic"]) == []
-    until(lambda: not claims.is_claimed(app, f"reply-{run_id}"), 5, "the dead holder's lease to run out")
+    wait_for(lambda: not claims.is_claimed(app, f"reply-{run_id}"), 5, "the dead holder's lease to run out")
     step.apply(args=[{}], kwargs={"message": message}, task_id=run_id).get()
     step.apply(args=[{}], kwargs={"message": message}, task_id=run_id)  # a late duplicate: done, dropped
     assert app.calls == [message["id"]]
@@ -174,7 +165,7 @@ def test_a_request_sent_twice_is_served_once(app):
             keys = list(client.scan_iter("fusion-claim-run-*"))
             return len(keys) == 2 and all(client.get(k) == b"done" for k in keys)
 
-        until(both_runs_done, 15, "both records' runs to end")
+        wait_for(both_runs_done, 15, "both records' runs to end")
     assert app.calls == [message["id"]]
     assert replies(app, message["return_topic"]) == [{"n": 5}]
 
