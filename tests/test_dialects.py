@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from celery import Celery
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from support.waiting import wait_for
 
 from fusion_celery import Message, Pipeline, reactor
 from fusion_celery.dialects import DIALECTS, Outgoing, correlation_of, dialect, dialect_of_request
@@ -164,15 +165,6 @@ def test_a_deps_map_entry_names_its_dialect():
 
 
 # -- both ways through an in-process worker -------------------------------------------------------
-def until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Wait for ``cond()`` to hold (checking every 10 ms); fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not (found := cond()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-    return found
-
 
 @pytest.fixture(scope="module")
 def fusion() -> Iterator[Celery]:
@@ -206,7 +198,7 @@ def read_one(app: Celery, topic: str, partition: int = 0) -> Any:
     consumer = client(app, Consumer, **{"group.id": f"reader-{time.monotonic_ns()}"})
     try:
         consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
-        return until(lambda: next((m for m in consumer.consume(1, 0.05) if m.error() is None), None),
+        return wait_for(lambda: next((m for m in consumer.consume(1, 0.05) if m.error() is None), None),
                      ANSWER_TIMEOUT, f"a record on {topic}[{partition}]")
     finally:
         consumer.close()
@@ -239,7 +231,7 @@ def test_a_faust_caller_gets_a_response_record_in_either_form(fusion, record):
     consumer = client(fusion, Consumer, **{"group.id": f"faust-{record}"})
     try:
         consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
-        found = until(lambda: next((json.loads(m.value()) for m in consumer.consume(10, 0.05) if m.error() is None
+        found = wait_for(lambda: next((json.loads(m.value()) for m in consumer.consume(10, 0.05) if m.error() is None
                                     and json.loads(m.value())["correlation_id"] == corr), None),
                       ANSWER_TIMEOUT, "the Faust response")
     finally:
@@ -256,7 +248,7 @@ def test_bad_dialect_requests_go_to_the_dead_letter_topic_with_the_reason(fusion
     dlq = client(fusion, Consumer, **{"group.id": f"dlq-{time.monotonic_ns()}"})
     try:
         dlq.assign([TopicPartition("add.dlq", 0, OFFSET_BEGINNING)])
-        letter = until(lambda: next((m for m in dlq.consume(10, 0.05) if m.error() is None
+        letter = wait_for(lambda: next((m for m in dlq.consume(10, 0.05) if m.error() is None
                                      and dict(m.headers()).get("probe") == value[:20]), None),
                        ANSWER_TIMEOUT, "the dead letter")
     finally:
@@ -276,7 +268,7 @@ class Service:
         self.producer = client(app, Producer)
 
     def answer_one(self) -> None:
-        request = until(lambda: next((m for m in self.requests.consume(1, 0.05) if m.error() is None), None),
+        request = wait_for(lambda: next((m for m in self.requests.consume(1, 0.05) if m.error() is None), None),
                         ANSWER_TIMEOUT, f"a request on svc-{self.name}")
         headers = dict(request.headers())
         if self.name == "fusion":
@@ -319,7 +311,7 @@ def test_a_faust_answer_that_is_no_response_record_is_dropped_and_the_wait_goes_
     service = Service(fusion, "faust", "bare")
     try:
         result = Pipeline("math-faust-bare", app=fusion).delay(None, timeout=ANSWER_TIMEOUT)
-        request = until(lambda: next((m for m in service.requests.consume(1, 0.05) if m.error() is None), None),
+        request = wait_for(lambda: next((m for m in service.requests.consume(1, 0.05) if m.error() is None), None),
                         ANSWER_TIMEOUT, "the request")
         headers = dict(request.headers())
         topic, corr = headers["Faust-Ag-ReplyTo"].decode(), headers["Faust-Ag-CorrelationId"].decode()
@@ -327,7 +319,7 @@ def test_a_faust_answer_that_is_no_response_record_is_dropped_and_the_wait_goes_
         rejected = waiter.rejected
         service.producer.produce(topic, b"4")  # a bare value: no correlation_id
         service.producer.flush(1)
-        until(lambda: waiter.rejected == rejected + 1, 5, "the waiter to drop the bare value")
+        wait_for(lambda: waiter.rejected == rejected + 1, 5, "the waiter to drop the bare value")
         assert not result.ready()
         service.producer.produce(topic, json.dumps({"key": None, "value": 4, "correlation_id": corr}).encode())
         service.producer.flush(1)

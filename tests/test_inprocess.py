@@ -9,13 +9,13 @@ in-memory stub.  One worker serves every test of the module.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from celery import Celery
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from support.waiting import wait_for
 
 from fusion_celery import DependencyFailed, DependencyTimeout, Message, Pipeline, reactor, signals
 from fusion_celery.testing import in_process_app, worker
@@ -24,15 +24,6 @@ from fusion_celery.testing.kafka import Consumer, Producer
 
 ANSWER_TIMEOUT = 15.0
 
-
-def until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Wait for ``cond()`` to hold (checking every 10 ms); fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not (found := cond()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-    return found
 
 
 def define_reactors(app: Celery) -> None:
@@ -139,7 +130,7 @@ def test_the_signals_follow_each_hop(fusion):
             call(fusion, "boom", 1)
         with pytest.raises(DependencyTimeout):
             call(fusion, "silent", None, timeout=0.5)
-        until(lambda: len(seen.get("wait_completed", [])) >= 3, 5, "three completed waits")
+        wait_for(lambda: len(seen.get("wait_completed", [])) >= 3, 5, "three completed waits")
     finally:
         for name, receiver in receivers.items():
             getattr(signals, name).disconnect(receiver)
@@ -158,7 +149,7 @@ def test_a_spoofed_record_on_a_return_topic_is_dropped_and_the_real_reply_comple
     try:
         requests.subscribe(["plain"])
         result = Pipeline("plain", app=fusion).delay({"n": 41}, timeout=ANSWER_TIMEOUT)
-        request = until(lambda: next((m for m in requests.consume(1, 0.05) if m.error() is None), None), 5,
+        request = wait_for(lambda: next((m for m in requests.consume(1, 0.05) if m.error() is None), None), 5,
                         "the request on topic plain")
         body = json.loads(request.value())
         waiter = fusion._fusion_waiter
@@ -166,7 +157,7 @@ def test_a_spoofed_record_on_a_return_topic_is_dropped_and_the_real_reply_comple
         producer.produce(body["return-topic"], json.dumps("forged"),
                          headers=[("fusion-status", b"ok"), ("fusion-id", b"somebody-else")])
         producer.flush(1)
-        until(lambda: waiter.rejected == rejected + 1, 5, "the waiter to drop the forged record")
+        wait_for(lambda: waiter.rejected == rejected + 1, 5, "the waiter to drop the forged record")
         assert not result.ready()
         producer.produce(body["return-topic"], json.dumps(body["data"]["n"] + 1),
                          headers=[("fusion-status", b"ok"), ("fusion-id", body["id"].encode())])
@@ -185,7 +176,7 @@ def test_a_malformed_request_goes_to_the_reactors_dead_letter_topic(fusion):
     dlq = kafka_client(fusion, Consumer, **{"group.id": "dlq-reader"})
     try:
         dlq.assign([TopicPartition("add.dlq", 0, OFFSET_BEGINNING)])
-        letter = until(lambda: next((m for m in dlq.consume(1, 0.05) if m.error() is None), None), 5,
+        letter = wait_for(lambda: next((m for m in dlq.consume(1, 0.05) if m.error() is None), None), 5,
                        "a record on add.dlq")
     finally:
         dlq.close()

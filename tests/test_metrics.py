@@ -8,15 +8,15 @@ counts.
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 from support.ports import free_port
+from support.waiting import wait_for
 
 from fusion_celery import DependencyFailed, DependencyTimeout, Message, Pipeline, reactor
 from fusion_celery.metrics import channel_of
@@ -26,15 +26,6 @@ from fusion_celery.testing.kafka import Consumer, Producer
 
 TIMEOUT = 15.0
 
-
-def until(cond: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
-    """Wait for ``cond()`` to hold (checking every 20 ms); fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not (found := cond()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +86,7 @@ def test_replies_waits_timeouts_and_dead_letters_are_counted(served):
         s = scrape(port)
         return value(s, "fusion_dead_letters_total", topic="add", reason="not-json") == 1 and s
 
-    s = until(counted, "the dead letter in the metrics")
+    s = wait_for(counted, TIMEOUT, "the dead letter in the metrics")
     assert value(s, "fusion_replies_total", topic="add", status="ok") == 2
     assert value(s, "fusion_replies_total", topic="math", status="ok") == 1
     assert value(s, "fusion_replies_total", topic="boom", status="error") == 1, [k for k in s if "repl" in k[0]]
@@ -119,14 +110,16 @@ def test_waits_pending_follow_the_waiter(served):
     try:
         requests.subscribe(["plain"])
         result = Pipeline("plain", app=app).delay(1, timeout=TIMEOUT)
-        request = until(lambda: next((m for m in requests.consume(1, 0.05) if m.error() is None), None),
-                        "the request on topic plain")
-        assert until(lambda: value(scrape(port), "fusion_waits_pending", topic="plain"), "a wait pending") == 1
+        request = wait_for(lambda: next((m for m in requests.consume(1, 0.05) if m.error() is None), None), TIMEOUT,
+                           "the request on topic plain")
+        pending = wait_for(lambda: value(scrape(port), "fusion_waits_pending", topic="plain"), TIMEOUT,
+                           "a wait pending")
+        assert pending == 1
         body = json.loads(request.value())
         producer.produce(body["return-topic"], json.dumps(2), headers=[("fusion-id", body["id"].encode())])
         producer.flush(1)
         assert result.get(timeout=TIMEOUT) == 2
-        until(lambda: value(scrape(port), "fusion_waits_pending", topic="plain") is None, "no wait pending")
+        wait_for(lambda: value(scrape(port), "fusion_waits_pending", topic="plain") is None, TIMEOUT, "no wait pending")
     finally:
         requests.close()
         producer.close()
@@ -189,4 +182,4 @@ def test_intake_lag_counts_the_records_held_back_at_max_in_flight():
             lags = [v for (name, labels), v in s.items() if name == "fusion_intake_lag" and ("topic", "held") in labels]
             return value(s, "fusion_waits_pending", topic="plain") == 1 and sum(lags) == 2
 
-        until(lagging, "1 run waiting and 2 records of lag")  # the run in flight waits for "plain" for ever
+        wait_for(lagging, TIMEOUT, "1 run waiting and 2 records of lag")  # the run in flight waits for "plain" for ever

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from celery import Celery, states
 from celery.events.state import State
 from celery.result import AsyncResult
+from support.waiting import wait_for
 
 from fusion_celery import Message, Pipeline, reactor
 from fusion_celery.taskstate import PROGRESS, Progress, store
@@ -24,15 +25,6 @@ from fusion_celery.testing.kafka import Consumer, Producer
 
 TIMEOUT = 15.0
 
-
-def until(cond: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
-    """Wait for ``cond()`` to hold (checking every 10 ms); fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not (found := cond()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +57,7 @@ class PlainService:
         def more() -> bool:
             self.seen += [json.loads(m.value()) for m in self.requests.consume(10, 0.05) if m.error() is None]
             return len(self.seen) >= n
-        until(more, f"{n} requests on topic plain")
+        wait_for(more, TIMEOUT, f"{n} requests on topic plain")
         return self.seen
 
     def answer(self, request: dict[str, Any]) -> None:
@@ -93,12 +85,12 @@ def progress_of(result: AsyncResult) -> dict[str, Any] | None:
 def test_a_pipeline_call_shows_the_reactor_runs_progress_then_its_answer(fusion, plain):
     result = Pipeline("pair", app=fusion).delay(None)
     first, second = plain.read(2)
-    shown = until(lambda: progress_of(result), "the pipeline's PROGRESS state")
+    shown = wait_for(lambda: progress_of(result), TIMEOUT, "the pipeline's PROGRESS state")
     assert shown["done"] == 0 and shown["total"] == 2 and shown["topic"] == "pair"
     run = AsyncResult(shown["run"], app=fusion)
     assert run.state == PROGRESS and run.info["done"] == 0 and run.info["total"] == 2
     plain.answer(first)
-    until(lambda: (progress_of(result) or {}).get("done") == 1, "1 of 2 deps done on the pipeline")
+    wait_for(lambda: (progress_of(result) or {}).get("done") == 1, TIMEOUT, "1 of 2 deps done on the pipeline")
     assert run.state == PROGRESS and run.info == {"done": 1, "total": 2, "run": run.id, "topic": "pair"}
     plain.answer(second)
     assert result.get(timeout=TIMEOUT) == ["A", "B"]
@@ -109,9 +101,9 @@ def test_a_pipeline_call_shows_the_reactor_runs_progress_then_its_answer(fusion,
 def test_a_deps_map_pipeline_shows_its_own_progress(fusion, plain):
     result = fusion.signature("fusion.pipeline.pair", kwargs={"data": None}).apply_async()
     first, second = plain.read(2)
-    assert until(lambda: progress_of(result), "the pipeline's PROGRESS state")["total"] == 2
+    assert wait_for(lambda: progress_of(result), TIMEOUT, "the pipeline's PROGRESS state")["total"] == 2
     plain.answer(second)
-    shown = until(lambda: (progress_of(result) or {}).get("done") == 1 and result.info, "1 of 2 deps done")
+    shown = wait_for(lambda: (progress_of(result) or {}).get("done") == 1 and result.info, TIMEOUT, "1 of 2 deps done")
     assert shown == {"done": 1, "total": 2, "run": result.id, "topic": None}
     plain.answer(first)
     assert result.get(timeout=TIMEOUT) == {"a": "A", "b": "B"}
