@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from support.arithmetic import arithmetic
 from support.stack import ROOT
 
 import fusion_celery
@@ -151,25 +152,6 @@ def docs_app(monkeypatch: pytest.MonkeyPatch, **conf: Any) -> Iterator[Celery]:
     yield app
 
 
-@contextmanager
-def serving(app: Celery) -> Iterator[None]:
-    with worker(app):
-        yield
-
-
-def arithmetic(app: Celery) -> None:
-    """The ``add`` and ``subtract`` services of the main page, which other pages call."""
-
-    @reactor("add", app=app)
-    def add(message: Message) -> Any:
-        return sum(message.data)
-
-    @reactor("subtract", app=app)
-    def subtract(message: Message) -> Any:
-        first, *rest = message.data
-        return first - sum(rest)
-
-
 # -- every block is listed, parses, and the static ones say what the code says ----------------------
 def test_every_block_is_listed():
     unlisted = sorted(set(BLOCKS) - set(HOW))
@@ -214,7 +196,7 @@ def test_main_page_example_answers_4(monkeypatch):
     ns: dict[str, Any] = {}
     with docs_app(monkeypatch) as app:
         exec(compile(definitions, f"docs/{b.page}", "exec"), ns)
-        with serving(app):
+        with worker(app):
             assert eval(compile(call.replace(".get()", f".get(timeout={TIMEOUT})"), f"docs/{b.page}", "eval"), ns) == 4
 
 
@@ -223,7 +205,7 @@ def test_fusion_clj_page_and_deps_maps_page_define_the_seed_math(monkeypatch):
         with docs_app(monkeypatch) as app:
             arithmetic(app)
             run_block(key, {"reactor": reactor})
-            with serving(app):
+            with worker(app):
                 assert fusion_celery.Pipeline("math").delay(None).get(timeout=TIMEOUT) == 4, key
 
 
@@ -246,7 +228,7 @@ def test_deps_maps_page_injection_order(monkeypatch):
         def combine(message, results):
             return results
 
-        with serving(app):
+        with worker(app):
             results = fusion_celery.Pipeline("docs-injection").delay(None).get(timeout=TIMEOUT)
     assert results["b"] == {"B": ["b0", "A"]}
     assert results["c"] == {"C": ["A", "c0"]}
@@ -271,7 +253,7 @@ def test_deps_maps_page_custom_injection_function(monkeypatch):
         def summary(message, results):
             return results["keywords"]
 
-        with serving(app):
+        with worker(app):
             assert fusion_celery.Pipeline("docs-keywords").delay(None).get(timeout=TIMEOUT) == [
                 "and", "celery", "kafka"]
 
@@ -312,7 +294,7 @@ def test_pipelines_page(monkeypatch):
             return value
 
         ns["my_celery_task"] = my_celery_task
-        with serving(app):
+        with worker(app):
             assert run_block("guides/pipelines.md: from fusion_celery import Pipeline", ns)[-1] == 4
             keyed, fire = run_block("guides/pipelines.md: math.delay([1, 2, 3], key=\"account-42\")", ns)
             assert keyed.get(timeout=TIMEOUT) == 4
@@ -361,7 +343,7 @@ def test_reactors_page(monkeypatch):
         run_block("guides/reactors.md: from fusion_celery.signals import reactor_result", ns)
         run_block("guides/reactors.md: from fusion_celery.signals import wait_timed_out", ns)
         try:
-            with serving(app):
+            with worker(app):
                 Pipeline = fusion_celery.Pipeline
                 assert Pipeline("prices").delay({"sku": "A-1", "quantity": 2}).get(timeout=TIMEOUT) == {
                     "item": "A-1", "price": 25.0}
@@ -448,7 +430,7 @@ def test_testing_page_module_passes_under_pytest(tmp_path):
 def test_testing_page_dead_letter_example(monkeypatch):
     with docs_app(monkeypatch) as app:
         arithmetic(app)
-        with serving(app):
+        with worker(app):
             ns: dict[str, Any] = {"app": app}
             run_block("guides/testing.md: from confluent_kafka import OFFSET_BEGINNING, TopicPartition", ns)
             letter = ns["letter"]

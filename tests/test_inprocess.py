@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from support.arithmetic import arithmetic
 from support.waiting import wait_for
 
 from fusion_celery import DependencyFailed, DependencyTimeout, Message, Pipeline, reactor, signals
@@ -28,15 +29,7 @@ ANSWER_TIMEOUT = 15.0
 
 def define_reactors(app: Celery) -> None:
     """Reactors like examples/math, plus a fan-out, a failing one and callers of a failing and a silent topic."""
-
-    @reactor("add", app=app)
-    def add(message: Message) -> Any:
-        return sum(message.data)
-
-    @reactor("subtract", app=app)
-    def subtract(message: Message) -> Any:
-        first, *rest = message.data
-        return first - sum(rest)
+    arithmetic(app)
 
     @reactor("math", app=app, deps=lambda m: {
         "one": {"topic": "add", "args": m.data},
