@@ -34,7 +34,8 @@ class ProtocolError(FusionError):
     """A Kafka message does not follow the wire protocol.
 
     ``reason`` is a short machine-readable code (``not-json``, ``not-object``,
-    ``too-large``, ``return-topic-not-allowed``, ``bad-field``, ``not-utf8``)
+    ``too-large``, ``return-topic-not-allowed``, ``bad-field``, ``not-utf8``,
+    ``undecodable``: the intake's decoder itself failed)
     that also goes into the dead-letter header ``fusion-dlq-reason``.
     """
 

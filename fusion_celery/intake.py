@@ -309,6 +309,14 @@ class ReactorIntake(threading.Thread):
         except ProtocolError as err:
             self._dead_letter(msg, err)
             return
+        except Exception as exc:
+            # A fault of a decoder, not of the record's transport: decoding again gives the same error, so
+            # the record goes where a malformed one goes instead of stopping its partition.
+            logger.exception("reactor %s: cannot decode %s[%d]@%d", self.topic, msg.topic(), msg.partition(),
+                             msg.offset())
+            self._dead_letter(msg, ProtocolError(f"decoding the request failed: {type(exc).__name__}: {exc}",
+                                                 "undecodable"))
+            return
         task_id = run_id(msg.topic(), msg.partition(), msg.offset(), msg.timestamp()[1])
         run = Handed(partition=msg.partition(), kwargs={"message": message.to_dict()},
                      options={"task_id": task_id, "shadow": f"{self.task.name}[{self.topic}]",

@@ -94,19 +94,30 @@ def check_return_topic(topic: str, prefix: str, allowlist: Iterable[str | re.Pat
                           f"and matches no pattern of fusion_reply_allowlist")
 
 
-def _parse_deadline(raw: Any) -> int | None:
+def parse_deadline(raw: Any, what: str = "'deadline'") -> int | None:
+    """A request's deadline as epoch milliseconds (None: it has none), from a number or its text.
+
+    Raises:
+        ProtocolError: (``bad-field``) ``raw`` is a boolean, not a number, NaN or infinite; the
+            message names the field as ``what``.
+    """
     if raw is None:
         return None
     if isinstance(raw, bool):
-        raise ProtocolError("'deadline' must be epoch milliseconds, not a boolean", "bad-field")
+        raise ProtocolError(f"{what} must be epoch milliseconds, not a boolean", "bad-field")
     if isinstance(raw, str):
         try:
             raw = float(raw)
         except ValueError:
-            raise ProtocolError(f"'deadline' must be epoch milliseconds, got {raw!r}", "bad-field") from None
+            raise ProtocolError(f"{what} must be epoch milliseconds, got {raw!r}", "bad-field") from None
     if not isinstance(raw, (int, float)) or raw != raw or raw in (float("inf"), float("-inf")):
-        raise ProtocolError(f"'deadline' must be epoch milliseconds, got {raw!r}", "bad-field")
+        raise ProtocolError(f"{what} must be epoch milliseconds, got {raw!r}", "bad-field")
     return int(raw)
+
+
+def text_key(key: bytes | str | None) -> str | None:
+    """A record's key as text (undecodable bytes replaced), as a :class:`Message` carries it."""
+    return key.decode("utf-8", "replace") if isinstance(key, bytes) else key
 
 
 def decode_request(
@@ -154,10 +165,7 @@ def decode_request(
     corr = body.get("id", hdrs.get(ID_HEADER) or hdrs.get("id"))
     if corr is not None and not isinstance(corr, (str, int)) or isinstance(corr, bool):
         raise ProtocolError(f"'id' must be a string or an integer, got {type(corr).__name__}", "bad-field")
-    deadline = _parse_deadline(body.get("deadline", hdrs.get(DEADLINE_HEADER) or hdrs.get("deadline")))
-
-    if isinstance(key, bytes):
-        key = key.decode("utf-8", "replace")
+    deadline = parse_deadline(body.get("deadline", hdrs.get(DEADLINE_HEADER) or hdrs.get("deadline")))
     return Message(
         topic=topic,
         data=body.get("data"),
@@ -166,7 +174,7 @@ def decode_request(
         deadline=deadline,
         partition=partition,
         offset=offset,
-        key=key,
+        key=text_key(key),
         value=body,
         headers=hdrs,
         timestamp=timestamp,

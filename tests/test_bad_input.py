@@ -59,6 +59,12 @@ def malformed(rng: random.Random, i: int) -> tuple[bytes, str, list | None]:
         return json.dumps({"data": 2}).encode(), "return-topic-not-allowed", [("return-topic", b"payments.ledger")]
     if i % 100 == 9:
         return json.dumps({"data": "y" * (LIMIT + 1)}).encode(), "too-large", None
+    if i % 100 == 19:  # a Spring request whose deadline is no number of milliseconds
+        return b"[1]", "bad-field", [("kafka_replyTopic", b"fusion.rt.1.a"),
+                                     ("fusion-deadline", rng.choice([b"inf", b"-inf", b"nan", b"soon"]))]
+    if i % 100 == 29:  # the same for a Faust request
+        return b"[1]", "bad-field", [("Faust-Ag-ReplyTo", b"fusion.rt.1.a"), ("Faust-Ag-CorrelationId", b"c"),
+                                     ("fusion-deadline", rng.choice([b"inf", b"-inf", b"nan", b"soon"]))]
     return b"\x00\x01garbage", "not-json", None
 
 

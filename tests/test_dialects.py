@@ -18,7 +18,8 @@ from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from support.waiting import wait_for
 
 from fusion_celery import Message, Pipeline, reactor
-from fusion_celery.dialects import DIALECTS, Outgoing, correlation_of, dialect, dialect_of_request
+from fusion_celery.dialects import DIALECTS, Outgoing, correlation_of, dialect, dialect_of_request, header
+from fusion_celery.dialects.spring import SpringDialect
 from fusion_celery.errors import ConfigurationError, DepsMapError, ProtocolError, RemoteError
 from fusion_celery.graph import DepsGraph
 from fusion_celery.run import Caller
@@ -69,10 +70,20 @@ def test_spring_request_takes_reply_topic_partition_and_raw_correlation_from_the
     ([("kafka_replyTopic", b"spring.replies.a"), ("kafka_replyPartition", (-3).to_bytes(4, "big", signed=True))],
      "names partition -3"),
     ([("kafka_replyTopic", b"\xff")], "kafka_replyTopic is not UTF-8"),
+    *[([("kafka_replyTopic", b"spring.replies.a"), ("fusion-deadline", deadline)],
+       f"the header fusion-deadline must be epoch milliseconds, got {expected}")
+      for deadline, expected in [(b"inf", "inf"), (b"-inf", "-inf"), (b"nan", "nan"), (b"soon", "'soon'")]],
 ])
 def test_a_spring_request_with_a_bad_reply_header_is_refused_naming_it(headers, match):
     with pytest.raises(ProtocolError, match=match):
         decode("spring", b"1", headers)
+
+
+@pytest.mark.parametrize("deadline, shown", [(b"inf", "inf"), (b"-inf", "-inf"), (b"nan", "nan"), (b"1e400", "inf")])
+def test_a_faust_request_whose_deadline_is_no_number_of_milliseconds_is_refused_naming_the_header(deadline, shown):
+    headers = [("Faust-Ag-ReplyTo", b"fusion.rt.1.a"), ("Faust-Ag-CorrelationId", b"c"), ("fusion-deadline", deadline)]
+    with pytest.raises(ProtocolError, match=f"the header fusion-deadline must be epoch milliseconds, got {shown}"):
+        decode("faust", b"1", headers)
 
 
 def test_spring_request_from_fusion_and_the_answer_it_takes():
@@ -199,14 +210,14 @@ def read_one(app: Celery, topic: str, partition: int = 0) -> Any:
     try:
         consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
         return wait_for(lambda: next((m for m in consumer.consume(1, 0.05) if m.error() is None), None),
-                     ANSWER_TIMEOUT, f"a record on {topic}[{partition}]")
+                        ANSWER_TIMEOUT, f"a record on {topic}[{partition}]")
     finally:
         consumer.close()
 
 
-def send(app: Celery, topic: str, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+def send(app: Celery, topic: str, value: bytes, headers: list[tuple[str, bytes]], key: bytes | None = None) -> None:
     producer = client(app, Producer)
-    producer.produce(topic, value, headers=headers)
+    producer.produce(topic, value, key=key, headers=headers)
     assert producer.flush(1) == 0
     producer.close()
 
@@ -232,8 +243,8 @@ def test_a_faust_caller_gets_a_response_record_in_either_form(fusion, record):
     try:
         consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
         found = wait_for(lambda: next((json.loads(m.value()) for m in consumer.consume(10, 0.05) if m.error() is None
-                                    and json.loads(m.value())["correlation_id"] == corr), None),
-                      ANSWER_TIMEOUT, "the Faust response")
+                                       and json.loads(m.value())["correlation_id"] == corr), None),
+                         ANSWER_TIMEOUT, "the Faust response")
     finally:
         consumer.close()
     assert found == {"key": None, "value": 3, "correlation_id": corr, "__faust": {"ns": "@ReqRepResponse"}}
@@ -249,11 +260,40 @@ def test_bad_dialect_requests_go_to_the_dead_letter_topic_with_the_reason(fusion
     try:
         dlq.assign([TopicPartition("add.dlq", 0, OFFSET_BEGINNING)])
         letter = wait_for(lambda: next((m for m in dlq.consume(10, 0.05) if m.error() is None
-                                     and dict(m.headers()).get("probe") == value[:20]), None),
-                       ANSWER_TIMEOUT, "the dead letter")
+                                        and dict(m.headers()).get("probe") == value[:20]), None),
+                          ANSWER_TIMEOUT, "the dead letter")
     finally:
         dlq.close()
     assert letter.value() == value and dict(letter.headers())["fusion-dlq-reason"] == reason
+
+
+def test_a_decoder_that_fails_dead_letters_its_record_and_the_partition_goes_on(fusion, monkeypatch):
+    """A decoder's own fault (any exception but ProtocolError) is no reason to read the record again for ever."""
+    decode_request = SpringDialect.decode_request
+
+    def faulty(self, value, **kw):
+        if header(kw.get("headers"), "probe") == b"decoder-fault":
+            raise ZeroDivisionError("a decoder's bug")
+        return decode_request(self, value, **kw)
+
+    monkeypatch.setattr(SpringDialect, "decode_request", faulty)
+    kafka_broker(fusion).create_topic("spring.replies.b")
+    # one key: one partition, where the record after the faulty one must still be read
+    send(fusion, "add", b"[7]", [("kafka_replyTopic", b"spring.replies.b"), ("probe", b"decoder-fault")], key=b"k")
+    send(fusion, "add", b"[2, 2]", [("kafka_replyTopic", b"spring.replies.b"), ("kafka_correlationId", SPRING_ID)],
+         key=b"k")
+    assert read_one(fusion, "spring.replies.b").value() == b"4"
+    dlq = client(fusion, Consumer, **{"group.id": f"dlq-{time.monotonic_ns()}"})
+    try:
+        dlq.assign([TopicPartition("add.dlq", 0, OFFSET_BEGINNING)])
+        letter = wait_for(lambda: next((m for m in dlq.consume(10, 0.05) if m.error() is None
+                                        and dict(m.headers()).get("probe") == b"decoder-fault"), None),
+                          ANSWER_TIMEOUT, "the dead letter")
+    finally:
+        dlq.close()
+    headers = dict(letter.headers())
+    assert headers["fusion-dlq-reason"] == b"undecodable"
+    assert headers["fusion-dlq-error"] == b"decoding the request failed: ZeroDivisionError: a decoder's bug"
 
 
 class Service:
@@ -269,7 +309,7 @@ class Service:
 
     def answer_one(self) -> None:
         request = wait_for(lambda: next((m for m in self.requests.consume(1, 0.05) if m.error() is None), None),
-                        ANSWER_TIMEOUT, f"a request on svc-{self.name}")
+                           ANSWER_TIMEOUT, f"a request on svc-{self.name}")
         headers = dict(request.headers())
         if self.name == "fusion":
             body = json.loads(request.value())
@@ -312,7 +352,7 @@ def test_a_faust_answer_that_is_no_response_record_is_dropped_and_the_wait_goes_
     try:
         result = Pipeline("math-faust-bare", app=fusion).delay(None, timeout=ANSWER_TIMEOUT)
         request = wait_for(lambda: next((m for m in service.requests.consume(1, 0.05) if m.error() is None), None),
-                        ANSWER_TIMEOUT, "the request")
+                           ANSWER_TIMEOUT, "the request")
         headers = dict(request.headers())
         topic, corr = headers["Faust-Ag-ReplyTo"].decode(), headers["Faust-Ag-CorrelationId"].decode()
         waiter = fusion._fusion_waiter

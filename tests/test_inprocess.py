@@ -143,7 +143,7 @@ def test_a_spoofed_record_on_a_return_topic_is_dropped_and_the_real_reply_comple
         requests.subscribe(["plain"])
         result = Pipeline("plain", app=fusion).delay({"n": 41}, timeout=ANSWER_TIMEOUT)
         request = wait_for(lambda: next((m for m in requests.consume(1, 0.05) if m.error() is None), None), 5,
-                        "the request on topic plain")
+                           "the request on topic plain")
         body = json.loads(request.value())
         waiter = fusion._fusion_waiter
         rejected = waiter.rejected
@@ -170,7 +170,7 @@ def test_a_malformed_request_goes_to_the_reactors_dead_letter_topic(fusion):
     try:
         dlq.assign([TopicPartition("add.dlq", 0, OFFSET_BEGINNING)])
         letter = wait_for(lambda: next((m for m in dlq.consume(1, 0.05) if m.error() is None), None), 5,
-                       "a record on add.dlq")
+                          "a record on add.dlq")
     finally:
         dlq.close()
     headers = dict(letter.headers())

@@ -27,7 +27,16 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ProtocolError
-from ..protocol import DEADLINE_HEADER, check_return_topic, check_size, decode_reply, headers_dict, reply_headers
+from ..protocol import (
+    DEADLINE_HEADER,
+    check_return_topic,
+    check_size,
+    decode_reply,
+    headers_dict,
+    parse_deadline,
+    reply_headers,
+    text_key,
+)
 from . import Dialect, Outgoing, RawHeaders, header
 
 if TYPE_CHECKING:
@@ -113,16 +122,10 @@ class FaustDialect(Dialect):
             raise ProtocolError(f"{where} must be a string, got {type(reply_to).__name__}", "bad-field")
         check_return_topic(reply_to, prefix, allowlist)
         hdrs = headers_dict(headers)
-        deadline = hdrs.get(DEADLINE_HEADER)
-        try:
-            deadline_ms = int(float(deadline)) if deadline else None
-        except ValueError:
-            raise ProtocolError(f"the header {DEADLINE_HEADER} must be epoch milliseconds, got {deadline!r}",
-                                "bad-field") from None
-        if isinstance(key, bytes):
-            key = key.decode("utf-8", "replace")
+        deadline_ms = parse_deadline(hdrs.get(DEADLINE_HEADER) or None, f"the header {DEADLINE_HEADER}")
         return Message(topic=topic, data=data, return_topic=reply_to, id=correlation, deadline=deadline_ms,
-                       partition=partition, offset=offset, key=key, value=body, headers=hdrs, timestamp=timestamp,
+                       partition=partition, offset=offset, key=text_key(key), value=body, headers=hdrs,
+                       timestamp=timestamp,
                        dialect=self.name, correlation=correlation)
 
     def encode_reply(self, caller: Caller, status: str, body: bytes) -> Outgoing:
