@@ -23,12 +23,12 @@ from celery import Celery, Task, states
 from celery.exceptions import WorkerLostError
 from celery.signals import task_failure
 
-from . import claims, keepalive
+from . import claims, delivered, faults, keepalive
 from .clients import clients
 from .config import settings
 from .dialects import dialect
 from .errors import DependencyFailed, FusionError, ProtocolError
-from .protocol import check_return_topic, check_size, encode_error, encode_reply
+from .protocol import RUN_HEADER, STATUS_HEADER, check_return_topic, check_size, encode_error, encode_reply
 from .returntopics import name_times
 from .run import Caller, Run
 from .signals import reactor_result, reply_sent
@@ -61,7 +61,7 @@ def _patience(app: Celery, topic: str) -> float:
 
 def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: Any = None,
                exc: BaseException | None = None, caller: Caller | None = None,
-               sent: Callable[[str], None] | None = None) -> Any:
+               sent: Callable[[str], None] | None = None, run_id: str | None = None) -> Any:
     """Put a success (``result``) or error (``exc``) reply on ``return_topic``.
 
     A result too large or not JSON becomes an error reply that says so.  The reply
@@ -77,6 +77,7 @@ def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: A
         exc: the error to report instead.
         caller: the caller, whose dialect shapes the reply (None: fusion's).
         sent: called with the reply's status (``ok`` or ``error``) once Kafka took it.
+        run_id: the id of the run that answers, sent as the header ``fusion-run-id``.
 
     Returns:
         The delivery record, or None when the return topic no longer exists (the
@@ -106,7 +107,8 @@ def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: A
         return None
     out = dialect(caller.dialect if caller else None).encode_reply(caller or Caller(return_topic, corr_id), status,
                                                                    body)
-    record = c.produce(return_topic, out.value, key=out.key, headers=out.headers, partition=out.partition)
+    headers = out.headers if run_id is None else [*out.headers, (RUN_HEADER, run_id.encode())]
+    record = c.produce(return_topic, out.value, key=out.key, headers=headers, partition=out.partition)
     if sent is not None:
         sent(status)
     return record
@@ -158,8 +160,13 @@ def reply(app: Celery, run: Run, *, result: Any = None, exc: BaseException | Non
     if caller.return_topic:
         try:
             with keepalive.held(app, claims.key_of(name), token, int(ttl)):
-                send_reply(app, caller.return_topic, caller.id, result=result, exc=exc, caller=caller,
-                           sent=statuses.append)
+                found = _sent_before(app, run, claims.attempt(app, name))
+                if found is not None:
+                    statuses.append(found)
+                else:
+                    send_reply(app, caller.return_topic, caller.id, result=result, exc=exc, caller=caller,
+                               sent=statuses.append, run_id=run.id)
+                    faults.point("reply.after-send")
         except FusionError as err:
             logger.error("run %s: cannot reply to %s: %s", run.id, caller.return_topic, err)
             claims.give_back(app, name, token)
@@ -177,6 +184,28 @@ def reply(app: Celery, run: Run, *, result: Any = None, exc: BaseException | Non
         claims.finish(app, name)
     reactor_result.send(sender=sender, task_id=run.id, message=caller.to_dict(), result=result, exception=exc)
     return True
+
+
+def _sent_before(app: Celery, run: Run, earlier_ms: int | None) -> str | None:
+    """The status of the reply an earlier attempt put on the return topic, if one did.
+
+    ``earlier_ms`` is when that attempt started (None: there was none, nothing to look for). It ran out of
+    the lease without marking it done: it may have died just after Kafka took the reply.
+
+    Raises:
+        FusionError: the return topic could not be read (the lease is given back; a later attempt looks again).
+    """
+    if earlier_ms is None:
+        return None
+    try:
+        headers = delivered.on_topic(app, run.caller.return_topic, earlier_ms, RUN_HEADER, run.id)
+    except Exception as exc:
+        raise FusionError(f"cannot look for an earlier reply on {run.caller.return_topic}: {exc}") from exc
+    if headers is None:
+        return None
+    logger.warning("run %s: an earlier attempt's reply is on %s already; not sent again", run.id,
+                   run.caller.return_topic)
+    return headers.get(STATUS_HEADER, b"ok").decode("utf-8", "replace")
 
 
 def dependency_failed(app: Celery, run: Run, exc: BaseException, events: Any = None, strict: bool = False) -> None:

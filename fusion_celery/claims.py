@@ -12,6 +12,7 @@ keys in the Redis result backend; the leases of a live holder are renewed
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ from .errors import ConfigurationError
 logger = logging.getLogger(__name__)
 
 __all__ = ["claim", "extend", "release", "is_claimed", "once", "started", "lease", "lifetime", "with_retry",
-           "Later", "acquire", "finish", "give_back", "key_of", "first", "TRANSIENT", "RUN_OPTIONS"]
+           "Later", "acquire", "attempt", "finish", "give_back", "key_of", "first", "TRANSIENT", "RUN_OPTIONS"]
 
 
 def _client(app: Celery) -> Any:
@@ -232,6 +233,32 @@ def first(app: Celery, name: str, owner: str) -> str:
 def finish(app: Celery, name: str) -> None:
     """Mark the lease ``name`` done: what it guarded happened; nobody takes it again."""
     with_retry(app, lambda c, k: c.set(k, "done", ex=int(lifetime(app))), _key(name))
+
+
+def attempt(app: Celery, name: str) -> int | None:
+    """Note that an attempt at what the lease ``name`` guards starts now; say when an earlier one started.
+
+    Called by the holder of the lease before it does what the lease guards: an earlier attempt that
+    is still noted when a later one holds the lease ran out of it before it could :func:`finish`, and
+    may have done the work (e.g. Kafka took a reply just before its worker was killed).
+
+    Parameters:
+        app: the app.
+        name: the lease.
+
+    Returns:
+        The epoch milliseconds at which the earlier attempt started, or None when this is the first.
+    """
+    now = int(time.time() * 1000)
+
+    def note(client: Any, key: str) -> Any:
+        with client.pipeline() as pipe:
+            pipe.getset(key, now)
+            pipe.expire(key, int(lifetime(app)))
+            return pipe.execute()[0]
+
+    earlier = with_retry(app, note, f"{_key(name)}-attempt")
+    return None if earlier is None else int(earlier)
 
 
 def give_back(app: Celery, name: str, token: str) -> None:

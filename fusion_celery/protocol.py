@@ -47,6 +47,7 @@ ID_HEADER = "fusion-id"
 DEADLINE_HEADER = "fusion-deadline"
 ROOT_HEADER = "fusion-root-id"
 PARENT_HEADER = "fusion-parent-id"
+RUN_HEADER = "fusion-run-id"
 _TOPIC_RE = re.compile(r"[A-Za-z0-9._-]{1,249}")  # used with fullmatch: "$" would let a final "\n" through
 
 Headers = Sequence[tuple[str, bytes | str | None]] | dict[str, Any] | None

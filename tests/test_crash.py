@@ -167,3 +167,43 @@ def test_a_waiter_killed_between_storing_a_result_and_sending_the_next_step(regi
         a.kill()  # its orphaned pool children
     worker_factory(name="storeB", env=env, concurrency=2)
     check_answers(kit, redis_client, env, gate, backs)
+
+
+def test_a_worker_killed_after_kafka_took_a_reply_does_not_answer_twice(kit, worker_factory, tmp_path):
+    """The pool process dies right after Kafka acknowledged a reply, before the reply's lease is marked done
+    (a fault point, switched on once): the run's next attempt, once the lease ran out, finds the reply on the
+    return topic and sends none. Every request is answered exactly once."""
+    import redis
+
+    from fusion_celery.intake import run_id
+
+    env = {**isolated_env(), "FUSION_RUN_LEASE": "10", "FUSION_RUN_RESTART_AFTER": "10"}
+    crash = {"FUSION_FAULT": "reply.after-send", "FUSION_FAULT_ONCE": str(tmp_path / "crashed")}
+    worker_factory(name="replyA", env={**env, **crash}, concurrency=2)
+    backs = [return_topic_name() for _ in range(3)]
+    for f in kit.admin.create_topics([NewTopic(b, 1, 1) for b in backs]).values():
+        f.result(60)
+    kit.wait_visible(backs)
+    delivered = []
+    for i, back in enumerate(backs):
+        kit.producer.produce(f"{env['FUSION_TEST_RUN']}.add", json.dumps({"data": [i, 1], "return-topic": back,
+                                                                          "id": f"r{i}"}),
+                             on_delivery=lambda err, msg: delivered.append(msg))
+    kit.producer.flush(30)
+    assert len(delivered) == len(backs) and all(m.error() is None for m in delivered)
+    wait_for(lambda: (tmp_path / "crashed").exists(), 60, "a pool process to end itself after Kafka took a reply")
+    results = redis.Redis.from_url(env["CELERY_RESULT_BACKEND"])
+    runs = [run_id(m.topic(), m.partition(), m.offset(), m.timestamp()[1]) for m in delivered]
+    wait_for(lambda: all(results.get(f"fusion-claim-reply-{r}") == b"done" for r in runs), 120,
+             "every run's reply lease to be marked done (the killed one's by its next attempt)", interval=0.5)
+    c = Consumer({"bootstrap.servers": kit.servers, "group.id": "reply-reader", "enable.auto.commit": False})
+    try:
+        got: dict[str, list] = {b: [] for b in backs}
+        for b in backs:
+            end = c.get_watermark_offsets(TopicPartition(b, 0), timeout=10)[1]
+            c.assign([TopicPartition(b, 0, OFFSET_BEGINNING)])
+            while end and len(got[b]) < end:
+                got[b] += [json.loads(m.value()) for m in c.consume(10, 0.5) if m.error() is None]
+    finally:
+        c.close()
+    assert got == {b: [i + 1] for i, b in enumerate(backs)}

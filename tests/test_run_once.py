@@ -145,6 +145,37 @@ def test_a_reply_that_kafka_took_is_never_sent_again(app):
     assert replies(app, message["return_topic"]) == [{"n": 4}]
 
 
+def test_a_reply_whose_sender_died_after_kafka_took_it_is_not_sent_again(app, monkeypatch):
+    """The first attempt is killed between Kafka's acknowledgement of its reply and marking the reply's lease
+    done: the lease runs out, and the attempt that takes it over finds the reply on the return topic."""
+    run_id, message = request(app, 5)
+    step = process_step(app)
+    finish = claims.finish
+
+    def killed_before_the_mark(app_: Celery, name: str) -> None:
+        if name == f"reply-{run_id}":
+            raise Died(name)
+        finish(app_, name)
+
+    monkeypatch.setattr(claims, "finish", killed_before_the_mark)
+    with pytest.raises(Died):
+        step.apply(args=[{}], kwargs={"message": message}, task_id=run_id, throw=True)
+    monkeypatch.setattr(claims, "finish", finish)
+    assert replies(app, message["return_topic"]) == [{"n": 5}], "the first attempt's reply is not on the topic"
+    lease = claims.key_of(f"reply-{run_id}")
+    assert app.backend.client.get(lease).startswith(b"lease:"), "the reply's lease was not left held"
+    app.backend.client.expire(lease, 1)  # the dead holder's keepalive stopped with it: the lease runs out
+    wait_for(lambda: not claims.is_claimed(app, f"reply-{run_id}"), 5, "the dead holder's lease to run out")
+    step.apply(args=[{}], kwargs={"message": message}, task_id=run_id, retries=1).get()
+    assert app.calls == [message["id"]]
+    assert replies(app, message["return_topic"]) == [{"n": 5}]
+    assert app.backend.client.get(lease) == b"done"
+
+
+class Died(BaseException):
+    """The end of an attempt's process, as a ``kill -9`` would end it (nothing after it runs)."""
+
+
 def test_a_request_sent_twice_is_served_once(app):
     """A fusion dispatch whose worker died after Kafka took its request sends it again after its lease: the
     two records carry the same return topic and id, and the reactor answers once, running proc_fn once (on

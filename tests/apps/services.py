@@ -18,9 +18,15 @@ def t(name: str) -> str:
 
 
 def asked(message) -> None:
-    """Count how often a dependency request (its id is the asking subtask's) reached this service."""
+    """Note which records brought a dependency request (its id is the asking subtask's) to this service.
+
+    A set of record coordinates, not a counter: a body cut short by a killed worker runs again for the
+    same record (at least once, as documented), which is the request received once; a second record
+    with the request is the request received twice.
+    """
     if message.id:
-        r.incr(f"asked:{RUN}:{message.id}")
+        r.sadd(f"asked:{RUN}:{message.id}",
+               f"{message.topic}[{message.partition}]@{message.offset} -> {message.return_topic}")
 
 
 @reactor(t("add"))

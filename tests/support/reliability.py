@@ -204,7 +204,8 @@ class Outcome:
     missing: list[str]
     duplicates: list[str]
     body_runs: dict[str, int]
-    asked: dict[str, int] = field(default_factory=dict)  # dependency request id -> times the service got it
+    asked: dict[str, int] = field(default_factory=dict)  # dependency request id -> records that brought it
+    records: dict[str, set[str]] = field(default_factory=dict)  # ... and which: "topic[partition]@offset -> return"
 
     def summary(self) -> dict[str, Any]:
         kinds: dict[str, int] = defaultdict(int)
@@ -296,9 +297,11 @@ def collect(load: Load, redis_client, timeout: float = 300.0, settle: float | No
         else:
             wrong[rid] = (status, body)
     runs = {rid: int(redis_client.get(f"bodyruns:{load.run}:{rid}") or 0) for rid in load.counted}
-    asked = {k.decode(): int(redis_client.get(k) or 0) for k in redis_client.scan_iter(f"asked:{load.run}:*")}
+    records = {k.decode(): {m.decode() for m in redis_client.smembers(k)}
+               for k in redis_client.scan_iter(f"asked:{load.run}:*")}
+    asked = {k: len(v) for k, v in records.items()}
     return Outcome(dict(replies), correct, errors, wrong, sorted(set(load.expected) - set(replies)),
-                   sorted(r for r, v in replies.items() if len(v) > 1), runs, asked)
+                   sorted(r for r, v in replies.items() if len(v) > 1), runs, asked, records)
 
 
 def check(outcome: Outcome, gate: Any = None) -> None:
@@ -312,8 +315,8 @@ def check(outcome: Outcome, gate: Any = None) -> None:
     assert not outcome.duplicates, f"requests answered twice: {outcome.duplicates[:5]}: {s}"
     over = {r: n for r, n in outcome.body_runs.items() if n != 1}
     assert not over, f"chord bodies did not run exactly once: {list(over.items())[:5]}: {s}"
-    twice = {k: n for k, n in outcome.asked.items() if n > 1}
-    assert not twice, f"dependency requests received more than once: {list(twice.items())[:5]}: {s}"
+    twice = {k: sorted(outcome.records[k]) for k, n in outcome.asked.items() if n > 1}
+    assert not twice, f"dependency requests received more than once (the records): {list(twice.items())[:5]}: {s}"
     if gate is not None:
         # The records on the gate's topic, not what its consumer received: a plain consumer re-reads what
         # it had not committed when Kafka went away.

@@ -3,7 +3,7 @@
 # distribution, or /opt/kafka/bin in the apache/kafka image).
 #
 #   sh call.sh localhost:9092 math '[1, 2, 3]'
-#   -> fusion-status:ok,fusion-id:sh-12345	4
+#   -> fusion-status:ok,fusion-id:sh-12345,fusion-run-id:<the run's task id>	4
 set -eu
 BOOTSTRAP=${1:-localhost:9092}
 TOPIC=${2:-math}
