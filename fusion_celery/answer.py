@@ -23,7 +23,7 @@ from celery import Celery, Task, states
 from celery.exceptions import WorkerLostError
 from celery.signals import task_failure
 
-from . import claims, keepalive
+from . import claims, keepalive, tracing
 from .clients import clients
 from .config import settings
 from .dialects import dialect
@@ -106,7 +106,11 @@ def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: A
         return None
     out = dialect(caller.dialect if caller else None).encode_reply(caller or Caller(return_topic, corr_id), status,
                                                                    body)
-    record = c.produce(return_topic, out.value, key=out.key, headers=out.headers, partition=out.partition)
+    about = caller.topic if caller is not None and caller.topic else None
+    with tracing.send(app, return_topic, name=f"reply {about}" if about else "reply",
+                      **{"fusion.status": status, "fusion.request_topic": about}) as context:
+        record = c.produce(return_topic, out.value, key=out.key, headers=out.headers + tracing.kafka_headers(context),
+                           partition=out.partition)
     if sent is not None:
         sent(status)
     return record

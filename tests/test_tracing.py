@@ -1,0 +1,145 @@
+"""Tracing in the fast tier: the in-process worker and stub Kafka, spans exported to memory.
+
+One pipeline call whose reactor has three deps (two fusion reactors, one foreign service that copies
+``traceparent``) makes one trace with every hop in place; a foreign service that ignores the headers
+still answers; with tracing off nothing is traced, no header written and no OpenTelemetry tracing
+module imported.  tests/test_tracing_worker.py runs the same call through real workers and Kafka.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery
+from support import otel
+from support.stack import ROOT
+
+from fusion_celery import Message, Pipeline, reactor
+from fusion_celery.testing import in_process_app, worker
+from fusion_celery.testing.app import kafka_broker
+from fusion_celery.testing.kafka import Consumer, Producer
+
+TIMEOUT = 15.0
+DEPS = {"a": "add", "b": "double", "c": "foreign"}
+
+
+def define(app: Celery) -> None:
+    @reactor("add", app=app)
+    def add(message: Message) -> Any:
+        return sum(message.data)
+
+    @reactor("double", app=app)
+    def double(message: Message) -> Any:
+        return 2 * message.data
+
+    @reactor("three", app=app, deps=lambda m: {"a": {"topic": "add", "args": m.data["args"]},
+                                               "b": {"topic": "double", "args": 21},
+                                               "c": {"topic": m.data["foreign"], "args": 1}})
+    def three(message: Message, results: dict[str, Any]) -> Any:
+        return results
+
+
+@pytest.fixture(scope="module")
+def traced() -> Iterator[Celery]:
+    otel.provider()  # fusion uses the process's provider: spans go to memory
+    app = in_process_app("traced", fusion_default_timeout=TIMEOUT, fusion_tracing=True)
+    define(app)
+    for topic in ("foreign", "quiet-foreign"):
+        kafka_broker(app).create_topic(topic)
+    with worker(app):
+        yield app
+
+
+def foreign(app: Celery, topic: str, propagate: bool) -> otel.ForeignService:
+    service = otel.ForeignService(Consumer, Producer, {"bootstrap.servers": app.conf.fusion_kafka_bootstrap_servers},
+                                  topic, lambda data: data + 100, propagate=propagate)
+    service.start()
+    return service
+
+
+def settled(count: int) -> list[otel.Span]:
+    """The test process's spans once ``count`` of them ended (the last reply's span ends after the caller
+    got the answer)."""
+    from support.waiting import wait_for
+    return wait_for(lambda: len(spans := otel.memory_spans()) >= count and spans, 10, f"{count} spans")
+
+
+def test_one_call_over_three_deps_makes_one_trace_through_every_hop(traced):
+    otel.clear_memory()
+    service = foreign(traced, "foreign", propagate=True)
+    try:
+        answer = Pipeline("three", app=traced).delay({"args": [1, 2], "foreign": "foreign"},
+                                                     timeout=TIMEOUT).get(timeout=TIMEOUT + 5)
+    finally:
+        service.stop()
+    assert answer == {"a": 3, "b": 42, "c": 101}
+    # call, intake, run, 3 x (send, reply received), 2 x (intake, run, reply), the service's span, body,
+    # final reply, final reply received
+    spans = settled(19)
+    otel.check_traced_call(spans, root="three", deps=DEPS, joined={"a", "b", "c"})
+    [request] = service.seen_headers
+    sent = otel.one(spans, "send foreign", **{"fusion.dep": "c"})
+    assert request["traceparent"].split("-")[2] == sent.id
+
+
+def test_a_service_that_ignores_the_headers_still_answers_and_is_left_out(traced):
+    otel.clear_memory()
+    service = foreign(traced, "quiet-foreign", propagate=False)
+    try:
+        answer = Pipeline("three", app=traced).delay({"args": [1, 2], "foreign": "quiet-foreign"},
+                                                     timeout=TIMEOUT).get(timeout=TIMEOUT + 5)
+    finally:
+        service.stop()
+    assert answer == {"a": 3, "b": 42, "c": 101}
+    assert "traceparent" in service.seen_headers[0]  # sent, though the service ignores it
+    spans = settled(18)
+    otel.check_traced_call(spans, root="three", deps={**DEPS, "c": "quiet-foreign"}, joined={"a", "b"})
+
+
+def test_a_span_current_at_the_call_is_the_traces_root(traced):
+    otel.clear_memory()
+    tracer = otel.provider().get_tracer("test")
+    with tracer.start_as_current_span("caller") as caller:
+        assert Pipeline("add", app=traced).delay([1, 2], timeout=TIMEOUT).get(timeout=TIMEOUT + 5) == 3
+    spans = settled(6)
+    assert {s.trace for s in spans} == {f"{caller.get_span_context().trace_id:032x}"}
+    assert otel.one(spans, "send add").parent == f"{caller.get_span_context().span_id:016x}"
+
+
+OFF = textwrap.dedent("""
+    import sys
+    from fusion_celery import Pipeline, reactor, tracing
+    from fusion_celery.testing import in_process_app, worker
+    from fusion_celery.testing.producer import Producer
+
+    seen = []  # the names of the headers of every record produced
+    produce = Producer.produce
+    def recording(self, topic, *args, headers=None, **kwargs):
+        seen.extend(name for name, _ in (headers.items() if isinstance(headers, dict) else headers or []))
+        return produce(self, topic, *args, headers=headers, **kwargs)
+    Producer.produce = recording
+
+    app = in_process_app("untraced", fusion_default_timeout=10)
+    reactor("add", app=app)(lambda m: sum(m.data))
+    reactor("sum", app=app, deps={"a": {"topic": "add", "args": [1, 2]}})(lambda m, r: r["a"])
+    with worker(app):
+        assert Pipeline("sum", app=app).delay(None, timeout=10).get(timeout=15) == 3
+    assert seen.count("fusion-status") == 2 and seen.count("fusion-root-id") == 2, seen  # replies, requests
+    assert not {"traceparent", "tracestate"} & set(seen), seen
+    assert tracing._tracer is None
+    loaded = sorted(m for m in sys.modules if m.startswith(("opentelemetry.propagate", "opentelemetry.sdk.trace",
+                                                             "opentelemetry.trace.propagation.tracecontext")))
+    assert not loaded, loaded
+    print("untraced ok")
+""")
+
+
+def test_off_traces_nothing_and_imports_no_tracing_module():
+    proc = subprocess.run([sys.executable, "-c", OFF], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0 and "untraced ok" in proc.stdout, proc.stdout + proc.stderr
