@@ -111,6 +111,33 @@ def test_a_span_current_at_the_call_is_the_traces_root(traced):
     assert otel.one(spans, "send add").parent == f"{caller.get_span_context().span_id:016x}"
 
 
+def test_celerys_own_instrumentation_nests_fusions_spans_in_its_task_spans(traced):
+    """opentelemetry-instrumentation-celery adds a span per task sent and run, and injects the context current
+    when a task is sent: fusion's step spans become children of its ``run/<task>`` spans, still one trace.
+    It sends the chord body from the waiter, so the body's spans hang under the reply that completed the
+    last dependency rather than under the run (fusion alone carries the run's context there)."""
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+    otel.clear_memory()
+    instrumentor = CeleryInstrumentor()
+    instrumentor.instrument(tracer_provider=otel.provider())
+    service = foreign(traced, "foreign", propagate=True)
+    try:
+        answer = Pipeline("three", app=traced).delay({"args": [1, 2], "foreign": "foreign"},
+                                                     timeout=TIMEOUT).get(timeout=TIMEOUT + 5)
+    finally:
+        service.stop()
+        instrumentor.uninstrument()
+    assert answer == {"a": 3, "b": 42, "c": 101}
+    spans = settled(19 + 2 * 8)  # + sent and run: pipeline, three, its body, 3 dispatches, add, double
+    assert len({s.trace for s in spans}) == 1, otel.describe(spans)
+    for step, task in [("fusion.reactor.three run", "fusion.reactor.three"),
+                       ("fusion.reactor.three.process", "fusion.reactor.three.process"),
+                       ("fusion.reactor.add run", "fusion.reactor.add")]:
+        assert otel.one(spans, step).parent == otel.one(spans, f"run/{task}").id, otel.describe(spans)
+    body_sent = otel.one(spans, "apply_async/fusion.reactor.three.process")
+    assert next(s for s in spans if s.id == body_sent.parent).name.endswith(" reply"), otel.describe(spans)
+
+
 OFF = textwrap.dedent("""
     import sys
     from fusion_celery import Pipeline, reactor, tracing
