@@ -8,6 +8,7 @@ module imported.  tests/test_tracing_worker.py runs the same call through real w
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -136,6 +137,26 @@ def test_celerys_own_instrumentation_nests_fusions_spans_in_its_task_spans(trace
         assert otel.one(spans, step).parent == otel.one(spans, f"run/{task}").id, otel.describe(spans)
     body_sent = otel.one(spans, "apply_async/fusion.reactor.three.process")
     assert next(s for s in spans if s.id == body_sent.parent).name.endswith(" reply"), otel.describe(spans)
+
+
+PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def test_the_plain_example_service_copies_the_trace_headers_or_answers_in_a_span_of_its_own():
+    from examples.plain_service.language import handle, handle_traced
+    request = json.dumps({"data": "the cat and the dog", "return-topic": "fusion.rt.x", "id": "r1"}).encode()
+    incoming = [("traceparent", PARENT.encode()), ("tracestate", b"k=v"), ("other", b"x")]
+    _, _, headers = handle(request, headers=incoming)
+    assert dict(headers) == {"fusion-status": b"ok", "fusion-id": b"r1", "traceparent": PARENT.encode(),
+                             "tracestate": b"k=v"}
+    assert handle(request)[2] == [("fusion-status", b"ok"), ("fusion-id", b"r1")]  # no trace: no trace headers
+
+    otel.clear_memory()
+    _, _, headers = handle_traced(otel.provider().get_tracer("example"), "language", request, incoming)
+    [span] = otel.memory_spans()
+    assert span.name == "process language" and span.trace == PARENT.split("-")[1]
+    assert span.parent == PARENT.split("-")[2]
+    assert dict(headers)["traceparent"].decode().split("-")[1:3] == [span.trace, span.id]
 
 
 OFF = textwrap.dedent("""
