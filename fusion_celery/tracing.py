@@ -38,7 +38,7 @@ from celery import Celery
 from .config import settings
 from .errors import ConfigurationError
 
-__all__ = ["HEADERS", "enabled", "setup", "flush", "send", "receive", "step", "carry", "parent_of",
+__all__ = ["HEADERS", "enabled", "setup", "flush", "send", "receive", "timed_out", "step", "carry", "parent_of",
            "kafka_headers"]
 
 logger = logging.getLogger(__name__)
@@ -240,6 +240,27 @@ def receive(app: Celery, topic: str, *, parent: Mapping[str, Any] | None = None,
     return _span(name or f"receive {topic}", "CONSUMER", context, _link(link, context),
                  {"messaging.system": "kafka", "messaging.operation.type": "receive",
                   "messaging.destination.name": topic, **attributes})
+
+
+def timed_out(app: Celery, topic: str, *, parent: str | None, **attributes: Any) -> Any:
+    """An INTERNAL span ``timeout <topic>``, status ERROR, around failing a wait that got no reply.
+
+    Its parent is the request's span (the wait's ``traceparent``), so the error reply the
+    timeout causes stays in the request's trace.
+    """
+    if not enabled(app):
+        return _NOTHING
+    return _failed(_span(f"timeout {topic}", "INTERNAL", parent_of({"traceparent": parent}), [],
+                         {"error.type": "DependencyTimeout", "messaging.destination.name": topic, **attributes}))
+
+
+@contextlib.contextmanager
+def _failed(span_context: Any) -> Iterator[dict]:
+    """``span_context``'s span, marked as failed."""
+    from opentelemetry import trace
+    with span_context as context:
+        trace.get_current_span().set_status(trace.Status(trace.StatusCode.ERROR, "no reply before the deadline"))
+        yield context
 
 
 def step(task: Any, what: str, **attributes: Any) -> Any:

@@ -519,8 +519,10 @@ class Waiter(threading.Thread):
     def _expire(self) -> None:
         for wait in self.book.expired():
             waited = (wait.deadline - wait.created) / 1000
-            self._finish(wait, exc=DependencyTimeout(
-                f"{wait.label} did not reply within {waited:g}s (return topic {wait.return_topic})"))
+            with tracing.timed_out(self.app, wait.topic, parent=wait.trace,
+                                   **{"fusion.dep": wait.dep, "celery.task_id": wait.id}):
+                self._finish(wait, exc=DependencyTimeout(
+                    f"{wait.label} did not reply within {waited:g}s (return topic {wait.return_topic})"))
 
     def _retry_due(self) -> None:
         for wait, retry in self.book.retries_due():

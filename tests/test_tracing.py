@@ -20,7 +20,7 @@ from celery import Celery
 from support import otel
 from support.stack import ROOT
 
-from fusion_celery import Message, Pipeline, reactor
+from fusion_celery import DependencyFailed, Message, Pipeline, reactor
 from fusion_celery.testing import in_process_app, worker
 from fusion_celery.testing.app import kafka_broker
 from fusion_celery.testing.kafka import Consumer, Producer
@@ -44,13 +44,17 @@ def define(app: Celery) -> None:
     def three(message: Message, results: dict[str, Any]) -> Any:
         return results
 
+    @reactor("waits", app=app, deps={"quiet": {"topic": "silent", "args": [], "timeout": 0.5}})
+    def waits(message: Message, results: dict[str, Any]) -> Any:
+        raise AssertionError("never runs: its dependency times out")
+
 
 @pytest.fixture(scope="module")
 def traced() -> Iterator[Celery]:
     otel.provider()  # fusion uses the process's provider: spans go to memory
     app = in_process_app("traced", fusion_default_timeout=TIMEOUT, fusion_tracing=True)
     define(app)
-    for topic in ("foreign", "quiet-foreign"):
+    for topic in ("foreign", "quiet-foreign", "silent"):
         kafka_broker(app).create_topic(topic)
     with worker(app):
         yield app
@@ -137,6 +141,27 @@ def test_celerys_own_instrumentation_nests_fusions_spans_in_its_task_spans(trace
         assert otel.one(spans, step).parent == otel.one(spans, f"run/{task}").id, otel.describe(spans)
     body_sent = otel.one(spans, "apply_async/fusion.reactor.three.process")
     assert next(s for s in spans if s.id == body_sent.parent).name.endswith(" reply"), otel.describe(spans)
+
+
+def test_a_dependency_that_times_out_ends_in_an_error_reply_within_the_trace(traced):
+    otel.clear_memory()
+    with pytest.raises(DependencyFailed, match="DependencyTimeout"):
+        Pipeline("waits", app=traced).delay(None, timeout=TIMEOUT).get(timeout=TIMEOUT + 5)
+    spans = settled(7)  # send, receive, run, send silent, timeout, reply (error), receive reply
+    assert len({s.trace for s in spans}) == 1, otel.describe(spans)
+    timeout = otel.one(spans, "timeout silent")
+    assert timeout.parent == otel.one(spans, "send silent").id
+    final = otel.one(spans, "reply waits")
+    assert final.parent == timeout.id and final.attributes["fusion.status"] == "error"
+
+
+def test_an_exporter_nobody_installed_is_a_configuration_error(monkeypatch):
+    from fusion_celery import ConfigurationError, tracing
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "nonesuch")
+    with pytest.raises(ConfigurationError, match="no exporter 'nonesuch' is installed .*console"):
+        tracing._sdk_provider()
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert tracing._sdk_provider() is not None
 
 
 PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
