@@ -164,7 +164,7 @@ class DispatchTask(AnsweringTask):
     def on_failure(self, exc, task_id, args, kwargs, einfo):
         run = self.run_of(task_id, kwargs or {})
         if run is not None:
-            answer.dependency_failed(self.app, run, exc)
+            answer.dependency_failed(self.app, run, exc, sender=self)
 
 
 def dispatch(self: Task, prior: Any = None, *, dep: dict[str, Any], run: dict[str, Any] | None = None,

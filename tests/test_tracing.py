@@ -44,6 +44,10 @@ def define(app: Celery) -> None:
     def three(message: Message, results: dict[str, Any]) -> Any:
         return results
 
+    @reactor("calls-nowhere", app=app, deps={"lost": {"topic": "nowhere", "args": []}})
+    def calls_nowhere(message: Message, results: dict[str, Any]) -> Any:
+        raise AssertionError("never runs: its dependency's topic does not exist")
+
     @reactor("waits", app=app, deps={"quiet": {"topic": "silent", "args": [], "timeout": 0.5}})
     def waits(message: Message, results: dict[str, Any]) -> Any:
         raise AssertionError("never runs: its dependency times out")
@@ -153,6 +157,17 @@ def test_a_dependency_that_times_out_ends_in_an_error_reply_within_the_trace(tra
     assert timeout.parent == otel.one(spans, "send silent").id
     final = otel.one(spans, "reply waits")
     assert final.parent == timeout.id and final.attributes["fusion.status"] == "error"
+
+
+def test_a_dependency_that_fails_before_its_request_is_sent_answers_within_the_trace(traced):
+    otel.clear_memory()
+    with pytest.raises(DependencyFailed, match="does not exist"):
+        Pipeline("calls-nowhere", app=traced).delay(None, timeout=TIMEOUT).get(timeout=TIMEOUT + 5)
+    spans = settled(5)  # send, receive, run, reply (error, from the dispatch's on_failure), receive reply
+    assert len({s.trace for s in spans}) == 1, otel.describe(spans)
+    final = otel.one(spans, "reply calls-nowhere")
+    assert final.parent == otel.one(spans, "fusion.reactor.calls-nowhere run").id
+    assert final.attributes["fusion.status"] == "error"
 
 
 def test_an_exporter_nobody_installed_is_a_configuration_error(monkeypatch):
