@@ -20,7 +20,7 @@ from celery import Celery
 from support import otel
 from support.stack import ROOT
 
-from fusion_celery import DependencyFailed, Message, Pipeline, reactor
+from fusion_celery import DependencyFailed, Message, Pipeline, reactor, register_arg_in_fn
 from fusion_celery.testing import in_process_app, worker
 from fusion_celery.testing.app import kafka_broker
 from fusion_celery.testing.kafka import Consumer, Producer
@@ -44,9 +44,13 @@ def define(app: Celery) -> None:
     def three(message: Message, results: dict[str, Any]) -> Any:
         return results
 
-    @reactor("calls-nowhere", app=app, deps={"lost": {"topic": "nowhere", "args": []}})
-    def calls_nowhere(message: Message, results: dict[str, Any]) -> Any:
-        raise AssertionError("never runs: its dependency's topic does not exist")
+    register_arg_in_fn("tracing-divides-by-zero", lambda args, result: result / 0)
+
+    @reactor("fails-to-send", app=app, deps={
+        "a": {"topic": "add", "args": [1]},
+        "b": {"topic": "add", "args": [], "deps": ["a"], "arg_in_fn": "tracing-divides-by-zero"}})
+    def fails_to_send(message: Message, results: dict[str, Any]) -> Any:
+        raise AssertionError("never runs: dep b fails before its request is sent")
 
     @reactor("waits", app=app, deps={"quiet": {"topic": "silent", "args": [], "timeout": 0.5}})
     def waits(message: Message, results: dict[str, Any]) -> Any:
@@ -161,12 +165,14 @@ def test_a_dependency_that_times_out_ends_in_an_error_reply_within_the_trace(tra
 
 def test_a_dependency_that_fails_before_its_request_is_sent_answers_within_the_trace(traced):
     otel.clear_memory()
-    with pytest.raises(DependencyFailed, match="does not exist"):
-        Pipeline("calls-nowhere", app=traced).delay(None, timeout=TIMEOUT).get(timeout=TIMEOUT + 5)
-    spans = settled(5)  # send, receive, run, reply (error, from the dispatch's on_failure), receive reply
+    with pytest.raises(DependencyFailed, match="division by zero"):
+        Pipeline("fails-to-send", app=traced).delay(None, timeout=TIMEOUT).get(timeout=TIMEOUT + 5)
+    # send, receive, run, dep a (send, receive, run, reply, receive reply), reply (error, from dep b's
+    # on_failure), receive reply
+    spans = settled(10)
     assert len({s.trace for s in spans}) == 1, otel.describe(spans)
-    final = otel.one(spans, "reply calls-nowhere")
-    assert final.parent == otel.one(spans, "fusion.reactor.calls-nowhere run").id
+    final = otel.one(spans, "reply fails-to-send")
+    assert final.parent == otel.one(spans, "fusion.reactor.fails-to-send run").id
     assert final.attributes["fusion.status"] == "error"
 
 
