@@ -27,7 +27,6 @@ when the user set none, it makes an SDK one from the ``OTEL_*`` environment (:fu
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,8 +39,6 @@ from .errors import ConfigurationError
 
 __all__ = ["HEADERS", "enabled", "setup", "flush", "send", "receive", "timed_out", "step", "carry", "parent_of",
            "kafka_headers"]
-
-logger = logging.getLogger(__name__)
 
 #: The trace-context headers fusion writes on its Kafka records and Celery task messages.
 HEADERS = ("traceparent", "tracestate")
@@ -84,7 +81,7 @@ def setup() -> Any:
         except ImportError:
             raise ConfigurationError("fusion_tracing needs OpenTelemetry: pip install 'fusion-celery[tracing]'") \
                 from None
-        if type(trace.get_tracer_provider()).__name__ == "ProxyTracerProvider":  # nobody set one
+        if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):  # the API's default: nobody set one
             _provider = _sdk_provider()
             trace.set_tracer_provider(_provider)
         from . import __version__
