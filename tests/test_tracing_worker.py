@@ -15,7 +15,7 @@ import pytest
 from confluent_kafka import Consumer, Producer
 from support import otel
 from support.waiting import wait_for
-from support.workers import isolated_env
+from support.workers import REGISTRIES, isolated_env
 
 from fusion_celery import Pipeline, create_app
 
@@ -31,9 +31,10 @@ def receiver() -> Iterator[otel.Receiver]:
     r.close()
 
 
-@pytest.fixture
-def traced_worker(worker_factory, receiver):
-    env = {**isolated_env("kafka"), "FUSION_TRACING": "1", "OTEL_TRACES_EXPORTER": "otlp",
+@pytest.fixture(params=REGISTRIES)
+def traced_worker(request, worker_factory, receiver):
+    """A tracing worker with a registry of its own, on each registry backend (waits keep their trace there)."""
+    env = {**isolated_env(request.param), "FUSION_TRACING": "1", "OTEL_TRACES_EXPORTER": "otlp",
            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.endpoint, "OTEL_SERVICE_NAME": "fusion-worker",
            "OTEL_BSP_SCHEDULE_DELAY": "100"}
     worker = worker_factory(name="traced", env=env, concurrency=2)
