@@ -23,7 +23,7 @@ from celery import Celery, Task, states
 from celery.exceptions import WorkerLostError
 from celery.signals import task_failure
 
-from . import claims, delivered, faults, keepalive
+from . import claims, delivered, faults, keepalive, tracing
 from .clients import clients
 from .config import settings
 from .dialects import dialect
@@ -61,7 +61,8 @@ def _patience(app: Celery, topic: str) -> float:
 
 def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: Any = None,
                exc: BaseException | None = None, caller: Caller | None = None,
-               sent: Callable[[str], None] | None = None, run_id: str | None = None) -> Any:
+               sent: Callable[[str], None] | None = None, run_id: str | None = None,
+               task: Task | None = None) -> Any:
     """Put a success (``result``) or error (``exc``) reply on ``return_topic``.
 
     A result too large or not JSON becomes an error reply that says so.  The reply
@@ -78,6 +79,8 @@ def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: A
         caller: the caller, whose dialect shapes the reply (None: fusion's).
         sent: called with the reply's status (``ok`` or ``error``) once Kafka took it.
         run_id: the id of the run that answers, sent as the header ``fusion-run-id``.
+        task: the task replying, if any: outside any span (its ``on_failure``), its reply's span is a
+            child of the span its message names (:mod:`fusion_celery.tracing`).
 
     Returns:
         The delivery record, or None when the return topic no longer exists (the
@@ -108,7 +111,11 @@ def send_reply(app: Celery, return_topic: str, corr_id: str | None, *, result: A
     out = dialect(caller.dialect if caller else None).encode_reply(caller or Caller(return_topic, corr_id), status,
                                                                    body)
     headers = out.headers if run_id is None else [*out.headers, (RUN_HEADER, run_id.encode())]
-    record = c.produce(return_topic, out.value, key=out.key, headers=headers, partition=out.partition)
+    about = caller.topic if caller is not None and caller.topic else None
+    with tracing.send(app, return_topic, task=task, name=f"reply {about}" if about else "reply",
+                      **{"fusion.status": status, "fusion.request_topic": about}) as context:
+        record = c.produce(return_topic, out.value, key=out.key, headers=headers + tracing.kafka_headers(context),
+                           partition=out.partition)
     if sent is not None:
         sent(status)
     return record
@@ -165,7 +172,7 @@ def reply(app: Celery, run: Run, *, result: Any = None, exc: BaseException | Non
                     statuses.append(found)
                 else:
                     send_reply(app, caller.return_topic, caller.id, result=result, exc=exc, caller=caller,
-                               sent=statuses.append, run_id=run.id)
+                               sent=statuses.append, run_id=run.id, task=sender if isinstance(sender, Task) else None)
                     faults.point("reply.after-send")
         except FusionError as err:
             logger.error("run %s: cannot reply to %s: %s", run.id, caller.return_topic, err)
@@ -208,7 +215,8 @@ def _sent_before(app: Celery, run: Run, earlier_ms: int | None) -> str | None:
     return headers.get(STATUS_HEADER, b"ok").decode("utf-8", "replace")
 
 
-def dependency_failed(app: Celery, run: Run, exc: BaseException, events: Any = None, strict: bool = False) -> None:
+def dependency_failed(app: Celery, run: Run, exc: BaseException, events: Any = None, strict: bool = False,
+                      sender: Any = None) -> None:
     """Answer ``run``, whose dependency failed, with an error naming it, and fail the run's task.
 
     The run's task never reaches its processing step, so no worker stores its
@@ -222,9 +230,10 @@ def dependency_failed(app: Celery, run: Run, exc: BaseException, events: Any = N
         events: a :class:`~fusion_celery.completion.Events` to send the event with
             (else the app's default dispatcher).
         strict: raise when the error reply cannot be sent (the caller retries).
+        sender: the failed task, if any (see :func:`reply`).
     """
     failure = exc if isinstance(exc, DependencyFailed) else DependencyFailed(str(exc))
-    if not reply(app, run, exc=failure, strict=strict):
+    if not reply(app, run, exc=failure, strict=strict, sender=sender):
         return
     app.backend.store_result(run.id, failure, states.FAILURE)
     fields = {"uuid": run.id, "exception": f"{type(failure).__name__}({str(failure)!r})", "traceback": ""}

@@ -22,6 +22,7 @@ from typing import Any
 
 from celery import Celery, Signature, chain, group
 
+from . import tracing
 from .graph import DepsGraph
 from .run import Run
 
@@ -69,8 +70,8 @@ def _dispatch(app: Celery, graph: DepsGraph, name: str, run: Run, deadline: int 
     spec = dep.to_dict()
     if dep.reply is None and reply is not None:
         spec["reply"] = reply
-    return app.tasks["fusion.dispatch"].s(dep=spec, run=run.to_dict(), deadline=deadline).set(
-        shadow=f"fusion.dispatch[{dep.topic}]", task_id=dispatch_id(run.id, name))
+    return tracing.carry(app, app.tasks["fusion.dispatch"].s(dep=spec, run=run.to_dict(), deadline=deadline).set(
+        shadow=f"fusion.dispatch[{dep.topic}]", task_id=dispatch_id(run.id, name)))
 
 
 def _level(sigs: list[Signature]) -> Signature:
@@ -92,6 +93,7 @@ def compile_deps(app: Celery, graph: DepsGraph, body: Signature, *, run: Run,
     Returns:
         A chain ending in ``body``.
     """
+    body = tracing.carry(app, body)  # sent later by a waiter, in no span of the run (see fusion_celery.tracing)
     branches = []
     for levels in graph.components():
         steps = [_level([_dispatch(app, graph, n, run, deadline, reply) for n in level]) for level in levels]

@@ -190,6 +190,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fusion_metrics_address", "0.0.0.0",
             "Address the metrics server binds to (with `fusion_metrics_port`): every interface by default, as "
             "Prometheus scrapes from elsewhere; `127.0.0.1` keeps it to the host.", str),
+    Setting("fusion_tracing", False,
+            "Trace every request with OpenTelemetry: spans for the pipeline call, the intake, the reactor run, each "
+            "dependency request, each reply received and the final reply, with W3C `traceparent` in the Kafka "
+            "headers. Needs the `tracing` extra. Off: no span, no header, no OpenTelemetry import. Without a "
+            "tracer provider of the user's, one is made from the `OTEL_*` environment (`OTEL_TRACES_EXPORTER`, "
+            "`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_SERVICE_NAME`, ...). See docs/operations/tracing.md.", _bool),
     Setting("fusion_malloc_arena_max", 2,
             "glibc malloc arenas a worker may use (0: glibc's default, eight per core), set when the worker "
             "starts, as `MALLOC_ARENA_MAX` does (which wins when set): with librdkafka's many threads the "

@@ -15,7 +15,7 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import Ignore
 
-from . import answer, claims, dialects, faults, progress
+from . import answer, claims, dialects, faults, progress, tracing
 from .canvas import merge_results
 from .channels import Opened, channel
 from .clients import clients
@@ -104,29 +104,34 @@ def open_wait(task: Task, *, topic: str, data: Any, timeout: float, dep: str | N
 
     opened = _open(task, reply, wait_deadline)
     return_topic = opened.return_topic
-    wait = Wait(id=task.request.id, return_topic=return_topic, topic=topic, deadline=wait_deadline,
-                request=save_request(task.request), task_name=task.request.shadow or task.name, dep=dep,
-                carry=carry, run=run, owner=task.request.hostname or "", created=created,
-                channel=opened.channel, offset=opened.offset, pool=opened.pool, dialect=speaks.name)
-    # Before any reply can be completed.
-    progress.parked(app, run.id if run else None, wait.id, json.dumps(opened.to_dict()),
-                    (wait_deadline - created) / 1000 + 60)
-    reg = registry(app)
-    try:
-        reg.register(wait)
-        faults.point("dispatch.after-register")
-        out = speaks.encode_request(data, return_topic=return_topic, id=task.request.id, deadline=wait_deadline)
-        c.produce(topic, out.value, key=request_key(task, key), headers=out.headers + lineage_headers(task))
-    except FusionError as exc:
-        reg.remove(wait)
-        ending = channel(app, opened.channel)
-        ending.end(wait.id, opened, None)
-        ending.tick(force=True)
-        if isinstance(exc, UnknownTopic):
-            raise no_such_topic(topic, dep) from None
-        raise
-    dependency_sent.send(sender=task, task_id=wait.id, topic=topic, return_topic=return_topic, dep=dep,
-                         run_id=run.id if run else None, channel=opened.channel)
+    # The span of the request: its trace context goes on the record and, for the reply's span, into the wait.
+    with tracing.send(app, topic, task=task, **{"fusion.dep": dep, "fusion.return_topic": return_topic,
+                                               "fusion.reply_channel": opened.channel}) as context:
+        wait = Wait(id=task.request.id, return_topic=return_topic, topic=topic, deadline=wait_deadline,
+                    request=save_request(task.request), task_name=task.request.shadow or task.name, dep=dep,
+                    carry=carry, run=run, owner=task.request.hostname or "", created=created,
+                    channel=opened.channel, offset=opened.offset, pool=opened.pool, dialect=speaks.name,
+                    trace=context.get("traceparent"))
+        # Before any reply can be completed.
+        progress.parked(app, run.id if run else None, wait.id, json.dumps(opened.to_dict()),
+                        (wait_deadline - created) / 1000 + 60)
+        reg = registry(app)
+        try:
+            reg.register(wait)
+            faults.point("dispatch.after-register")
+            out = speaks.encode_request(data, return_topic=return_topic, id=task.request.id, deadline=wait_deadline)
+            headers = out.headers + lineage_headers(task) + tracing.kafka_headers(context)
+            c.produce(topic, out.value, key=request_key(task, key), headers=headers)
+        except FusionError as exc:
+            reg.remove(wait)
+            ending = channel(app, opened.channel)
+            ending.end(wait.id, opened, None)
+            ending.tick(force=True)
+            if isinstance(exc, UnknownTopic):
+                raise no_such_topic(topic, dep) from None
+            raise
+        dependency_sent.send(sender=task, task_id=wait.id, topic=topic, return_topic=return_topic, dep=dep,
+                             run_id=run.id if run else None, channel=opened.channel)
     raise Ignore()
 
 
@@ -159,7 +164,7 @@ class DispatchTask(AnsweringTask):
     def on_failure(self, exc, task_id, args, kwargs, einfo):
         run = self.run_of(task_id, kwargs or {})
         if run is not None:
-            answer.dependency_failed(self.app, run, exc)
+            answer.dependency_failed(self.app, run, exc, sender=self)
 
 
 def dispatch(self: Task, prior: Any = None, *, dep: dict[str, Any], run: dict[str, Any] | None = None,

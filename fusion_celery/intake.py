@@ -32,7 +32,7 @@ from celery import states as celery_states
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka import Message as KafkaMessage
 
-from . import claims, faults, progress
+from . import claims, faults, progress, tracing
 from .clients import clients
 from .config import settings
 from .dialects import dialect_of_request
@@ -318,13 +318,19 @@ class ReactorIntake(threading.Thread):
                                                  "undecodable"))
             return
         task_id = run_id(msg.topic(), msg.partition(), msg.offset(), msg.timestamp()[1])
-        run = Handed(partition=msg.partition(), kwargs={"message": message.to_dict()},
-                     options={"task_id": task_id, "shadow": f"{self.task.name}[{self.topic}]",
-                              "root_id": message.headers.get(ROOT_HEADER) or None,
-                              "parent_id": message.headers.get(PARENT_HEADER) or None},
-                     delay=self.restart_after, due=time.monotonic() + self.restart_after)
-        self.book.add(run.partition, task_id, run.kwargs, run.options)
-        self.task.apply_async(kwargs=run.kwargs, **run.options)
+        # The run's span is a child of this one, through the task message's headers (resent with them).
+        with tracing.receive(self.app, self.topic, parent=message.headers, **{
+                "messaging.destination.partition.id": str(msg.partition()), "messaging.kafka.offset": msg.offset(),
+                "celery.task_id": task_id}) as context:
+            options = {"task_id": task_id, "shadow": f"{self.task.name}[{self.topic}]",
+                       "root_id": message.headers.get(ROOT_HEADER) or None,
+                       "parent_id": message.headers.get(PARENT_HEADER) or None}
+            if context:
+                options["headers"] = context
+            run = Handed(partition=msg.partition(), kwargs={"message": message.to_dict()}, options=options,
+                         delay=self.restart_after, due=time.monotonic() + self.restart_after)
+            self.book.add(run.partition, task_id, run.kwargs, run.options)
+            self.task.apply_async(kwargs=run.kwargs, **run.options)
         faults.point("intake.after-handover")
         self.in_flight[task_id] = run
         self.counts["started"] += 1

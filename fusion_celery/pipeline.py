@@ -34,6 +34,7 @@ from typing import Any
 from celery import Celery, Signature, Task
 from celery.result import AsyncResult
 
+from . import tracing
 from .canvas import merge_results
 from .channels import check_name
 from .claims import RUN_OPTIONS, once
@@ -90,7 +91,9 @@ def call_topic(task: Task, topic: str, data: Any = None, timeout: float | None =
         body = encode_request(data, None, id=task.request.id)
         check_size(body, settings(app).max_message_bytes, f"the request to topic {topic!r}")
         try:
-            msg = c.produce(topic, body, key=request_key(task, key), headers=lineage_headers(task))
+            with tracing.send(app, topic, task=task) as context:
+                msg = c.produce(topic, body, key=request_key(task, key),
+                                headers=lineage_headers(task) + tracing.kafka_headers(context))
         except UnknownTopic:
             raise no_such_topic(topic, None) from None
         return delivery_record(msg)
@@ -132,7 +135,7 @@ class PipelineTask(RunTask):
     def run(self, *args: Any, data: Any = None, timeout: float | None = None) -> Any:
         if data is None and args:
             data = args[0]  # in a chain: the previous task's result
-        with once(self, "run"):
+        with once(self, "run"), tracing.step(self, "run"):
             return self._start(data, timeout)
 
     def _start(self, data: Any, timeout: float | None) -> Any:
@@ -156,7 +159,7 @@ class CombineTask(FinishTask):
 
     def run(self, prior: Any = None, *, data: Any = None) -> Any:
         results = merge_results(prior)
-        with once(self, "combine"):
+        with once(self, "combine"), tracing.step(self, "combine"):
             return self.combine_fn(data, results) if self.combine_fn else results
 
 
@@ -216,8 +219,10 @@ class Pipeline:
             ValueError: ``wait=False`` or a ``key`` for a deps-map pipeline.
             TypeError: a ``key`` that is not a string.
         """
-        return self.app.signature(self.name, kwargs=self._kwargs(data, timeout, wait, check_key(key)),
-                                  **self._options())
+        # A span current here (the caller's own) becomes the parent of the pipeline's spans.
+        return tracing.carry(self.app, self.app.signature(self.name, kwargs=self._kwargs(data, timeout, wait,
+                                                                                     check_key(key)),
+                                                          **self._options()))
 
     def si(self, data: Any = None, *, timeout: float | None = None, wait: bool = True,
            key: str | None = None) -> Signature:

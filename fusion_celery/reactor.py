@@ -33,7 +33,7 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import Ignore
 
-from . import answer, claims
+from . import answer, claims, tracing
 from .bodyresult import remembered
 from .canvas import merge_results
 from .channels import check_name
@@ -114,7 +114,8 @@ class ReactorTask(RunTask):
                 if deps_map:
                     return self._fan_out(msg, message, deps_map, first=False)
                 return None
-        with once(self, "run", watched=True):  # a redelivered record must not ask the deps or run proc_fn again
+        # A redelivered record must not ask the deps or run proc_fn again.
+        with once(self, "run", watched=True), tracing.step(self, "run", **{"messaging.destination.name": self.topic}):
             if msg.expired:
                 raise RequestExpired(f"request to {self.topic!r} arrived after its deadline {msg.deadline}")
             served_by = _first_run(self, msg)
@@ -146,7 +147,7 @@ class ProcessTask(FinishTask):
         return _run_of(task_id, self.topic, kwargs)
 
     def run(self, prior: Any = None, *, message: dict[str, Any]) -> Any:
-        with once(self, "process", watched=True):
+        with once(self, "process", watched=True), tracing.step(self, "process"):
             return _process(self, Message.from_dict(message), merge_results(prior))
 
 

@@ -47,7 +47,9 @@ class Wait:
     (:func:`fusion_celery.completion.save_request`), ``carry`` the results its
     canvas step received, ``run`` the reactor or pipeline run a failure answers.
     Times are epoch milliseconds.  ``dialect`` is the one the service speaks
-    (:mod:`fusion_celery.dialects`): the waiter reads the answer in it.
+    (:mod:`fusion_celery.dialects`): the waiter reads the answer in it.  ``trace`` is the
+    ``traceparent`` of the span that sent the request (``fusion_tracing``; None when off): the
+    waiter's span for the reply is its child (:mod:`fusion_celery.tracing`).
     """
 
     id: str
@@ -65,10 +67,13 @@ class Wait:
     offset: int = 0
     pool: str | None = None
     dialect: str = "fusion"
+    trace: str | None = None
 
     def to_json(self) -> bytes:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["run"] = self.run.to_dict() if self.run else None
+        if data["trace"] is None:
+            del data["trace"]  # written only when tracing: a record stays as it was without it
         return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod

@@ -54,6 +54,7 @@ from typing import Any
 from celery import Celery
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
+from . import tracing
 from .channels import CHANNELS, ReplyChannel, channel, wait_opened
 from .channels.leased import LeasePool
 from .clients import clients
@@ -436,7 +437,15 @@ class Waiter(threading.Thread):
             self._forget_orphan(wait_id)
 
     def _complete_from(self, msg: Any, wait: Wait) -> None:
-        """Complete ``wait`` with the reply ``msg`` (which may complete it)."""
+        """Complete ``wait`` with the reply ``msg`` (which may complete it), in the reply's span: a child of
+        the request's (the wait's ``trace``), linked to the reply's own ``traceparent`` when it has another."""
+        with tracing.receive(self.app, wait.return_topic, parent={"traceparent": wait.trace} if wait.trace else None,
+                             link=msg.headers(), name=f"receive {wait.topic} reply",
+                             **{"fusion.dep": wait.dep, "fusion.request_topic": wait.topic,
+                                "celery.task_id": wait.id}):
+            self._complete_reply(msg, wait)
+
+    def _complete_reply(self, msg: Any, wait: Wait) -> None:
         try:
             check_size(msg.value() or b"", settings(self.app).max_message_bytes, "the reply")
         except PayloadTooLarge as err:
@@ -510,8 +519,10 @@ class Waiter(threading.Thread):
     def _expire(self) -> None:
         for wait in self.book.expired():
             waited = (wait.deadline - wait.created) / 1000
-            self._finish(wait, exc=DependencyTimeout(
-                f"{wait.label} did not reply within {waited:g}s (return topic {wait.return_topic})"))
+            with tracing.timed_out(self.app, wait.topic, parent=wait.trace,
+                                   **{"fusion.dep": wait.dep, "celery.task_id": wait.id}):
+                self._finish(wait, exc=DependencyTimeout(
+                    f"{wait.label} did not reply within {waited:g}s (return topic {wait.return_topic})"))
 
     def _retry_due(self) -> None:
         for wait, retry in self.book.retries_due():

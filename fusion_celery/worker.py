@@ -6,7 +6,8 @@ pool started (so no Kafka handle exists before billiard forks its children), and
 on warm shutdown closes the metrics server, stops the intake (commit), then the
 waiter (its waits go to the other workers), then closes every client.  The
 metrics (``fusion_metrics_port``) are made before the pool forks, so that its
-children count what they do too (:mod:`fusion_celery.metrics`).
+children count what they do too (:mod:`fusion_celery.metrics`); so is the tracer
+(``fusion_tracing``, :mod:`fusion_celery.tracing`).
 """
 
 from __future__ import annotations
@@ -81,6 +82,18 @@ class FusionStep(bootsteps.StartStopStep):
         self.metrics_dir: str | None = None
         if conf.metrics_port:
             self._make_metrics(worker)
+        if conf.tracing:
+            self._start_tracing()
+
+    def _start_tracing(self) -> None:
+        """Make the tracer before the pool forks: the children inherit its provider, whose exporting
+        thread the OpenTelemetry SDK starts again in each child."""
+        from . import tracing
+        try:
+            tracing.setup()
+        except ConfigurationError as exc:
+            logger.critical("fusion-celery cannot start: %s", exc)
+            raise SystemExit(1) from None
 
     def _make_metrics(self, worker: Any) -> None:
         """Make the metrics, in multiprocess mode when the pool forks (before it does)."""
@@ -140,6 +153,7 @@ class FusionStep(bootsteps.StartStopStep):
         close_registry(worker.app)
         close_clients(worker.app)
         self.intake = self.waiter = self.reaper = None
+        _flush_spans()
 
     def shutdown(self, worker: Any) -> None:
         self.stop(worker)
@@ -188,3 +202,10 @@ def _close_child_clients(**_: Any) -> None:
     """A pool child is exiting: flush and close the Kafka clients it made for its tasks."""
     from .clients import close_all_clients
     close_all_clients()
+    _flush_spans()
+
+
+def _flush_spans() -> None:
+    """Export the spans this process still batches (nothing to do when it did not trace)."""
+    from . import tracing
+    tracing.flush()

@@ -14,7 +14,12 @@ reactor.  For each request on its topic it
    body ``{"error": {"type", "message"}}`` with ``fusion-status: error``, so
    the caller fails at once instead of timing out;
 5. commits the request's offset only after its reply was acknowledged
-   (at-least-once, like the reactors).
+   (at-least-once, like the reactors);
+6. copies the request's ``traceparent`` and ``tracestate`` headers (W3C trace
+   context) to its reply.  With OpenTelemetry installed and ``OTEL_TRACES_EXPORTER``
+   set, it also makes a span of its own, a child of the request's, and its reply
+   carries that span's ``traceparent``: the service shows in the caller's trace
+   (docs/operations/tracing.md).  A service that does neither still works.
 
     python -m examples.plain_service.language [--bootstrap-server HOST:PORT] [--topic language]
 
@@ -62,8 +67,13 @@ def guess_language(data: Any) -> dict[str, Any]:
 
 
 # --8<-- [start:protocol]
-def handle(value: bytes | None, process=guess_language) -> tuple[str, bytes, list[tuple[str, bytes]]] | None:
-    """The reply ``(return topic, body, headers)`` for one request, or None when nobody is to be answered."""
+TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+def handle(value: bytes | None, process=guess_language,
+           headers: list[tuple[str, bytes]] | None = None) -> tuple[str, bytes, list[tuple[str, bytes]]] | None:
+    """The reply ``(return topic, body, headers)`` for one request with ``headers``, or None when nobody is
+    to be answered."""
     try:
         request = json.loads(value or b"")
     except ValueError:
@@ -82,10 +92,12 @@ def handle(value: bytes | None, process=guess_language) -> tuple[str, bytes, lis
         body, status = json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}}), "error"
     if not return_topic:
         return None  # fire-and-forget: the work is done, nobody to answer
-    headers = [("fusion-status", status.encode())]
+    reply_headers = [("fusion-status", status.encode())]
     if request.get("id") is not None:
-        headers.append(("fusion-id", str(request["id"]).encode()))
-    return return_topic, body.encode(), headers
+        reply_headers.append(("fusion-id", str(request["id"]).encode()))
+    # The reply stays in the request's trace (fusion's waiter makes its span a child of the request's anyway).
+    reply_headers += [(name, value) for name, value in headers or [] if name in TRACE_HEADERS and value]
+    return return_topic, body.encode(), reply_headers
 
 
 def send_reply(producer: Producer, return_topic: str, body: bytes, headers: list[tuple[str, bytes]]) -> None:
@@ -110,6 +122,47 @@ def send_reply(producer: Producer, return_topic: str, body: bytes, headers: list
 # --8<-- [end:protocol]
 
 
+def tracer() -> Any:
+    """An OpenTelemetry tracer when the SDK is installed and ``OTEL_TRACES_EXPORTER`` names an exporter
+    (``otlp``, ``console``), else None: the service then only copies the trace headers."""
+    name = os.environ.get("OTEL_TRACES_EXPORTER", "none")
+    try:
+        from opentelemetry import trace
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    except ImportError:
+        return None
+    if name == "console":
+        exporter = ConsoleSpanExporter()
+    elif name.startswith("otlp"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        exporter = OTLPSpanExporter()
+    else:
+        return None
+    provider = TracerProvider(resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME",
+                                                                                       "language-service")}))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return trace.get_tracer("language-service")
+
+
+# --8<-- [start:tracing]
+def handle_traced(tracer: Any, topic: str, value: bytes | None,
+                  headers: list[tuple[str, bytes]] | None) -> tuple[str, bytes, list[tuple[str, bytes]]] | None:
+    """:func:`handle` in a span that is a child of the request's ``traceparent``; the reply carries the span's."""
+    from opentelemetry import trace
+    from opentelemetry.propagate import extract, inject
+    carrier = {name: v.decode() for name, v in headers or [] if name in TRACE_HEADERS and v}
+    with tracer.start_as_current_span(f"process {topic}", context=extract(carrier), kind=trace.SpanKind.CONSUMER,
+                                      attributes={"messaging.system": "kafka",
+                                                  "messaging.destination.name": topic}):
+        own: dict[str, str] = {}
+        inject(own)
+        return handle(value, headers=[(name, v.encode()) for name, v in own.items()])
+# --8<-- [end:tracing]
+
+
 def serve(bootstrap: str, topic: str) -> None:
     """Create ``topic`` if needed, then answer its requests until SIGTERM or Ctrl-C."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
@@ -127,6 +180,7 @@ def serve(bootstrap: str, topic: str) -> None:
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0, "acks": "all",
                          "message.timeout.ms": 30000})
     stop: list[bool] = []
+    traced = tracer()
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     consumer.subscribe([topic])
     print(f"language service: serving topic {topic!r} on {bootstrap}", flush=True)
@@ -135,7 +189,10 @@ def serve(bootstrap: str, topic: str) -> None:
             msg = consumer.poll(0.5)
             if msg is None or msg.error():
                 continue
-            reply = handle(msg.value())
+            if traced is None:
+                reply = handle(msg.value(), headers=msg.headers())
+            else:
+                reply = handle_traced(traced, topic, msg.value(), msg.headers())
             if reply is not None:
                 send_reply(producer, *reply)
             consumer.store_offsets(message=msg)
@@ -144,6 +201,9 @@ def serve(bootstrap: str, topic: str) -> None:
     finally:
         consumer.close()  # commits the stored offsets
         producer.flush(10)
+        if traced is not None:
+            from opentelemetry import trace
+            trace.get_tracer_provider().shutdown()  # exports the spans still batched
         print("language service: stopped", flush=True)
 
 
