@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # with-stack.sh CMD [ARGS...]
 #
-# Run CMD with the local service stack (Kafka, Redis, ZooKeeper) up and the
-# stack's connection settings (.stack/env) exported into its environment.
+# Run CMD with the local service stack (Kafka, Redis, ZooKeeper; RabbitMQ too with
+# FUSION_BROKER=rabbitmq) up and the stack's connection settings (.stack/env)
+# exported into its environment.
 #
 # Services that were already running are reused and left running; services
 # this script had to start are stopped again afterwards -- also when CMD fails
@@ -22,6 +23,8 @@ if (($# == 0)); then
 fi
 
 started=()
+# The broker of a stack already up (another may be asked for now): .stack/env names it again afterwards.
+previous_broker="$(cat "$ROOT/.stack/broker" 2>/dev/null || true)"
 
 # shellcheck disable=SC2317  # invoked from the EXIT trap
 teardown() {
@@ -32,6 +35,11 @@ teardown() {
     # reverse start order: the Kafka nodes (stopped together) before zookeeper
     for ((i = ${#started[@]} - 1; i >= 0; i--)); do order+=("${started[$i]}"); done
     "${STACK[@]}" stop "${order[@]}" || true
+    # the broker the stack had before this run (none: the next `up` chooses it again)
+    if [[ "$previous_broker" != "$(cat "$ROOT/.stack/broker" 2>/dev/null || true)" ]]; then
+      if [[ -n "$previous_broker" ]]; then FUSION_BROKER="$previous_broker" "${STACK[@]}" env || true
+      else rm -f "$ROOT/.stack/broker"; fi
+    fi
   fi
   started=()
 }
