@@ -181,13 +181,16 @@ class Consumer(CeleryConsumer):
     which stops the worker ("Unrecoverable error").  Those messages are put back by
     :class:`fusion_celery.worker.RestorePrefetched` once the connection is back, so the closing
     channel need not try.  The fusion app selects this class through Celery's ``worker_consumer``
-    setting (as ``fusion_celery.worker:Consumer``).
+    setting (as ``fusion_celery.worker:Consumer``).  On another transport (RabbitMQ: the broker puts
+    a closed channel's unacknowledged messages back itself) it is Celery's consumer unchanged.
     """
 
     def on_connection_error_after_connected(self, exc: Exception) -> None:
-        for qos in (task_channel_qos(self), default_channel_qos(self.connection)):
-            if qos is not None:
-                disarm(qos)
+        from .brokers import needs_redis_workarounds
+        if needs_redis_workarounds(self.app):
+            for qos in (task_channel_qos(self), default_channel_qos(self.connection)):
+                if qos is not None:
+                    disarm(qos)
         super().on_connection_error_after_connected(exc)
 
 
