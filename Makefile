@@ -10,8 +10,8 @@
 #   make test-cluster  the tests that need a Kafka cluster (pytest -m cluster), on FUSION_KAFKA_NODES=3
 #   make test-rabbitmq  RabbitMQ as the Celery broker (FUSION_BROKER=rabbitmq): the tests that touch the broker
 #                 (pytest -m broker) again, and those that need RabbitMQ (-m rabbitmq: its faults, restore)
-#   make bench    the benchmark; then onedep latency and throughput at 100 in flight with each broker (Redis,
-#                 RabbitMQ: python -m bench.brokers, which starts RabbitMQ for its part)
+#   make bench    the benchmark (python -m bench), its last section onedep latency and throughput at 100 in
+#                 flight with each Celery broker, Redis and RabbitMQ (RabbitMQ is started for it)
 #   make soak     the long reliability suite (pytest -m soak: 30-minute soak, faults with 300 waits)
 #   make demo     venv + stack, then a worker with the math example, Flower and one pipeline call (Ctrl-C stops)
 #   make docs     build the docs (mkdocs --strict) into site/; mermaid comes from the npm registry (npm pack, cached in .cache/)
@@ -88,8 +88,9 @@ test-rabbitmq: venv
 demo: venv up
 	$(WITH_STACK) $(PY) -m examples.demo
 
+# RabbitMQ is started too, for the brokers section (the other sections use Redis as their broker).
 bench: venv
-	$(WITH_STACK) $(PY) -m bench
+	FUSION_BROKER=rabbitmq $(WITH_STACK) $(PY) -m bench --brokers redis,rabbitmq
 
 # One Kafka node and a cluster of three side by side (it starts and stops the stack for each; see bench/cluster.py).
 bench-cluster: venv
