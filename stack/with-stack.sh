@@ -35,25 +35,28 @@ teardown() {
     # reverse start order: the Kafka nodes (stopped together) before zookeeper
     for ((i = ${#started[@]} - 1; i >= 0; i--)); do order+=("${started[$i]}"); done
     "${STACK[@]}" stop "${order[@]}" || true
-    # the broker the stack had before this run (none: the next `up` chooses it again)
-    if [[ "$previous_broker" != "$(cat "$ROOT/.stack/broker" 2>/dev/null || true)" ]]; then
-      if [[ -n "$previous_broker" ]]; then FUSION_BROKER="$previous_broker" "${STACK[@]}" env || true
-      else rm -f "$ROOT/.stack/broker"; fi
-    fi
   fi
   started=()
+  # .stack/env names the broker the stack had before this run again (none recorded: Redis, and the next
+  # `up` chooses again)
+  if [[ "$previous_broker" != "$(cat "$ROOT/.stack/broker" 2>/dev/null || true)" ]]; then
+    FUSION_BROKER="${previous_broker:-redis}" "${STACK[@]}" env || true
+    [[ -n "$previous_broker" ]] || rm -f "$ROOT/.stack/broker"
+  fi
 }
 
+trap 'teardown' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 if "${STACK[@]}" status >/dev/null 2>&1; then
   echo "[with-stack] stack already up: reusing it (it stays up afterwards)"
+  # a stack up with another broker (its RabbitMQ running too): .stack/env names the one asked for
+  if [[ -n "${FUSION_BROKER:-}" && "$FUSION_BROKER" != "$previous_broker" ]]; then "${STACK[@]}" env; fi
 else
   for svc in "${SERVICES[@]}"; do
     "${STACK[@]}" status "$svc" >/dev/null 2>&1 || started+=("$svc")
   done
   echo "[with-stack] starting: ${started[*]}"
-  trap 'teardown' EXIT
-  trap 'exit 130' INT
-  trap 'exit 143' TERM
   if ! "${STACK[@]}" up; then
     echo "[with-stack] the stack did not come up" >&2
     exit 1
