@@ -1,8 +1,9 @@
 """The Celery and kombu internals fusion-celery relies on, in one place.
 
-A worker whose broker connection breaks while it holds prefetched tasks must put
-them back on their queue and must not stop (see :class:`Consumer` and
-:class:`fusion_celery.worker.RestorePrefetched`).  Neither Celery nor kombu has a
+A worker on kombu's Redis transport whose broker connection breaks while it holds
+prefetched tasks must put them back on their queue and must not stop (see
+:class:`Consumer` and :class:`fusion_celery.worker.RestorePrefetched`; an AMQP broker
+puts them back itself, :mod:`fusion_celery.brokers`).  Neither Celery nor kombu has a
 public API for that, so this module reads and changes a few of their private
 attributes, behind small functions the rest of the package calls:
 
