@@ -98,6 +98,14 @@ def rabbitmq() -> str:
     return BROKER
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _rabbitmq_vhosts() -> Iterator[None]:
+    """The vhosts isolated deployments got on RabbitMQ go at the end of the session (after their workers)."""
+    yield
+    from support.brokers import delete_vhosts
+    delete_vhosts()
+
+
 @pytest.fixture(autouse=True)
 def _rabbitmq_when_asked(request) -> None:
     """A test marked ``rabbitmq``, and every test of a run that asks for RabbitMQ (``FUSION_TEST_BROKER=rabbitmq``,

@@ -17,7 +17,10 @@ import pytest
 from fusion_celery.config import stack_env
 from support.stack import BROKER, ROOT
 
-__all__ = ["BROKER_SERVICE", "is_rabbitmq", "isolated_broker", "rabbitmqctl", "task_counts"]
+__all__ = ["BROKER_SERVICE", "delete_vhosts", "is_rabbitmq", "isolated_broker", "rabbitmqctl", "task_counts"]
+
+#: The RabbitMQ vhosts :func:`isolated_broker` made in this process (:func:`delete_vhosts` removes them).
+VHOSTS: list[str] = []
 
 
 def is_rabbitmq(url: str = BROKER) -> bool:
@@ -51,6 +54,7 @@ def isolated_broker(db: int, tag: str) -> str:
         return f"{BROKER.rsplit('/', 1)[0]}/{db}"
     vhost = f"fusion-{tag}"
     rabbitmqctl("add_vhost", vhost)
+    VHOSTS.append(vhost)
     rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
     return f"{BROKER.rsplit('/', 1)[0].rstrip('/')}/{quote(vhost, safe='')}"
 
@@ -83,3 +87,9 @@ def task_counts(url: str, queue: str = "celery") -> tuple[int, int]:
         if len(parts) == 3 and parts[0] == queue:
             return int(parts[1]), int(parts[2])
     return 0, 0
+
+
+def delete_vhosts() -> None:
+    """Delete the vhosts this process made (their queues and messages with them)."""
+    while VHOSTS:
+        rabbitmqctl("delete_vhost", VHOSTS.pop())
