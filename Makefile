@@ -2,11 +2,16 @@
 #
 #   make venv     create .venv and install the package (editable, dev+flower extras); .venv-faust with the faust extra
 #   make up       start Kafka (KRaft) + Redis + ZooKeeper locally (stack/stack.sh); FUSION_KAFKA_NODES=3 make up:
-#                 a Kafka cluster of three nodes (make status/down, stack.sh stop|start kafka-2 work per node)
+#                 a Kafka cluster of three nodes (make status/down, stack.sh stop|start kafka-2 work per node);
+#                 FUSION_BROKER=rabbitmq make up: RabbitMQ too, as the Celery broker (Redis stays the backend)
 #   make down     stop them;  make status  show them
 #   make test     run pytest with the stack up (starts/stops it unless already up)
 #   make test-unit  the tests that need no service (not integration/soak/faults), with no stack started
 #   make test-cluster  the tests that need a Kafka cluster (pytest -m cluster), on FUSION_KAFKA_NODES=3
+#   make test-rabbitmq  RabbitMQ as the Celery broker (FUSION_BROKER=rabbitmq): the tests that touch the broker
+#                 (pytest -m broker) again, and those that need RabbitMQ (-m rabbitmq: its faults, restore)
+#   make bench    the benchmark (python -m bench), its last section onedep latency and throughput at 100 in
+#                 flight with each Celery broker, Redis and RabbitMQ (RabbitMQ is started for it)
 #   make soak     the long reliability suite (pytest -m soak: 30-minute soak, faults with 300 waits)
 #   make demo     venv + stack, then a worker with the math example, Flower and one pipeline call (Ctrl-C stops)
 #   make docs     build the docs (mkdocs --strict) into site/; mermaid comes from the npm registry (npm pack, cached in .cache/)
@@ -28,10 +33,10 @@ STACK       := bash stack/stack.sh
 WITH_STACK  := bash stack/with-stack.sh
 PYTEST_ARGS ?= -ra --durations=25
 
-.PHONY: help venv up down status test test-unit test-cluster demo bench bench-cluster soak docs docs-check clean
+.PHONY: help venv up down status test test-unit test-cluster test-rabbitmq demo bench bench-cluster soak docs docs-check clean
 
 help:
-	@sed -n '3,18p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,23p' Makefile | sed 's/^# \{0,1\}//'
 
 venv: $(VENV)/.installed $(VENV_FAUST)/.installed
 
@@ -73,11 +78,19 @@ test-cluster: venv
 	  echo "make test-cluster: stopping the single-node stack first"; $(STACK) down; fi
 	FUSION_KAFKA_NODES=3 $(WITH_STACK) $(PY) -m pytest -m cluster -p no:cacheprovider $(PYTEST_ARGS)
 
+# RabbitMQ as the Celery broker, Redis the result backend: the tests marked broker again, and those marked
+# rabbitmq (FUSION_TEST_BROKER has each of them fail unless the broker is RabbitMQ). A stack that is up keeps
+# its Kafka, Redis and ZooKeeper; RabbitMQ is started if needed, and what this target started is stopped.
+test-rabbitmq: venv
+	FUSION_BROKER=rabbitmq FUSION_TEST_BROKER=rabbitmq $(WITH_STACK) $(PY) -m pytest \
+	  -m "(broker or rabbitmq) and not soak and not cluster" -p no:cacheprovider $(PYTEST_ARGS)
+
 demo: venv up
 	$(WITH_STACK) $(PY) -m examples.demo
 
+# RabbitMQ is started too, for the brokers section (the other sections use Redis as their broker).
 bench: venv
-	$(WITH_STACK) $(PY) -m bench
+	FUSION_BROKER=rabbitmq $(WITH_STACK) $(PY) -m bench --brokers redis,rabbitmq
 
 # One Kafka node and a cluster of three side by side (it starts and stops the stack for each; see bench/cluster.py).
 bench-cluster: venv

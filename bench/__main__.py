@@ -1,8 +1,9 @@
 """``python -m bench``: run the benchmark against the local stack (``make bench`` starts it if needed).
 
 Options: ``--smoke`` (tiny counts: checks the harness, not the numbers), ``--out DIR``
-(default ``bench/results``), ``--only latency,throughput,waiting``, ``--pool``/``--concurrency``
-(the Celery pool of the workers; default prefork x2).
+(default ``bench/results``), ``--only latency,throughput,waiting,brokers``, ``--pool``/``--concurrency``
+(the Celery pool of the workers; default prefork x2), ``--brokers redis,rabbitmq`` (the Celery brokers the
+brokers section compares; RabbitMQ's URL comes from the stack: ``FUSION_BROKER=rabbitmq``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny counts, to check that the harness works")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    ap.add_argument("--only", help="comma-separated sections: latency, throughput, waiting")
+    ap.add_argument("--only", help="comma-separated sections: latency, throughput, waiting, brokers")
+    ap.add_argument("--brokers", help="brokers section: the Celery brokers compared, e.g. redis,rabbitmq")
     ap.add_argument("--pool", help="Celery pool of the workers (prefork, threads, solo, ...)")
     ap.add_argument("--concurrency", type=int, help="Celery concurrency of the workers")
     ap.add_argument("--rounds", type=int, help="latency: interleaved rounds")
@@ -32,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     profile = SMOKE if args.smoke else FULL
     if args.only:
         profile = replace(profile, sections=tuple(s.strip() for s in args.only.split(",") if s.strip()))
+    if args.brokers:
+        profile = replace(profile, brokers=tuple(b.strip() for b in args.brokers.split(",") if b.strip()))
     if args.pool:
         profile = replace(profile, pool=args.pool)
     if args.concurrency:

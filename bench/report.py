@@ -122,6 +122,14 @@ def tables(result: dict[str, Any]) -> str:
         out.append(_table(["window", "made by", "created", "deleted", "created/s", "deleted/s", "peak alive"],
                           churn_rows))
 
+    brokers = result.get("brokers")
+    if brokers:
+        from .brokers import table_rows
+        out.append(f"\n### 6. Celery broker: onedep, latency one call at a time and throughput at "
+                   f"{brokers.get('in_flight')} in flight ({brokers.get('request')})\n")
+        out.append(_table(["broker", "n", "p50 ms", "p90 ms", "p99 ms", "req/s", "p50 ms loaded", "p99 ms loaded",
+                           "failed"], table_rows(brokers)))
+
     left = result.get("leftovers", [])
     if left:
         out.append("\n### Return topics left after each section\n")

@@ -12,7 +12,9 @@ Sections (see docs/benchmarks.md for what each figure means):
 3. waiting -- memory and CPU of one worker holding N pending waits, vs the consumer-per-wait
    design;
 4. churn -- return topics created and deleted per second, peak alive (sampled throughout);
-5. leftovers -- return topics left after every section (must be zero).
+5. leftovers -- return topics left after every section (must be zero);
+6. brokers -- onedep latency and throughput at 100 in flight with Redis and with RabbitMQ as the Celery
+   broker (:mod:`bench.brokers`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .brokers import section_brokers
 from .common import (
     CHANNELS,
     DATA,
@@ -69,13 +72,14 @@ class Profile:
     waiting_topic_pool: int = 64    # and its lease pool's batch, so that 5,000 waits park within the time budget
     pool: str = "prefork"
     concurrency: int = 2
-    sections: tuple[str, ...] = ("latency", "throughput", "waiting")
+    sections: tuple[str, ...] = ("latency", "throughput", "waiting", "brokers")
+    brokers: tuple[str, ...] = ("redis", "rabbitmq")  # section brokers: the Celery brokers compared
 
 
 FULL = Profile()
 SMOKE = Profile(name="smoke", rounds=1, samples=2, warmup=1, scenario_budget_s=10.0, levels=(1, 4), window_s=1.5,
                 warmup_completions_max=2, waiting_levels=(5,), cpu_window_s=0.5, waiting_warmup=5, park_timeout_s=60.0,
-                clj_park_timeout_s=60.0, waiting_topic_pool=4)
+                clj_park_timeout_s=60.0, waiting_topic_pool=4, sections=("latency", "throughput", "waiting"))
 
 
 @dataclass
@@ -682,7 +686,8 @@ def run(profile: Profile, out_dir: Path) -> dict[str, Any]:
     rid = f"{time.strftime('%m%d%H%M%S')}{uuid.uuid4().hex[:4]}"
     logdir = out_dir / "logs" / rid
     logdir.mkdir(parents=True, exist_ok=True)
-    base = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
+    # The Redis of the result backend: the broker of every section but brokers (whatever broker the stack has).
+    base = os.environ.get("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/1").rsplit("/", 1)[0]
     env = {"BENCH_RUN": rid, "FUSION_IMPORTS": "bench.apps",
            "CELERY_BROKER_URL": f"{base}/6", "CELERY_RESULT_BACKEND": f"{base}/7",
            "FUSION_REGISTRY_URL": f"kafka://fusion.waits.bench-{rid}",
@@ -706,6 +711,9 @@ def run(profile: Profile, out_dir: Path) -> dict[str, Any]:
         _say(f"note: {len(before)} return topics existed before this run (not ours; not counted as leftovers)")
     ours = [svc(n) for n in SERVICE_NAMES] + [f"bench.{rid}.ctl"]
     reactors = [reactor_topic(s, variant=v, channel=c) for v in ("", "pool") for c in CHANNELS for s in SHAPES]
+    if "brokers" in profile.sections:
+        from .brokers import reactor_topics
+        reactors += reactor_topics(profile.brokers)
     cljs = [clj_topic(s) for s in [*SHAPES, "hold"]]
     topics.create(ours, 1)
     topics.create(reactors + [f"{t}.dlq" for t in reactors], 3)
@@ -722,7 +730,8 @@ def run(profile: Profile, out_dir: Path) -> dict[str, Any]:
         t_sec = time.monotonic()
         sections = {"latency": lambda: section_latency(ctx, app, plain_app),
                     "throughput": lambda: section_throughput(ctx, app, plain_app, topics, churn),
-                    "waiting": lambda: section_waiting(ctx, app, topics, churn)}
+                    "waiting": lambda: section_waiting(ctx, app, topics, churn),
+                    "brokers": lambda: section_brokers(ctx, base, profile.brokers)}
         for name, fn in sections.items():
             if name not in profile.sections:
                 continue
@@ -757,7 +766,8 @@ def run(profile: Profile, out_dir: Path) -> dict[str, Any]:
                                   "examples": sorted(final_ours)[:5]})
             if final_ours:
                 topics.delete(final_ours)
-            registries = {f"fusion.waits.bench-{rid}", f"fusion.waits.bench-{rid}-pool"}
+            registries = {f"fusion.waits.bench-{rid}", f"fusion.waits.bench-{rid}-pool",
+                          *(f"fusion.waits.bench-{rid}-broker-{b}" for b in profile.brokers)}
             topics.delete(topics.names(f"bench.{rid}.") | registries)
         except Exception as exc:
             _say(f"note: deleting the run's topics: {exc}")
@@ -807,9 +817,10 @@ def _delete_groups(rid: str) -> None:
 
 
 def _flush_redis(base: str) -> None:
-    """Empty the Redis databases the run used (6 to 9: the broker queues and results of its two fusion workers)."""
+    """Empty the Redis databases the run used (6 to 9: the broker queues and results of its two fusion workers;
+    10 and 11: those of the brokers section)."""
     import redis
-    for db in (6, 7, 8, 9):
+    for db in (6, 7, 8, 9, 10, 11):
         try:
             redis.Redis.from_url(f"{base}/{db}").flushdb()
         except Exception as exc:

@@ -1,8 +1,9 @@
 """The Celery and kombu internals fusion-celery relies on, in one place.
 
-A worker whose broker connection breaks while it holds prefetched tasks must put
-them back on their queue and must not stop (see :class:`Consumer` and
-:class:`fusion_celery.worker.RestorePrefetched`).  Neither Celery nor kombu has a
+A worker on kombu's Redis transport whose broker connection breaks while it holds
+prefetched tasks must put them back on their queue and must not stop (see
+:class:`Consumer` and :class:`fusion_celery.worker.RestorePrefetched`; an AMQP broker
+puts them back itself, :mod:`fusion_celery.brokers`).  Neither Celery nor kombu has a
 public API for that, so this module reads and changes a few of their private
 attributes, behind small functions the rest of the package calls:
 
@@ -181,13 +182,16 @@ class Consumer(CeleryConsumer):
     which stops the worker ("Unrecoverable error").  Those messages are put back by
     :class:`fusion_celery.worker.RestorePrefetched` once the connection is back, so the closing
     channel need not try.  The fusion app selects this class through Celery's ``worker_consumer``
-    setting (as ``fusion_celery.worker:Consumer``).
+    setting (as ``fusion_celery.worker:Consumer``).  On another transport (RabbitMQ: the broker puts
+    a closed channel's unacknowledged messages back itself) it is Celery's consumer unchanged.
     """
 
     def on_connection_error_after_connected(self, exc: Exception) -> None:
-        for qos in (task_channel_qos(self), default_channel_qos(self.connection)):
-            if qos is not None:
-                disarm(qos)
+        from .brokers import needs_redis_workarounds
+        if needs_redis_workarounds(self.app):
+            for qos in (task_channel_qos(self), default_channel_qos(self.connection)):
+                if qos is not None:
+                    disarm(qos)
         super().on_connection_error_after_connected(exc)
 
 

@@ -19,6 +19,7 @@ from celery import bootsteps
 from celery.signals import worker_process_shutdown
 
 from . import compat
+from .brokers import needs_redis_workarounds
 from .clients import clients, close_clients
 from .compat import Consumer
 from .config import reload, settings
@@ -168,11 +169,16 @@ class RestorePrefetched(bootsteps.StartStopStep):
     broker's ``unacked`` hash for the visibility timeout (an hour by default).  This
     step keeps their delivery tags as the connection goes and restores them as soon
     as it is back.  Restoring a tag twice is harmless (the message is gone from
-    ``unacked`` after the first).
+    ``unacked`` after the first).  The step is part of a worker on kombu's Redis transport
+    only: an AMQP broker (RabbitMQ) puts a closed channel's unacknowledged messages back
+    on their queue itself (:mod:`fusion_celery.brokers`).
     """
 
     requires = {compat.TASKS_STEP}
     label = "fusion-restore"
+
+    def include_if(self, c: Any) -> bool:
+        return needs_redis_workarounds(c.app)
 
     def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)

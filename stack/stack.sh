@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Local service stack for fusion-celery: Kafka (KRaft: one node, or a cluster of
-# FUSION_KAFKA_NODES), Redis and ZooKeeper as plain processes on 127.0.0.1 (no Docker).
+# FUSION_KAFKA_NODES), Redis, ZooKeeper and, as the Celery broker if asked, RabbitMQ as plain
+# processes on 127.0.0.1 (no Docker).
 #
 #   stack/stack.sh up                  start whatever is not running, wait until ready
 #   stack/stack.sh down                stop everything (by PID from the pidfiles)
@@ -9,9 +10,12 @@
 #   stack/stack.sh start SERVICE       start one service on its existing data dirs
 #   stack/stack.sh restart SERVICE     stop + start
 #   stack/stack.sh services            print the services of this topology
+#   stack/stack.sh env                 write .stack/env for this topology and broker (starts no service)
+#   stack/stack.sh rabbitmqctl ARGS..  Debian's rabbitmqctl against the stack's RabbitMQ node
 #   stack/stack.sh cli                 Kafka's CLI tools into .stack/bin (kafka-tools jars, fetched once) and kcat
 #                                      (apt-get) when missing; prints the bin folder (no service is started)
-#   SERVICE: kafka | kafka-2 .. kafka-N | redis | zookeeper   (kafka is node 1; kafka-1 names it too)
+#   SERVICE: kafka | kafka-2 .. kafka-N | redis | zookeeper | rabbitmq  (kafka is node 1; kafka-1 names it
+#            too; rabbitmq is a service of the stack with FUSION_BROKER=rabbitmq)
 #
 # State lives in <repo>/.stack/ (pids/, logs/, data/, conf/, env). The Java
 # services' jars are fetched once from Maven Central (stack/*-pom.xml) into
@@ -26,6 +30,12 @@
 #   FUSION_KAFKA_SASL_PORT [FUSION_KAFKA_PORT + 2]  SASL_PLAINTEXT listener (SCRAM-SHA-256, ACLs enforced)
 #       Node i of a cluster listens on each of these ports + 100 * (i - 1): 9092, 9192, 9292, ...
 #   FUSION_REDIS_PORT [6379]  FUSION_ZOOKEEPER_PORT [2181]
+#   FUSION_BROKER [redis]  the Celery broker: redis, or rabbitmq (RabbitMQ is started too: Debian's
+#       rabbitmq-server, apt-installed when missing; the result backend stays Redis). `up` records it in
+#       .stack/broker, which the other commands read when the variable is not set; `down` forgets it.
+#   FUSION_RABBITMQ_PORT [5672]  AMQP listener;  FUSION_RABBITMQ_DIST_PORT [FUSION_RABBITMQ_PORT + 20000]
+#       Erlang distribution (rabbitmqctl reaches the node through it);  FUSION_EPMD_PORT [4369] the Erlang
+#       port mapper the node registers with (the node starts it; `down` stops it once no node is left)
 #   FUSION_STACK_CACHE [~/.cache/fusion-celery]  FUSION_STACK_TIMEOUT [90] (seconds per service)
 #   FUSION_REDIS_PERSIST [0]  1 = appendonly yes (redis data survives stop/start)
 #   Prefer ports below 32768: in the kernel's ephemeral range (32768-60999 by default) a client that
@@ -55,7 +65,16 @@ STOP_TIMEOUT=20
 KAFKA_HEAP="${FUSION_KAFKA_HEAP:--Xms256m -Xmx512m}"
 JAVA="${JAVA:-java}"
 
+RABBITMQ_PORT="${FUSION_RABBITMQ_PORT:-5672}"
+RABBITMQ_DIST_PORT="${FUSION_RABBITMQ_DIST_PORT:-$((RABBITMQ_PORT + 20000))}"
+EPMD_PORT="${FUSION_EPMD_PORT:-4369}"
+RABBITMQ_NODE="fusion-$RABBITMQ_PORT@localhost"
+
 NODES_FILE="$STATE/kafka-nodes"
+BROKER_FILE="$STATE/broker"
+BROKER="${FUSION_BROKER:-$(cat "$BROKER_FILE" 2>/dev/null || echo redis)}"
+[[ "$BROKER" == redis || "$BROKER" == rabbitmq ]] || {
+  echo "[stack] ERROR: FUSION_BROKER must be redis or rabbitmq, got '$BROKER'" >&2; exit 2; }
 KAFKA_NODES="${FUSION_KAFKA_NODES:-$(cat "$NODES_FILE" 2>/dev/null || echo 1)}"
 [[ "$KAFKA_NODES" =~ ^[1-9]$ ]] || { echo "[stack] ERROR: FUSION_KAFKA_NODES must be 1..9, got '$KAFKA_NODES'" >&2; exit 2; }
 
@@ -67,6 +86,7 @@ kafka_services() {
 }
 mapfile -t KAFKA_SERVICES < <(kafka_services)
 SERVICES=(zookeeper redis "${KAFKA_SERVICES[@]}")
+if [[ "$BROKER" == rabbitmq ]]; then SERVICES+=(rabbitmq); fi
 
 # Python used for the Kafka readiness probe (needs confluent_kafka).
 if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON="python3"; fi
@@ -106,6 +126,7 @@ endpoint() {
             echo "$HOST:$(kafka_port "$n") (SASL $HOST:$(sasl_port "$n"), controller $HOST:$(controller_port "$n"))" ;;
     redis) echo "redis://$HOST:$REDIS_PORT" ;;
     zookeeper) echo "$HOST:$ZOOKEEPER_PORT" ;;
+    rabbitmq) echo "amqp://$HOST:$RABBITMQ_PORT (node $RABBITMQ_NODE, dist $RABBITMQ_DIST_PORT, epmd $EPMD_PORT)" ;;
   esac
 }
 
@@ -116,6 +137,7 @@ ports_of() {
     kafka*) n="$(node_of "$1")"; echo "$(kafka_port "$n") $(controller_port "$n") $(sasl_port "$n")" ;;
     redis) echo "$REDIS_PORT" ;;
     zookeeper) echo "$ZOOKEEPER_PORT" ;;
+    rabbitmq) echo "$RABBITMQ_PORT $RABBITMQ_DIST_PORT" ;;
   esac
 }
 
@@ -136,6 +158,7 @@ cmd_marker() {
     kafka*) echo "kafka.Kafka" ;;
     zookeeper) echo "QuorumPeerMain" ;;
     redis) echo "redis-server" ;;   # redis rewrites its title to "redis-server 127.0.0.1:PORT"
+    rabbitmq) echo "-s rabbit boot" ;;   # the Erlang VM (beam.smp) that rabbitmq-server execs
   esac
 }
 
@@ -168,6 +191,18 @@ port_open() {  # TCP connect probe on 127.0.0.1:PORT
 
 redis_ready() {
   [[ "$(timeout 3 redis-cli -h "$HOST" -p "$REDIS_PORT" ping 2>/dev/null || true)" == "PONG" ]]
+}
+
+# An AMQP connection as guest (allowed from loopback) opens: the broker serves clients.
+rabbitmq_ready() {
+  port_open "$RABBITMQ_PORT" || return 1
+  timeout 10 "$PYTHON" - "$HOST:$RABBITMQ_PORT" >/dev/null 2>&1 <<'PY'
+import sys
+import amqp
+c = amqp.Connection(sys.argv[1], connect_timeout=5)
+c.connect()
+c.close()
+PY
 }
 
 zk_4lw() {  # zk_4lw WORD -> the server's answer
@@ -344,6 +379,66 @@ install_redis() {
   $sudo apt-get update -qq || return 1
   $sudo apt-get install -y -qq redis-server >/dev/null || return 1
   command -v redis-server >/dev/null || { err "redis-server still missing after apt-get"; return 1; }
+}
+
+# The environment of the RabbitMQ node and of its CLI tools (rabbitmqctl): everything under .stack/, on
+# loopback, on this stack's ports. RUNNING_UNDER_SYSTEMD makes rabbitmq-server exec the Erlang VM (with
+# -noinput) instead of running it as a child of the script, so the pidfile names the broker itself.
+rabbitmq_env() {
+  printf '%s\n' \
+    "RABBITMQ_NODENAME=$RABBITMQ_NODE" "RABBITMQ_NODE_IP_ADDRESS=$HOST" "RABBITMQ_NODE_PORT=$RABBITMQ_PORT" \
+    "RABBITMQ_DIST_PORT=$RABBITMQ_DIST_PORT" "ERL_EPMD_PORT=$EPMD_PORT" "ERL_EPMD_ADDRESS=$HOST" \
+    "RABBITMQ_CONF_ENV_FILE=$CONF_DIR/rabbitmq-env.conf" "RABBITMQ_CONFIG_FILE=$CONF_DIR/rabbitmq.conf" \
+    "RABBITMQ_ENABLED_PLUGINS_FILE=$CONF_DIR/rabbitmq-plugins" "RABBITMQ_MNESIA_BASE=$DATA_DIR/rabbitmq" \
+    "RABBITMQ_LOG_BASE=$LOG_DIR" "RABBITMQ_LOGS=-" "RABBITMQ_PID_FILE=$STATE/rabbitmq-node.pid" \
+    "RUNNING_UNDER_SYSTEMD=true"
+}
+
+# The node runs as the calling user straight from Debian's scripts (/usr/lib/rabbitmq/bin), not through
+# /usr/sbin/rabbitmq-server, which switches to the rabbitmq user and its system directories.
+start_rabbitmq() {
+  [[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]] || install_rabbitmq || return 1
+  mkdir -p "$DATA_DIR/rabbitmq" "$CONF_DIR" || return 1
+  : >"$CONF_DIR/rabbitmq-env.conf"
+  echo "[]." >"$CONF_DIR/rabbitmq-plugins"   # no plugin: the broker alone starts in a few seconds
+  cat >"$CONF_DIR/rabbitmq.conf" <<EOF || return 1
+# generated by stack/stack.sh -- edits are overwritten on every start
+listeners.tcp.1 = $HOST:$RABBITMQ_PORT
+# a test machine's disk may be nearly full: block publishers only below 100 MB free
+disk_free_limit.absolute = 100MB
+EOF
+  local -a env
+  mapfile -t env < <(rabbitmq_env)
+  # The VM's schedulers sleep when idle instead of spinning (a shared machine of a few cores).
+  launch rabbitmq env "${env[@]}" \
+    RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="+sbwt none +sbwtdcpu none +sbwtdio none" \
+    /usr/lib/rabbitmq/bin/rabbitmq-server
+}
+
+install_rabbitmq() {
+  say "rabbitmq-server not found: installing it with apt-get (Debian package rabbitmq-server) ..."
+  local sudo=""
+  [[ "$(id -u)" == 0 ]] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq || return 1
+  $sudo apt-get install -y -qq rabbitmq-server >/dev/null || return 1
+  [[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]] || { err "rabbitmq-server still missing after apt-get"; return 1; }
+}
+
+# rabbitmqctl ARGS... : Debian's rabbitmqctl against this stack's node.
+cmd_rabbitmqctl() {
+  local -a env
+  mapfile -t env < <(rabbitmq_env)
+  env "${env[@]}" /usr/lib/rabbitmq/bin/rabbitmqctl -n "$RABBITMQ_NODE" "$@"
+}
+
+# The Erlang port mapper the RabbitMQ node started (it outlives the node): stopped once no node is registered.
+stop_epmd() {
+  command -v epmd >/dev/null || return 0
+  local names
+  names="$(ERL_EPMD_PORT="$EPMD_PORT" timeout 5 epmd -names 2>/dev/null)" || return 0
+  grep -q '^name ' <<<"$names" && return 0
+  ERL_EPMD_PORT="$EPMD_PORT" timeout 5 epmd -kill >/dev/null 2>&1 || true
 }
 
 start_zookeeper() {
@@ -524,7 +619,7 @@ write_env() {
   local tmp="$ENV_FILE.tmp.$$"
   cat >"$tmp" <<EOF
 FUSION_KAFKA_BOOTSTRAP_SERVERS=$(kafka_list kafka_port)
-CELERY_BROKER_URL=redis://$HOST:$REDIS_PORT/0
+CELERY_BROKER_URL=$(broker_url)
 CELERY_RESULT_BACKEND=redis://$HOST:$REDIS_PORT/1
 FUSION_ZOOKEEPER_HOSTS=$HOST:$ZOOKEEPER_PORT
 FUSION_KAFKA_SASL_BOOTSTRAP_SERVERS=$(kafka_list sasl_port)
@@ -534,8 +629,18 @@ FUSION_KAFKA_CONTROLLER_PORT=$KAFKA_CONTROLLER_PORT
 FUSION_KAFKA_SASL_PORT=$KAFKA_SASL_PORT
 FUSION_REDIS_PORT=$REDIS_PORT
 FUSION_ZOOKEEPER_PORT=$ZOOKEEPER_PORT
+FUSION_BROKER=$BROKER
+FUSION_RABBITMQ_PORT=$RABBITMQ_PORT
+FUSION_RABBITMQ_DIST_PORT=$RABBITMQ_DIST_PORT
+FUSION_EPMD_PORT=$EPMD_PORT
 EOF
   mv "$tmp" "$ENV_FILE"
+}
+
+# The Celery broker's URL: RabbitMQ's default vhost, or Redis's database 0.
+broker_url() {
+  if [[ "$BROKER" == rabbitmq ]]; then echo "amqp://guest:guest@$HOST:$RABBITMQ_PORT//"
+  else echo "redis://$HOST:$REDIS_PORT/0"; fi
 }
 
 init_dirs() { mkdir -p "$PID_DIR" "$LOG_DIR" "$DATA_DIR" "$CONF_DIR"; }
@@ -682,7 +787,7 @@ status() {
 }
 
 usage() {
-  sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 need_service() {
@@ -730,17 +835,23 @@ main() {
       take_lock
       check_topology
       echo "$KAFKA_NODES" >"$NODES_FILE"
+      echo "$BROKER" >"$BROKER_FILE"
       start_services "${SERVICES[@]}"
       ;;
     down)
       take_lock
-      # the Kafka nodes first (every one with a pidfile), zookeeper last
+      # the Kafka nodes first (every one with a pidfile), RabbitMQ whatever the broker, zookeeper last
       # shellcheck disable=SC2046
-      stop_services $(running_kafka) redis zookeeper
-      rm -f "$NODES_FILE"
+      stop_services $(running_kafka) rabbitmq redis zookeeper
+      stop_epmd
+      rm -f "$NODES_FILE" "$BROKER_FILE"
       ;;
     services)
       printf '%s\n' "${SERVICES[@]}" ;;
+    env)
+      take_lock; echo "$BROKER" >"$BROKER_FILE"; write_env ;;
+    rabbitmqctl)
+      cmd_rabbitmqctl "$@" ;;
     cli)
       cmd_cli ;;
     status)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # with-stack.sh CMD [ARGS...]
 #
-# Run CMD with the local service stack (Kafka, Redis, ZooKeeper) up and the
-# stack's connection settings (.stack/env) exported into its environment.
+# Run CMD with the local service stack (Kafka, Redis, ZooKeeper; RabbitMQ too with
+# FUSION_BROKER=rabbitmq) up and the stack's connection settings (.stack/env)
+# exported into its environment.
 #
 # Services that were already running are reused and left running; services
 # this script had to start are stopped again afterwards -- also when CMD fails
@@ -22,6 +23,8 @@ if (($# == 0)); then
 fi
 
 started=()
+# The broker of a stack already up (another may be asked for now): .stack/env names it again afterwards.
+previous_broker="$(cat "$ROOT/.stack/broker" 2>/dev/null || true)"
 
 # shellcheck disable=SC2317  # invoked from the EXIT trap
 teardown() {
@@ -34,18 +37,26 @@ teardown() {
     "${STACK[@]}" stop "${order[@]}" || true
   fi
   started=()
+  # .stack/env names the broker the stack had before this run again (none recorded: Redis, and the next
+  # `up` chooses again)
+  if [[ "$previous_broker" != "$(cat "$ROOT/.stack/broker" 2>/dev/null || true)" ]]; then
+    FUSION_BROKER="${previous_broker:-redis}" "${STACK[@]}" env || true
+    [[ -n "$previous_broker" ]] || rm -f "$ROOT/.stack/broker"
+  fi
 }
 
+trap 'teardown' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 if "${STACK[@]}" status >/dev/null 2>&1; then
   echo "[with-stack] stack already up: reusing it (it stays up afterwards)"
+  # a stack up with another broker (its RabbitMQ running too): .stack/env names the one asked for
+  if [[ -n "${FUSION_BROKER:-}" && "$FUSION_BROKER" != "$previous_broker" ]]; then "${STACK[@]}" env; fi
 else
   for svc in "${SERVICES[@]}"; do
     "${STACK[@]}" status "$svc" >/dev/null 2>&1 || started+=("$svc")
   done
   echo "[with-stack] starting: ${started[*]}"
-  trap 'teardown' EXIT
-  trap 'exit 130' INT
-  trap 'exit 143' TERM
   if ! "${STACK[@]}" up; then
     echo "[with-stack] the stack did not come up" >&2
     exit 1

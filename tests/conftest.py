@@ -10,6 +10,7 @@ the service fixtures without the ``integration`` marker is a collection error.
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,7 +23,7 @@ from support.stack import BACKEND, BROKER, KAFKA, RUN_ID, ZOOKEEPER  # noqa: E40
 from support.workers import REGISTRIES, Deployment, Worker, isolated_env  # noqa: E402
 
 #: The fixtures that reach a service; every other service fixture depends on one of them.
-SERVICE_FIXTURES = frozenset({"kafka", "redis_client", "zookeeper", "stack"})
+SERVICE_FIXTURES = frozenset({"kafka", "redis_client", "zookeeper", "stack", "rabbitmq"})
 
 
 # -- services -------------------------------------------------------------------------------------
@@ -78,6 +79,40 @@ def zookeeper() -> Iterator[str]:
             zk.delete(f"/{child}", recursive=True)
     zk.stop()
     zk.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> str:
+    """The stack's broker, which must be RabbitMQ and answer (``make test-rabbitmq`` starts it)."""
+    from support.brokers import is_rabbitmq
+    if not is_rabbitmq():
+        pytest.fail(f"the Celery broker is {BROKER}, not RabbitMQ: run `make test-rabbitmq` "
+                    f"(or `FUSION_BROKER=rabbitmq make up`)", pytrace=False)
+    import kombu
+    try:
+        with kombu.Connection(BROKER, connect_timeout=10) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:
+        pytest.fail(f"RabbitMQ at {BROKER} is unreachable ({exc}); start it with `FUSION_BROKER=rabbitmq make up`",
+                    pytrace=False)
+    return BROKER
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _rabbitmq_vhosts() -> Iterator[None]:
+    """The vhosts isolated deployments got on RabbitMQ go at the end of the session (after their workers)."""
+    yield
+    from support.brokers import delete_vhosts
+    delete_vhosts()
+
+
+@pytest.fixture(autouse=True)
+def _rabbitmq_when_asked(request) -> None:
+    """A test marked ``rabbitmq``, and every test of a run that asks for RabbitMQ (``FUSION_TEST_BROKER=rabbitmq``,
+    as ``make test-rabbitmq`` sets it), runs on RabbitMQ or fails."""
+    asked = os.environ.get("FUSION_TEST_BROKER") == "rabbitmq" and request.node.get_closest_marker("integration")
+    if request.node.get_closest_marker("rabbitmq") is not None or asked:
+        request.getfixturevalue("rabbitmq")
 
 
 @pytest.fixture(scope="session")

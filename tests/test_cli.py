@@ -30,6 +30,7 @@ def one_line_error(out, text):
     assert len([line for line in out.stderr.splitlines() if line.strip()]) <= 3, out.stderr
 
 
+@pytest.mark.broker
 def test_call_wait_prints_the_answer(services_worker):
     out = fusion("call", topic_name("math"), "[1, 2, 3]", "--wait", "--timeout", "60")
     assert out.returncode == 0, out.stderr
@@ -181,6 +182,7 @@ def test_graph_mermaid_and_dot(services_worker):
     one_line_error(fusion("graph", topic_name("add"), "1"), "has no deps")
 
 
+@pytest.mark.broker
 def test_status_shows_pending_waits(services_worker, service, kit):
     gate_topic, gate, back = pending_wait(kit, service)
 

@@ -203,14 +203,30 @@ def test_the_fusion_consumer_disarms_both_channels_then_runs_celerys_hook(conn, 
     monkeypatch.setattr(CeleryConsumer, "on_connection_error_after_connected", lambda self, exc: calls.append(exc))
     queue, _ = received(conn)
     default_qos = conn.default_channel.qos
-    consumer = compat.Consumer.__new__(compat.Consumer)  # the hook needs no more of a consumer than these two
+    consumer = compat.Consumer.__new__(compat.Consumer)  # the hook needs no more of a consumer than these three
     consumer.task_consumer = SimpleNamespace(channel=queue.channel)
     consumer.connection = conn
+    consumer.app = Celery("compat-redis", broker="redis://127.0.0.1:1/0", set_as_current=False)
     error = ConnectionError("gone")
     consumer.on_connection_error_after_connected(error)
     for qos in (queue.channel.qos, default_qos):
         assert qos.restore_at_shutdown is False
         qos.reject("never-delivered", requeue=True)  # disarmed: kombu's own reject would raise KeyError
+    assert calls == [error]
+
+
+def test_the_fusion_consumer_leaves_the_channels_alone_off_redis(conn, monkeypatch):
+    """On RabbitMQ the broker puts a closed channel's unacknowledged messages back: nothing to disarm."""
+    calls: list[Exception] = []
+    monkeypatch.setattr(CeleryConsumer, "on_connection_error_after_connected", lambda self, exc: calls.append(exc))
+    queue, _ = received(conn)
+    consumer = compat.Consumer.__new__(compat.Consumer)
+    consumer.task_consumer = SimpleNamespace(channel=queue.channel)
+    consumer.connection = conn
+    consumer.app = Celery("compat-amqp", broker="amqp://guest@127.0.0.1:1//", set_as_current=False)
+    error = ConnectionError("gone")
+    consumer.on_connection_error_after_connected(error)
+    assert queue.channel.qos.restore_at_shutdown is True
     assert calls == [error]
 
 

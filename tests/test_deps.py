@@ -40,11 +40,13 @@ def return_topics(kit, redis_client=None):
     return {t for t in found if pools[t] is None or pools[t] in ended}
 
 
+@pytest.mark.broker
 def test_seed_math_example_returns_4(kit, deployment):
     body, headers = call(kit, deployment.topic("math"), [1, 2, 3], id="m-1")
     assert body == 4 and headers["fusion-status"] == b"ok"
 
 
+@pytest.mark.broker
 def test_diamond_injects_right_args(kit, deployment, service):
     t = {n: kit.topic() for n in "abcd"}
     def echo(name):
@@ -100,6 +102,7 @@ def test_concurrency_one_prefork_worker_serves_reactor_and_its_deps(kit, deploym
     assert body == 13  # one = add([4, 5, 6]) = 15; two = subtract([15, 2]) = 13
 
 
+@pytest.mark.broker
 def test_error_reply_fails_fast_naming_the_dep(kit, deployment):
     t0 = time.monotonic()
     deps = {"ok": {"topic": deployment.topic("add"), "args": [1]},

@@ -42,6 +42,7 @@ def flower(services_worker, tmp_path) -> Iterator[str]:
         log.close()
 
 
+@pytest.mark.broker
 def test_flower_shows_the_whole_pipeline_tree(flower):
     base = flower
     result = Pipeline(topic_name("math")).delay([1, 2, 3])

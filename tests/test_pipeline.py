@@ -17,6 +17,7 @@ from fusion_celery import DependencyFailed, DependencyTimeout, Pipeline
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.broker
 def test_client_with_only_broker_and_backend_urls_gets_the_math_answer(services_worker, tmp_path):
     script = textwrap.dedent(f"""
         from celery import Celery
@@ -73,6 +74,7 @@ def test_unknown_topic_raises_from_get(services_worker):
         Pipeline(f"nowhere.{uuid.uuid4().hex}").delay(1).get(timeout=60)
 
 
+@pytest.mark.broker
 def test_pipelines_compose_with_chain_group_and_chord(services_worker, app):
     math = Pipeline(topic_name("math"))
     add = Pipeline(topic_name("add"))

@@ -23,6 +23,7 @@ def reply_of(kit, return_topic, timeout=60):
     return json.loads(msg.value()), dict(msg.headers() or [])
 
 
+@pytest.mark.broker
 def test_plain_kafka_client_with_return_topic(kit, services_worker):
     back = rt(kit)
     kit.send(topic_name("add"), {"data": [1, 2, 3], "return-topic": back, "id": "c-1"})
@@ -85,6 +86,7 @@ def test_reactor_result_hook_and_class_form(kit, services_worker):
     assert reply_of(kit, back)[0] == {"results": {}, "echo": "hi"}
 
 
+@pytest.mark.broker
 def test_sigterm_mid_stream_loses_nothing(kit, worker_factory, redis_client):
     """A worker stopped while it works through a stream hands back what it did not do: a second worker,
     alone in the group after it, processes every record the first did not."""

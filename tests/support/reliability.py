@@ -25,6 +25,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from fusion_celery.config import stack_env
+from support.brokers import task_counts
 from support.kafka import Service, committed_total, high_watermark, return_topic_name
 from support.stack import ROOT
 from support.waiting import wait_for
@@ -100,11 +101,12 @@ class Outage:
 
 def outage(service: str, seconds: float, during: Any = None, redis_client: Any = None,
            hard: bool = False) -> Outage:
-    """Stop ``service`` (kafka, kafka-N | redis), keep it down ``seconds``, start it again on its data.
+    """Stop ``service`` (kafka, kafka-N | redis | rabbitmq), keep it down ``seconds``, start it again on its data.
 
     ``during()`` runs right after the stop.  Redis is made durable first (see
     :func:`make_redis_durable`; ``hard`` also has it sync every write) and restarted with
-    persistence.  ``hard`` kills the service (SIGKILL) instead of stopping it.
+    persistence; RabbitMQ keeps Celery's durable queues and persistent messages as it is.
+    ``hard`` kills the service (SIGKILL) instead of stopping it.
     """
     if service == "redis":
         make_redis_durable(redis_client, every_write=hard)
@@ -226,12 +228,10 @@ CLEAR_ERRORS = {"DependencyFailed", "DependencyTimeout", "WorkerLostError", "Req
 
 def nothing_left(env: dict[str, str], servers: str,
                  reactors: tuple[str, ...] = ("generic", "math", "add", "subtract")) -> Callable[[], bool]:
-    """A check that no work of a test's workers is left that could still answer: the Celery broker (Redis)
-    holds no task (none queued, none delivered and unacknowledged: a killed worker's prefetched tasks stay
-    there until restored), and each reactor's consumer group has committed every record of its topic (a
-    killed worker's uncommitted records are read again by the group's next member)."""
-    import redis
-    r = redis.Redis.from_url(env["CELERY_BROKER_URL"])
+    """A check that no work of a test's workers is left that could still answer: the Celery broker (Redis or
+    RabbitMQ) holds no task (none queued, none delivered and unacknowledged: on Redis a killed worker's
+    prefetched tasks stay there until restored), and each reactor's consumer group has committed every
+    record of its topic (a killed worker's uncommitted records are read again by the group's next member)."""
     topics = [f"{env['FUSION_TEST_RUN']}.{name}" for name in reactors]
 
     def lag(topic: str) -> int:  # reactor topics have fusion_reactor_partitions (3) partitions
@@ -239,8 +239,8 @@ def nothing_left(env: dict[str, str], servers: str,
 
     def idle() -> bool:
         try:
-            return not (r.llen("celery") or r.hlen("unacked")) and not any(lag(t) for t in topics)
-        except Exception:  # Redis or Kafka unreachable: not known to be idle
+            return not any(task_counts(env["CELERY_BROKER_URL"])) and not any(lag(t) for t in topics)
+        except Exception:  # the broker or Kafka unreachable: not known to be idle
             return False
 
     return idle
@@ -368,6 +368,17 @@ def check_all_handed(worker) -> None:
     kept = {topic: c for topic, c in counts.items() if c[0] != c[1] + c[2] + c[3]}
     assert not kept, \
         f"intakes of {worker.name} read records they never handed over (received, dlq, started, dropped): {kept}"
+
+
+def recovered(workers: Any) -> dict[str, int]:
+    """What the workers' logs say was lost on the way and made good: runs whose Celery message never
+    started (sent again by the intake: a task message the broker lost), runs that stalled (their deps
+    compiled again: a step's message lost), and copies of a step delivered again after it ran (ignored
+    by its run-once claim: a message the broker delivered twice)."""
+    logs = [w.log() for w in workers]
+    return {"resent_not_started": sum(log.count("has not started; sent it again") for log in logs),
+            "redriven_stalled": sum(log.count("has stalled (no reply awaited") for log in logs),
+            "duplicate_deliveries": sum(log.count("already done; duplicate delivery ignored") for log in logs)}
 
 
 def report(name: str, figures: dict[str, Any]) -> None:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from support.stack import BACKEND, BROKER, ROOT, RUN_ID, ZOOKEEPER
+from support.brokers import isolated_broker
+from support.stack import BACKEND, ROOT, RUN_ID, ZOOKEEPER
 from support.waiting import wait_for
 
 __all__ = ["REGISTRIES", "Deployment", "Worker", "isolated_env", "registry_url"]
@@ -99,12 +100,12 @@ def registry_url(registry: str, tag: str) -> str:
 def isolated_env(registry: str = "kafka", db: int = 2) -> dict[str, str]:
     """Settings for workers that must not share work with the session worker.
 
-    Their own Celery broker and backend databases (``db`` and ``db + 1``), their
-    own registry (a topic or ZooKeeper path, so their own waiters) and their own
-    reactor topics (another run id).
+    Their own Celery broker (Redis database ``db``, or a RabbitMQ vhost of their own) and backend
+    database (``db + 1``), their own registry (a topic or ZooKeeper path, so their own waiters) and
+    their own reactor topics (another run id).
     """
-    base = BROKER.rsplit("/", 1)[0]
     tag = uuid.uuid4().hex[:6]
-    return {"CELERY_BROKER_URL": f"{base}/{db}", "CELERY_RESULT_BACKEND": f"{base}/{db + 1}",
+    return {"CELERY_BROKER_URL": isolated_broker(db, f"{RUN_ID}{tag}"),
+            "CELERY_RESULT_BACKEND": f"{BACKEND.rsplit('/', 1)[0]}/{db + 1}",
             "FUSION_TEST_REDIS": BACKEND, "FUSION_REGISTRY_URL": registry_url(registry, tag),
             "FUSION_TEST_RUN": f"{RUN_ID}{tag}"}
