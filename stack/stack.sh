@@ -35,7 +35,7 @@
 #       .stack/broker, which the other commands read when the variable is not set; `down` forgets it.
 #   FUSION_RABBITMQ_PORT [5672]  AMQP listener;  FUSION_RABBITMQ_DIST_PORT [FUSION_RABBITMQ_PORT + 20000]
 #       Erlang distribution (rabbitmqctl reaches the node through it);  FUSION_EPMD_PORT [4369] the Erlang
-#       port mapper the node registers with (the node starts it; `down` stops it once no node is left)
+#       port mapper the node registers with (started by the node if none runs there; `down` then stops it)
 #   FUSION_STACK_CACHE [~/.cache/fusion-celery]  FUSION_STACK_TIMEOUT [90] (seconds per service)
 #   FUSION_REDIS_PERSIST [0]  1 = appendonly yes (redis data survives stop/start)
 #   Prefer ports below 32768: in the kernel's ephemeral range (32768-60999 by default) a client that
@@ -409,6 +409,8 @@ disk_free_limit.absolute = 100MB
 EOF
   local -a env
   mapfile -t env < <(rabbitmq_env)
+  # No port mapper there yet: the node starts one, which `down` stops again (.stack/epmd-port names it).
+  port_open "$EPMD_PORT" || echo "$EPMD_PORT" >"$STATE/epmd-port"
   # The VM's schedulers sleep when idle instead of spinning (a shared machine of a few cores).
   launch rabbitmq env "${env[@]}" \
     RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="+sbwt none +sbwtdcpu none +sbwtdio none" \
@@ -432,13 +434,16 @@ cmd_rabbitmqctl() {
   env "${env[@]}" /usr/lib/rabbitmq/bin/rabbitmqctl -n "$RABBITMQ_NODE" "$@"
 }
 
-# The Erlang port mapper the RabbitMQ node started (it outlives the node): stopped once no node is registered.
+# The Erlang port mapper the stack's RabbitMQ node started (it outlives the node; .stack/epmd-port names its
+# port): stopped once no node is registered with it. A mapper that was there before is left alone.
 stop_epmd() {
+  local port names
+  port="$(cat "$STATE/epmd-port" 2>/dev/null)" || return 0
   command -v epmd >/dev/null || return 0
-  local names
-  names="$(ERL_EPMD_PORT="$EPMD_PORT" timeout 5 epmd -names 2>/dev/null)" || return 0
+  names="$(ERL_EPMD_PORT="$port" timeout 5 epmd -names 2>/dev/null)" || { rm -f "$STATE/epmd-port"; return 0; }
   grep -q '^name ' <<<"$names" && return 0
-  ERL_EPMD_PORT="$EPMD_PORT" timeout 5 epmd -kill >/dev/null 2>&1 || true
+  ERL_EPMD_PORT="$port" timeout 5 epmd -kill >/dev/null 2>&1 || true
+  rm -f "$STATE/epmd-port"
 }
 
 start_zookeeper() {

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 import pytest
 
@@ -60,9 +60,8 @@ def isolated_broker(db: int, tag: str) -> str:
 
 
 def _vhost(url: str) -> str:
-    path = url.split("://", 1)[1].split("/", 1)[1] if "/" in url.split("://", 1)[1] else ""
-    from urllib.parse import unquote
-    return unquote(path) or "/"
+    """The vhost an AMQP URL names: its path without the leading slash (``amqp://h//`` is ``/``)."""
+    return unquote(urlsplit(url).path[1:]) or "/"
 
 
 def task_counts(url: str, queue: str = "celery") -> tuple[int, int]:
